@@ -1,0 +1,292 @@
+#include "glue.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace fusedbn {
+namespace {
+
+DType to_dtype(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kBFloat16: return DType::BFloat16;
+    case at::kHalf: return DType::Float16;
+    default: TORCH_CHECK(false, "fusedbn: unsupported dtype ", s);
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
+
+ActParams parse_activation(const std::string& name, double negative_slope, double alpha) {
+  ActParams a;
+  a.negative_slope = negative_slope;
+  a.alpha = alpha;
+  if (name == "identity") a.kind = Activation::Identity;
+  else if (name == "relu") a.kind = Activation::ReLU;
+  else if (name == "leaky_relu") a.kind = Activation::LeakyReLU;
+  else if (name == "elu") a.kind = Activation::ELU;
+  else
+    TORCH_CHECK_VALUE(false, "fusedbn: unknown activation '", name,
+                      "'; expected one of 'identity', 'relu', 'leaky_relu', 'elu'");
+  return a;
+}
+
+std::string size_str(const Tensor& t) {
+  std::ostringstream os;
+  os << "torch.Size([";
+  for (int64_t i = 0; i < t.dim(); ++i) os << (i ? ", " : "") << t.size(i);
+  os << "])";
+  return os.str();
+}
+
+void check_input(const Tensor& input) {
+  TORCH_CHECK_VALUE(input.dim() >= 2 && input.dim() <= 5,
+                    "fusedbn: expected input of shape (N, C), (N, C, L), (N, C, H, W) or "
+                    "(N, C, D, H, W), got a ", input.dim(), "D input of shape ", size_str(input));
+  const auto s = input.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kBFloat16 || s == at::kHalf,
+                   "fusedbn: input must be float32, float64, bfloat16 or float16, got ", s);
+}
+
+// weight, bias, running_mean, running_var: C elements, float32 or the input's
+// dtype, on the input's device.
+void check_per_channel(const OptTensor& t, const char* name, const Tensor& input) {
+  if (!t.has_value() || !t->defined()) return;
+  const int64_t C = input.size(1);
+  TORCH_CHECK(t->device() == input.device(), "fusedbn: ", name, " is on ", t->device(),
+              " but input is on ", input.device(), "; all tensors must be on the same device");
+  const auto s = t->scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == input.scalar_type(), "fusedbn: ", name,
+                   " must be float32 or the input's dtype (", input.scalar_type(), "), got ", s);
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == C, "fusedbn: ", name, " must have shape [", C,
+                    "] to match the input's channel dimension (input shape ", size_str(input),
+                    "), got shape ", size_str(*t));
+}
+
+bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+void check_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+                   const OptTensor& running_mean, const OptTensor& running_var,
+                   const OptTensor& nbt, bool training, std::optional<double> momentum,
+                   double eps) {
+  check_input(input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
+  check_per_channel(running_mean, "running_mean", input);
+  check_per_channel(running_var, "running_var", input);
+  TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var),
+                    "fusedbn: running_mean and running_var must be given together (got ",
+                    defined(running_mean) ? "running_mean" : "running_var", " only)");
+  if (defined(running_mean) && defined(running_var)) {
+    TORCH_CHECK_TYPE(running_mean->scalar_type() == running_var->scalar_type(),
+                     "fusedbn: running_mean and running_var must have the same dtype, got ",
+                     running_mean->scalar_type(), " and ", running_var->scalar_type());
+  }
+  TORCH_CHECK_VALUE(training || defined(running_mean),
+                    "fusedbn: evaluation mode (training=False) needs running_mean and running_var");
+  TORCH_CHECK_VALUE(!std::isnan(eps), "fusedbn: eps must be a number, got nan");
+  if (training) {
+    TORCH_CHECK_VALUE(eps > 0, "batch_norm eps must be positive during training, but got ", eps);
+  } else {
+    TORCH_CHECK_VALUE(eps >= 0, "batch_norm eps must be non-negative, but got ", eps);
+  }
+  if (defined(nbt)) {
+    TORCH_CHECK(nbt->device() == input.device(), "fusedbn: num_batches_tracked is on ",
+                nbt->device(), " but input is on ", input.device());
+    TORCH_CHECK_TYPE(nbt->scalar_type() == at::kLong && nbt->numel() == 1,
+                     "fusedbn: num_batches_tracked must be a single int64 value");
+  }
+  if (training && defined(running_mean) && !momentum.has_value()) {
+    TORCH_CHECK_VALUE(defined(nbt),
+                      "fusedbn: momentum=None (cumulative average) needs num_batches_tracked");
+  }
+  if (training) {
+    int64_t per_channel = input.size(0);
+    for (int64_t d = 2; d < input.dim(); ++d) per_channel *= input.size(d);
+    TORCH_CHECK_VALUE(per_channel != 1,
+                      "Expected more than 1 value per channel when training, got input size ",
+                      size_str(input));
+  }
+}
+
+// How the kernels see a tensor: contiguous (N, C, S) or channels-last (N*S, C).
+// Anything else is computed on a contiguous copy.
+struct View {
+  Shape shape;
+  bool native = true;  // false: the kernels run on a contiguous copy
+};
+
+View view_of(const Tensor& t) {
+  View v;
+  v.shape.N = t.size(0);
+  v.shape.C = t.size(1);
+  v.shape.S = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) v.shape.S *= t.size(d);
+  // Channels-last: C innermost, then the spatial dims, then N (covers a plain
+  // (N, C) matrix and any (N, C, 1, ..., 1) tensor too).
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < t.dim(); ++d) perm.push_back(d);
+  perm.push_back(1);
+  if (t.permute(perm).is_contiguous()) {
+    v.shape.layout = Layout::NSC;
+  } else if (t.is_contiguous()) {
+    v.shape.layout = Layout::NCS;
+  } else {
+    v.shape.layout = Layout::NCS;
+    v.native = false;
+  }
+  return v;
+}
+
+// Per-channel tensor as a contiguous array of the accumulation type.
+Tensor per_channel_acc(const OptTensor& t, at::ScalarType acc) {
+  if (!defined(t)) return Tensor();
+  return t->to(acc).contiguous();
+}
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> forward_impl(
+    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var,
+    const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
+    double eps, const std::string& activation, double negative_slope, double alpha,
+    ForwardKernel kernel) {
+  // Every check comes before any buffer is touched.
+  const ActParams act = parse_activation(activation, negative_slope, alpha);
+  check_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                momentum, eps);
+
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const View v = view_of(input);
+  const Tensor x = v.native ? input : input.contiguous();
+  Tensor out = at::empty_like(input);
+  Tensor y = v.native ? out : at::empty_like(x);
+  const int64_t C = v.shape.C;
+  auto fopts = input.options().dtype(acc);
+  Tensor mean, invstd;
+  const Tensor w = per_channel_acc(weight, acc), b = per_channel_acc(bias, acc);
+
+  ForwardParams p;
+  p.shape = v.shape;
+  p.dtype = to_dtype(input.scalar_type());
+  p.act = act;
+  p.x = x.const_data_ptr();
+  p.y = y.data_ptr();
+  p.weight = ptr_or_null(w);
+  p.bias = ptr_or_null(b);
+  p.eps = eps;
+  p.num_threads = at::get_num_threads();
+
+  const bool update = training && defined(running_mean);
+  if (training) {
+    mean = at::zeros({C}, fopts);
+    invstd = at::zeros({C}, fopts);
+    // As in PyTorch, an empty batch leaves the running statistics alone.
+    if (v.shape.count() > 0) {
+      p.mean = mean.data_ptr();
+      p.invstd = invstd.data_ptr();
+      Tensor rm, rv;
+      if (update) {
+        rm = running_mean->contiguous();
+        rv = running_var->contiguous();
+        p.running_mean = rm.data_ptr();
+        p.running_var = rv.data_ptr();
+        p.running_dtype = to_dtype(rm.scalar_type());
+        p.momentum = momentum.has_value()
+                         ? *momentum
+                         : 1.0 / double(num_batches_tracked->item<int64_t>() + 1);
+      }
+      kernel(p, true);
+      if (update) {
+        if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
+        if (!rv.is_same(*running_var)) running_var->copy_(rv);
+      }
+    }
+    if (defined(num_batches_tracked)) num_batches_tracked->add_(1);
+  } else {
+    // A copy, never the buffer itself: outputs must not alias inputs.
+    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    invstd = (running_var->to(acc) + eps).rsqrt().contiguous();
+    p.mean = mean.data_ptr();
+    p.invstd = invstd.data_ptr();
+    kernel(p, false);
+  }
+  if (!v.native) out.copy_(y);
+  return {out, mean, invstd};
+}
+
+std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+    const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
+    const std::string& activation, double negative_slope, double alpha,
+    std::array<bool, 3> output_mask, BackwardKernel kernel) {
+  const ActParams act = parse_activation(activation, negative_slope, alpha);
+  check_input(input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
+  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "fusedbn: grad_out has shape ",
+                    size_str(grad_out), " but input has shape ", size_str(input));
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(), "fusedbn: grad_out dtype ",
+                   grad_out.scalar_type(), " differs from the input's ", input.scalar_type());
+  TORCH_CHECK(grad_out.device() == input.device(), "fusedbn: grad_out is on ", grad_out.device(),
+              " but input is on ", input.device());
+  const at::ScalarType acc = acc_dtype(input.scalar_type());
+  const int64_t C = input.size(1);
+  for (const Tensor* t : {&save_mean, &save_invstd}) {
+    TORCH_CHECK(t->device() == input.device(), "fusedbn: saved statistics are on ", t->device(),
+                " but input is on ", input.device());
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == C && t->scalar_type() == acc,
+                      "fusedbn: save_mean and save_invstd must be ", acc, " of shape [", C,
+                      "], got ", t->scalar_type(), " of shape ", size_str(*t));
+  }
+  const bool want_w = output_mask[1] && defined(weight);
+  const bool want_b = output_mask[2] && defined(bias);
+  if (!output_mask[0] && !want_w && !want_b) return {};
+
+  const View v = view_of(input);
+  const Tensor x = v.native ? input : input.contiguous();
+  // The kernels read dy in x's layout.
+  Tensor dy = grad_out;
+  if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(grad_out);
+  Tensor grad_input, dx;
+  if (output_mask[0]) {
+    grad_input = at::empty_like(input);
+    dx = v.native ? grad_input : at::empty_like(x);
+  }
+  auto fopts = input.options().dtype(acc);
+  Tensor gw = at::empty({C}, fopts), gb = at::empty({C}, fopts);
+  const Tensor w = per_channel_acc(weight, acc), b = per_channel_acc(bias, acc);
+  const Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+
+  BackwardParams p;
+  p.shape = v.shape;
+  p.dtype = to_dtype(input.scalar_type());
+  p.act = act;
+  p.training = training;
+  p.dy = dy.const_data_ptr();
+  p.x = x.const_data_ptr();
+  p.dx = dx.defined() ? dx.data_ptr() : nullptr;
+  p.weight = ptr_or_null(w);
+  p.bias = ptr_or_null(b);
+  p.mean = mean.const_data_ptr();
+  p.invstd = invstd.const_data_ptr();
+  p.grad_weight = gw.data_ptr();
+  p.grad_bias = gb.data_ptr();
+  p.num_threads = at::get_num_threads();
+  kernel(p);
+
+  if (grad_input.defined() && !v.native) grad_input.copy_(dx);
+  OptTensor gi = grad_input.defined() ? OptTensor(grad_input) : std::nullopt;
+  OptTensor gwo = want_w ? OptTensor(gw.to(weight->scalar_type())) : std::nullopt;
+  OptTensor gbo = want_b ? OptTensor(gb.to(bias->scalar_type())) : std::nullopt;
+  return {gi, gwo, gbo};
+}
+
+}  // namespace fusedbn

@@ -1,0 +1,70 @@
+#include "cpu_dispatch.h"
+
+#include <cstdlib>
+#include <cstring>
+
+namespace fusedbn {
+// One copy of each entry point per instruction set, from cpu_isa_*.cpp.
+#define FUSEDBN_DECLARE_ISA(ns)                          \
+  namespace ns {                                         \
+  void forward(const ForwardParams& p, bool training);   \
+  void backward(const BackwardParams& p);                \
+  }
+FUSEDBN_DECLARE_ISA(avx512)
+FUSEDBN_DECLARE_ISA(avx2)
+FUSEDBN_DECLARE_ISA(baseline)
+#undef FUSEDBN_DECLARE_ISA
+
+namespace cpu {
+namespace {
+
+enum class Isa { Baseline, AVX2, AVX512 };
+
+Isa detect() {
+  __builtin_cpu_init();
+  Isa best = Isa::Baseline;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    best = Isa::AVX2;
+  if (best == Isa::AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    best = Isa::AVX512;
+  if (const char* cap = std::getenv("FUSEDBN_CPU_ISA")) {
+    if (std::strcmp(cap, "baseline") == 0) best = Isa::Baseline;
+    else if (std::strcmp(cap, "avx2") == 0 && best == Isa::AVX512) best = Isa::AVX2;
+  }
+  return best;
+}
+
+Isa isa() {
+  static const Isa chosen = detect();
+  return chosen;
+}
+
+}  // namespace
+
+void forward(const ForwardParams& p, bool training) {
+  switch (isa()) {
+    case Isa::AVX512: return avx512::forward(p, training);
+    case Isa::AVX2: return avx2::forward(p, training);
+    default: return baseline::forward(p, training);
+  }
+}
+
+void backward(const BackwardParams& p) {
+  switch (isa()) {
+    case Isa::AVX512: return avx512::backward(p);
+    case Isa::AVX2: return avx2::backward(p);
+    default: return baseline::backward(p);
+  }
+}
+
+const char* isa_name() {
+  switch (isa()) {
+    case Isa::AVX512: return "avx512";
+    case Isa::AVX2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+}  // namespace cpu
+}  // namespace fusedbn

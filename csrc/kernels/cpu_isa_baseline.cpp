@@ -1,0 +1,19 @@
+// The CPU kernels compiled for one instruction set (see cpu_kernels.h).
+// Shared headers come first, so their inline code stays baseline and identical
+// in every copy; only what cpu_kernels.h defines gets the target below.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "activations.h"
+#include "cpu_types.h"
+#include "params.h"
+
+#pragma GCC push_options
+// x86-64 baseline (SSE2): no target pragma.
+#define FUSEDBN_CPU_ISA baseline
+#include "cpu_kernels.h"
+#pragma GCC pop_options

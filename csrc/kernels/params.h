@@ -1,0 +1,70 @@
+// Plain-data description of one fused BatchNorm + activation call.
+// Shared by the CPU and CUDA kernels; knows nothing of at::Tensor.
+#pragma once
+#include <cstdint>
+
+namespace fusedbn {
+
+enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
+enum class Activation : int { Identity = 0, ReLU = 1, LeakyReLU = 2, ELU = 3 };
+
+// Where element (n, c, s) lives:
+//   NCS (contiguous):     x[(n * C + c) * S + s]
+//   NSC (channels-last):  x[(n * S + s) * C + c]   i.e. M = N * S rows of C channels
+enum class Layout : int { NCS = 0, NSC = 1 };
+
+struct Shape {
+  int64_t N = 0, C = 0, S = 1;
+  Layout layout = Layout::NCS;
+  int64_t count() const { return N * S; }  // elements per channel
+};
+
+struct ActParams {
+  Activation kind = Activation::ReLU;
+  double negative_slope = 0.01;
+  double alpha = 1.0;
+};
+
+// Per-channel arrays (C elements) are in the accumulation type `acc`
+// (double for float64 input, float otherwise); the glue converts weight and
+// bias to it, so the hot loops never see the parameter dtype.
+struct ForwardParams {
+  Shape shape;
+  DType dtype = DType::Float32;
+  ActParams act;
+  const void* x = nullptr;
+  void* y = nullptr;
+  const void* weight = nullptr;  // acc[C] or null (= 1)
+  const void* bias = nullptr;    // acc[C] or null (= 0)
+  // acc[C]. Training: written (batch mean and 1/sqrt(var + eps)).
+  // Eval: read (the glue fills them from the running statistics).
+  void* mean = nullptr;
+  void* invstd = nullptr;
+  // Training only, both null or both set: updated in place after the
+  // statistics are known, in their own dtype.
+  void* running_mean = nullptr;
+  void* running_var = nullptr;
+  DType running_dtype = DType::Float32;
+  double momentum = 0.1;  // the exponential-average factor, already resolved
+  double eps = 1e-5;
+  int num_threads = 1;
+};
+
+struct BackwardParams {
+  Shape shape;
+  DType dtype = DType::Float32;
+  ActParams act;
+  bool training = true;  // batch statistics: dx gets the mean/var terms
+  const void* dy = nullptr;  // same layout as x
+  const void* x = nullptr;
+  void* dx = nullptr;        // null: input gradient not wanted
+  const void* weight = nullptr;  // acc[C] or null
+  const void* bias = nullptr;    // acc[C] or null
+  const void* mean = nullptr;    // acc[C]
+  const void* invstd = nullptr;  // acc[C]
+  void* grad_weight = nullptr;   // acc[C]: sum(g * xhat), always written
+  void* grad_bias = nullptr;     // acc[C]: sum(g), always written
+  int num_threads = 1;
+};
+
+}  // namespace fusedbn

@@ -1,0 +1,30 @@
+// The operator schemas, declared once; each backend registers its kernels
+// with TORCH_LIBRARY_IMPL in its own file.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing fusedbn._C runs the registrations below; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&def);
+}
+
+TORCH_LIBRARY(fusedbn, m) {
+  // Training: batch statistics, normalize, affine, activation; running_mean,
+  // running_var and num_batches_tracked updated in place when given
+  // (momentum=None: cumulative average). Eval: the running statistics.
+  // Returns (output, save_mean, save_invstd), the statistics in float32
+  // (float64 for float64 input).
+  m.def(
+      "forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
+      "float? momentum, float eps, str activation, float negative_slope, float alpha) "
+      "-> (Tensor, Tensor, Tensor)");
+  // Gradients of forward for input, weight and bias, each only when its
+  // output_mask entry is set (and weight/bias exist); the activation's
+  // derivative is recomputed from input and the saved statistics.
+  m.def(
+      "backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, bool training, str activation, "
+      "float negative_slope, float alpha, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+}

@@ -1,0 +1,31 @@
+"""fusedbn: BatchNorm fused with its activation, forward and backward.
+
+    import fusedbn
+    y = fusedbn.batch_norm_act(x, running_mean, running_var, weight, bias,
+                               training=True, activation="relu")
+    bn = fusedbn.BatchNormReLU2d(64)   # drop-in for nn.BatchNorm2d + nn.ReLU
+"""
+from . import _C  # noqa: F401  (registers the torch.ops.fusedbn operators)
+from . import ops  # noqa: F401  (fake kernels and autograd for them)
+from .functional import ACTIVATIONS, batch_norm_act
+from .modules import (
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
+    BatchNormReLU1d,
+    BatchNormReLU2d,
+    BatchNormReLU3d,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "batch_norm_act",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
+    "BatchNormReLU1d",
+    "BatchNormReLU2d",
+    "BatchNormReLU3d",
+]

@@ -1,0 +1,52 @@
+"""The functional form: ``batch_norm_act``, with the arguments of
+``torch.nn.functional.batch_norm`` in its order, then the activation's."""
+import numbers
+
+import torch
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+
+
+def check_activation(activation):
+    """Raise TypeError/ValueError unless ``activation`` names a supported activation."""
+    if not isinstance(activation, str):
+        raise TypeError(
+            f"fusedbn: activation must be a string, one of {ACTIVATIONS}, "
+            f"got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fusedbn: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def _check_number(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        what = "a number or None" if allow_none else "a number"
+        raise TypeError(f"fusedbn: {name} must be {what}, got {type(value).__name__}")
+
+
+def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
+                   momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.01, alpha=1.0,
+                   *, num_batches_tracked=None):
+    """BatchNorm followed by an activation, in one fused kernel.
+
+    Same semantics as ``F.batch_norm(...)`` followed by the activation:
+    training uses batch statistics and, when ``running_mean``/``running_var``
+    are given, updates them in place (``momentum=None`` gives the cumulative
+    average, which needs ``num_batches_tracked``; that tensor is incremented in
+    training when given, as ``nn.BatchNorm`` does); eval uses the running
+    statistics.
+
+    activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (``negative_slope``)
+    or ``"elu"`` (``alpha``).
+    """
+    check_activation(activation)
+    _check_number("momentum", momentum, allow_none=True)
+    _check_number("eps", eps)
+    _check_number("negative_slope", negative_slope)
+    _check_number("alpha", alpha)
+    out, _, _ = torch.ops.fusedbn.forward.default(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
+        None if momentum is None else float(momentum), float(eps), activation,
+        float(negative_slope), float(alpha))
+    return out
