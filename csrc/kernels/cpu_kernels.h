@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "activations.h"
@@ -38,6 +39,10 @@ namespace fusedbn {
 namespace FUSEDBN_CPU_ISA {
 
 #define FUSEDBN_INLINE inline __attribute__((always_inline))
+
+#ifndef FUSEDBN_CPU_F16C
+#define FUSEDBN_CPU_F16C 0
+#endif
 
 constexpr int kLanes = 16;
 constexpr int64_t kBlock = 4096;          // values per cached two-pass block
@@ -84,33 +89,84 @@ FUSEDBN_INLINE void for_each_block(const Shape& s, F f) {
   }
 }
 
-// Exact two-pass mean and M2 of a block that fits in L1.
+// ------------------------------------------------- 16-bit <-> float blocks
+//
+// bfloat16/float16 data is widened to float in L1-sized buffers and narrowed
+// back on store: the compiler vectorizes these plain conversion loops (F16C
+// intrinsics for float16, which GCC does not vectorize from _Float16), and the
+// arithmetic then runs on the float path. Float and double skip the copies.
+
 template <typename T>
-FUSEDBN_INLINE void block_moments(const T* x, int64_t stride, int64_t planes, int64_t len,
-                                  acc_t<T>& mean, acc_t<T>& m2) {
-  using A = acc_t<T>;
-  A acc[kLanes] = {};
-  for (int64_t p = 0; p < planes; ++p) {
-    const T* xp = x + p * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) acc[j] += load(xp[i + j]);
-    for (int j = 0; i < len; ++i, ++j) acc[j] += load(xp[i]);
+constexpr bool is_16bit = std::is_same<T, bf16_t>::value || std::is_same<T, fp16_t>::value;
+
+template <typename T>
+FUSEDBN_INLINE void widen(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(src[i]);
+}
+template <typename T>
+FUSEDBN_INLINE void narrow(const float* src, T* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = store<T>(src[i]);
+}
+#if FUSEDBN_CPU_F16C
+template <>
+FUSEDBN_INLINE void widen(const fp16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = load(src[i]);
+}
+template <>
+FUSEDBN_INLINE void narrow(const float* src, fp16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) dst[i] = store<fp16_t>(src[i]);
+}
+#endif
+
+// The values x[0..n) as acc_t<T>: x itself, or widened into buf.
+template <typename T>
+FUSEDBN_INLINE const acc_t<T>* as_acc(const T* x, int64_t n, float* buf) {
+  if constexpr (is_16bit<T>) {
+    widen(x, buf, n);
+    return buf;
+  } else {
+    return x;
   }
-  mean = lane_sum(acc) / A(planes * len);
+}
+// Where to compute n outputs destined for y: y itself, or buf (then narrow_to).
+template <typename T>
+FUSEDBN_INLINE acc_t<T>* out_acc(T* y, float* buf) {
+  if constexpr (is_16bit<T>) return buf;
+  else return y;
+}
+template <typename T>
+FUSEDBN_INLINE void narrow_to(const acc_t<T>* src, T* y, int64_t n) {
+  if constexpr (is_16bit<T>) narrow(src, y, n);
+}
+
+// ---------------------------------------------------------- contiguous runs
+// Loops over n contiguous values of one channel, in the accumulation type A.
+
+// Exact two-pass mean and M2 of a run that sits in L1.
+template <typename A>
+FUSEDBN_INLINE void run_moments(const A* x, int64_t n, A& mean, A& m2) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
+  mean = lane_sum(acc) / A(n);
   A sq[kLanes] = {};
-  for (int64_t p = 0; p < planes; ++p) {
-    const T* xp = x + p * stride;
-    int64_t i = 0;
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) {
-        A d = load(xp[i + j]) - mean;
-        sq[j] += d * d;
-      }
-    for (int j = 0; i < len; ++i, ++j) {
-      A d = load(xp[i]) - mean;
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const A d = x[i + j] - mean;
       sq[j] += d * d;
     }
+  for (int j = 0; i < n; ++i, ++j) {
+    const A d = x[i] - mean;
+    sq[j] += d * d;
   }
   m2 = lane_sum(sq);
 }
@@ -119,29 +175,51 @@ FUSEDBN_INLINE void block_moments(const T* x, int64_t stride, int64_t planes, in
 // folding it into the shift) keeps the result exact when |mean| >> std; the
 // backward recomputes y with this same expression, so the branch it takes
 // matches the forward bit for bit.
-template <typename T, typename Act>
-FUSEDBN_INLINE void normalize_run(const T* x, T* y, int64_t len, acc_t<T> mean, acc_t<T> scale,
-                                  acc_t<T> shift, const Act& act) {
-  for (int64_t i = 0; i < len; ++i) y[i] = store<T>(act.fwd((load(x[i]) - mean) * scale + shift));
+template <typename A, typename Act>
+FUSEDBN_INLINE void run_normalize(const A* x, A* y, int64_t n, A mean, A scale, A shift, Act act) {
+  for (int64_t i = 0; i < n; ++i) y[i] = act.fwd((x[i] - mean) * scale + shift);
 }
 
-// Per-channel constants derived from the statistics, in the accumulation type.
+// Per-channel constants of the backward, in the accumulation type.
 template <typename A>
-struct ChannelCoef {
-  std::vector<A> mean, scale, shift;
-  ChannelCoef(int64_t C, const A* m, const A* invstd, const A* w, const A* b)
-      : mean(m, m + C), scale(C), shift(C) {
-    for (int64_t c = 0; c < C; ++c) {
-      scale[c] = (w ? w[c] : A(1)) * invstd[c];
-      shift[c] = b ? b[c] : A(0);
-    }
-  }
+struct BackwardCoef {
+  A mean, scale, shift, invstd;
 };
+
+// With g = act'(y) * dy and xc = x - mean: lanes of sum(g) and sum(g * xc).
+template <typename A, typename Act>
+FUSEDBN_INLINE void run_reduce(const A* x, const A* dy, int64_t n, BackwardCoef<A> k, Act act,
+                               A* sg, A* sgx) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const A xc = x[i + j] - k.mean;
+      const A g = act.grad(dy[i + j], xc * k.scale + k.shift);
+      sg[j] += g;
+      sgx[j] += g * xc;
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    const A xc = x[i] - k.mean;
+    const A g = act.grad(dy[i], xc * k.scale + k.shift);
+    sg[j] += g;
+    sgx[j] += g * xc;
+  }
+}
+
+template <typename A, typename Act>
+FUSEDBN_INLINE void run_dx(const A* x, const A* dy, A* dx, int64_t n, BackwardCoef<A> k, A k_xc,
+                           A k_const, Act act) {
+  for (int64_t i = 0; i < n; ++i) {
+    const A xc = x[i] - k.mean;
+    const A g = act.grad(dy[i], xc * k.scale + k.shift);
+    dx[i] = g * k.scale + xc * k_xc + k_const;
+  }
+}
 
 // ---------------------------------------------------------------- forward
 
 template <typename T, typename Act>
-void forward_train_ncs(const ForwardParams& p, const Act& act, acc_t<T>* var) {
+void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
@@ -151,27 +229,54 @@ void forward_train_ncs(const ForwardParams& p, const Act& act, acc_t<T>* var) {
   A* mean_out = static_cast<A*>(p.mean);
   A* invstd_out = static_cast<A*>(p.invstd);
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < s.C; ++c) {
-    const int64_t base = c * s.S, stride = s.C * s.S;
-    Moments mo;
-    for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-      A bm, bm2;
-      block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
-      mo.merge(double((n1 - n0) * len), bm, bm2);
-    });
-    const A mean = A(mo.mean);
-    const A v = A(mo.m2 / mo.n);
-    const A invstd = A(1) / std::sqrt(v + A(p.eps));
-    mean_out[c] = mean;
-    invstd_out[c] = invstd;
-    var[c] = v;
-    const A scale = (w ? w[c] : A(1)) * invstd;
-    const A shift = b ? b[c] : A(0);
-    for (int64_t n = 0; n < s.N; ++n)
-      normalize_run(x + n * stride + base, y + n * stride + base, s.S, mean, scale, shift, act);
+#pragma omp parallel num_threads(nt) firstprivate(act)
+  {
+    std::vector<float> buf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
+    std::vector<A> gather(kBlock);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t base = c * s.S, stride = s.C * s.S;
+      Moments mo;
+      for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+        // A block spans several planes when planes are short: gather it into
+        // one run so the two-pass loops see kBlock values at once.
+        const A* run;
+        const int64_t n = (n1 - n0) * len;
+        if (n1 - n0 == 1) {
+          run = as_acc(x + n0 * stride + base + off, len, buf.data());
+        } else {
+          for (int64_t pl = n0; pl < n1; ++pl) {
+            const A* r = as_acc(x + pl * stride + base + off, len, buf.data());
+            std::copy(r, r + len, gather.data() + (pl - n0) * len);
+          }
+          run = gather.data();
+        }
+        A bm, bm2;
+        run_moments(run, n, bm, bm2);
+        mo.merge(double(n), bm, bm2);
+      });
+      const A mean = A(mo.mean);
+      const A v = A(mo.m2 / mo.n);
+      const A invstd = A(1) / std::sqrt(v + A(p.eps));
+      mean_out[c] = mean;
+      invstd_out[c] = invstd;
+      var[c] = v;
+      const A scale = (w ? w[c] : A(1)) * invstd;
+      const A shift = b ? b[c] : A(0);
+      for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t off = 0; off < s.S; off += kBlock) {
+          const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
+          A* out = out_acc(y + o, obuf.data());
+          run_normalize(as_acc(x + o, len, buf.data()), out, len, mean, scale, shift, act);
+          narrow_to<T>(out, y + o, len);
+        }
+    }
   }
 }
+
+// Rows of the channels-last layout are processed in blocks of R rows (about
+// kBlock values), widened as a whole for 16-bit types.
+inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(8, kBlock / std::max<int64_t>(C, 1)); }
 
 template <typename T>
 void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
@@ -179,7 +284,7 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
   const int nt = threads_for(M * C, p.num_threads, M);
-  const int64_t R = std::max<int64_t>(8, kBlock / C);  // rows per block
+  const int64_t R = rows_per_block(C);
   std::vector<double> tmean(size_t(nt) * C, 0.0), tm2(size_t(nt) * C, 0.0), tn(nt, 0.0);
 #pragma omp parallel num_threads(nt)
   {
@@ -189,23 +294,24 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
     double* pm2 = &tm2[size_t(t) * C];
     double n = 0;
     std::vector<A> bmean(C), bm2(C);
+    std::vector<float> buf(is_16bit<T> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
-      const T* xb = x + r * C;
+      const A* xb = as_acc(x + r * C, rr * C, buf.data());
       std::fill(bmean.begin(), bmean.end(), A(0));
       std::fill(bm2.begin(), bm2.end(), A(0));
       for (int64_t i = 0; i < rr; ++i)
-        for (int64_t c = 0; c < C; ++c) bmean[c] += load(xb[i * C + c]);
+        for (int64_t c = 0; c < C; ++c) bmean[c] += xb[i * C + c];
       const A inv = A(1) / A(rr);
       for (int64_t c = 0; c < C; ++c) bmean[c] *= inv;
       for (int64_t i = 0; i < rr; ++i)
         for (int64_t c = 0; c < C; ++c) {
-          A d = load(xb[i * C + c]) - bmean[c];
+          const A d = xb[i * C + c] - bmean[c];
           bm2[c] += d * d;
         }
       const double nb = double(rr), tot = n + nb, fa = nb / tot, fb = n * nb / tot;
       for (int64_t c = 0; c < C; ++c) {
-        double d = double(bmean[c]) - pm[c];
+        const double d = double(bmean[c]) - pm[c];
         pm[c] += d * fa;
         pm2[c] += double(bm2[c]) + d * d * fb;
       }
@@ -227,34 +333,58 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
 
 // Normalize + activate with per-channel statistics already in p.mean/p.invstd.
 template <typename T, typename Act>
-void normalize(const ForwardParams& p, const Act& act) {
+void normalize(const ForwardParams& p, Act act) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const int64_t C = s.C;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
-  ChannelCoef<A> k(C, static_cast<const A*>(p.mean), static_cast<const A*>(p.invstd),
-                   static_cast<const A*>(p.weight), static_cast<const A*>(p.bias));
-  const A* mean = k.mean.data();
-  const A* scale = k.scale.data();
-  const A* shift = k.shift.data();
+  const A* w = static_cast<const A*>(p.weight);
+  const A* b = static_cast<const A*>(p.bias);
+  const A* m = static_cast<const A*>(p.mean);
+  const A* invstd = static_cast<const A*>(p.invstd);
+  std::vector<A> scale(C), shift(C);
+  for (int64_t c = 0; c < C; ++c) {
+    scale[c] = (w ? w[c] : A(1)) * invstd[c];
+    shift[c] = b ? b[c] : A(0);
+  }
   if (s.layout == Layout::NCS) {
     const int64_t planes = s.N * C;
     const int nt = threads_for(planes * s.S, p.num_threads, planes);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t pl = 0; pl < planes; ++pl) {
-      const int64_t c = pl % C;
-      normalize_run(x + pl * s.S, y + pl * s.S, s.S, mean[c], scale[c], shift[c], act);
+#pragma omp parallel num_threads(nt) firstprivate(act)
+    {
+      std::vector<float> buf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
+#pragma omp for schedule(static)
+      for (int64_t pl = 0; pl < planes; ++pl) {
+        const int64_t c = pl % C;
+        for (int64_t off = 0; off < s.S; off += kBlock) {
+          const int64_t len = std::min(kBlock, s.S - off), o = pl * s.S + off;
+          A* out = out_acc(y + o, obuf.data());
+          run_normalize(as_acc(x + o, len, buf.data()), out, len, m[c], scale[c], shift[c], act);
+          narrow_to<T>(out, y + o, len);
+        }
+      }
     }
   } else {
-    const int64_t M = s.count();
-    const int nt = threads_for(M * C, p.num_threads, M);
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < M; ++r) {
-      const T* xr = x + r * C;
-      T* yr = y + r * C;
-      for (int64_t c = 0; c < C; ++c)
-        yr[c] = store<T>(act.fwd((load(xr[c]) - mean[c]) * scale[c] + shift[c]));
+    const int64_t M = s.count(), R = rows_per_block(C);
+    const int64_t blocks = (M + R - 1) / R;
+    const int nt = threads_for(M * C, p.num_threads, blocks);
+    const A* mp = m;
+    const A* sc = scale.data();
+    const A* sh = shift.data();
+#pragma omp parallel num_threads(nt) firstprivate(act)
+    {
+      std::vector<float> buf(is_16bit<T> ? R * C : 0), obuf(is_16bit<T> ? R * C : 0);
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r = blk * R, rr = std::min(R, M - r);
+        const A* xb = as_acc(x + r * C, rr * C, buf.data());
+        A* yb = out_acc(y + r * C, obuf.data());
+        for (int64_t i = 0; i < rr; ++i)
+          for (int64_t c = 0; c < C; ++c)
+            yb[i * C + c] = act.fwd((xb[i * C + c] - mp[c]) * sc[c] + sh[c]);
+        narrow_to<T>(yb, y + r * C, rr * C);
+      }
     }
   }
 }
@@ -271,7 +401,7 @@ void update_running_stats(P* rm, P* rv, const A* mean, const A* var, int64_t C, 
 }
 
 template <typename T, typename Act>
-void forward_typed(const ForwardParams& p, bool training, const Act& act) {
+void forward_typed(const ForwardParams& p, bool training, Act act) {
   using A = acc_t<T>;
   if (!training) return normalize<T>(p, act);
   std::vector<A> var(p.shape.C);
@@ -305,43 +435,7 @@ void forward_typed(const ForwardParams& p, bool training, const Act& act) {
 //   training: dx = scale * (g - mean(g)) - xc * scale * invstd^2 * mean(g * xc)
 //   eval:     dx = scale * g
 
-template <typename A>
-struct BackwardCoef {
-  A mean, scale, shift, invstd;
-};
-
-template <typename T, typename Act>
-FUSEDBN_INLINE void reduce_run(const T* x, const T* dy, int64_t len, const BackwardCoef<acc_t<T>>& k,
-                               const Act& act, acc_t<T>* sg, acc_t<T>* sgx) {
-  using A = acc_t<T>;
-  int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) {
-      const A xc = load(x[i + j]) - k.mean;
-      const A g = act.grad(A(load(dy[i + j])), xc * k.scale + k.shift);
-      sg[j] += g;
-      sgx[j] += g * xc;
-    }
-  for (int j = 0; i < len; ++i, ++j) {
-    const A xc = load(x[i]) - k.mean;
-    const A g = act.grad(A(load(dy[i])), xc * k.scale + k.shift);
-    sg[j] += g;
-    sgx[j] += g * xc;
-  }
-}
-
-template <typename T, typename Act>
-FUSEDBN_INLINE void dx_run(const T* x, const T* dy, T* dx, int64_t len, const BackwardCoef<acc_t<T>>& k,
-                           acc_t<T> k_xc, acc_t<T> k_const, const Act& act) {
-  using A = acc_t<T>;
-  for (int64_t i = 0; i < len; ++i) {
-    const A xc = load(x[i]) - k.mean;
-    const A g = act.grad(A(load(dy[i])), xc * k.scale + k.shift);
-    dx[i] = store<T>(g * k.scale + xc * k_xc + k_const);
-  }
-}
-
-// The dx coefficients for channel c given its sums over `count` values.
+// The dx coefficients for one channel given its sums over `count` values.
 template <typename A>
 FUSEDBN_INLINE void dx_coefficients(bool training, const BackwardCoef<A>& k, double sg, double sgx,
                                     double count, A& k_xc, A& k_const) {
@@ -363,7 +457,7 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
 }
 
 template <typename T, typename Act>
-void backward_ncs(const BackwardParams& p, const Act& act) {
+void backward_ncs(const BackwardParams& p, Act act) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
@@ -373,101 +467,128 @@ void backward_ncs(const BackwardParams& p, const Act& act) {
   A* gb = static_cast<A*>(p.grad_bias);
   const double count = double(s.count());
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < s.C; ++c) {
-    const BackwardCoef<A> k = backward_coef<A>(p, c);
-    const int64_t base = c * s.S, stride = s.C * s.S;
-    double sg = 0, sgx = 0;
-    for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-      A lg[kLanes] = {}, lgx[kLanes] = {};
-      for (int64_t n = n0; n < n1; ++n) {
-        const int64_t o = n * stride + base + off;
-        reduce_run(x + o, dy + o, len, k, act, lg, lgx);
-      }
-      sg += double(lane_sum(lg));
-      sgx += double(lane_sum(lgx));
-    });
-    gb[c] = A(sg);
-    gw[c] = A(sgx * double(k.invstd));
-    if (!dx) continue;
-    A k_xc, k_const;
-    dx_coefficients(p.training, k, sg, sgx, count, k_xc, k_const);
-    for (int64_t n = 0; n < s.N; ++n) {
-      const int64_t o = n * stride + base;
-      dx_run(x + o, dy + o, dx + o, s.S, k, k_xc, k_const, act);
+#pragma omp parallel num_threads(nt) firstprivate(act)
+  {
+    const size_t nb = is_16bit<T> ? kBlock : 0;
+    std::vector<float> xbuf(nb), dybuf(nb), obuf(nb);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < s.C; ++c) {
+      const BackwardCoef<A> k = backward_coef<A>(p, c);
+      const int64_t base = c * s.S, stride = s.C * s.S;
+      double sg = 0, sgx = 0;
+      // Sums per block of about kBlock values, added in double.
+      for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+        A lg[kLanes] = {}, lgx[kLanes] = {};
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t o = n * stride + base + off;
+          run_reduce(as_acc(x + o, len, xbuf.data()), as_acc(dy + o, len, dybuf.data()), len, k, act,
+                     lg, lgx);
+        }
+        sg += double(lane_sum(lg));
+        sgx += double(lane_sum(lgx));
+      });
+      gb[c] = A(sg);
+      gw[c] = A(sgx * double(k.invstd));
+      if (!dx) continue;
+      A k_xc, k_const;
+      dx_coefficients(p.training, k, sg, sgx, count, k_xc, k_const);
+      for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t off = 0; off < s.S; off += kBlock) {
+          const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
+          const A* xa = as_acc(x + o, len, xbuf.data());
+          const A* dya = as_acc(dy + o, len, dybuf.data());
+          A* out = out_acc(dx + o, obuf.data());
+          run_dx(xa, dya, out, len, k, k_xc, k_const, act);
+          narrow_to<T>(out, dx + o, len);
+        }
     }
   }
 }
 
 template <typename T, typename Act>
-void backward_nsc(const BackwardParams& p, const Act& act) {
+void backward_nsc(const BackwardParams& p, Act act) {
   using A = acc_t<T>;
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
-  std::vector<BackwardCoef<A>> k(C);
-  for (int64_t c = 0; c < C; ++c) k[c] = backward_coef<A>(p, c);
-  const int nt = threads_for(M * C, p.num_threads, M);
-  const int64_t R = std::max<int64_t>(8, kBlock / C);
-  std::vector<double> tsg(size_t(nt) * C, 0.0), tsgx(size_t(nt) * C, 0.0);
-  // Split into arrays so the loop over channels vectorizes.
-  std::vector<A> mean(C), scale(C), shift(C);
+  const int64_t R = rows_per_block(C);
+  const int64_t blocks = (M + R - 1) / R;
+  const int nt = threads_for(M * C, p.num_threads, blocks);
+  std::vector<A> mean(C), scale(C), shift(C), invstd(C);
   for (int64_t c = 0; c < C; ++c) {
-    mean[c] = k[c].mean;
-    scale[c] = k[c].scale;
-    shift[c] = k[c].shift;
+    const BackwardCoef<A> k = backward_coef<A>(p, c);
+    mean[c] = k.mean;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
+    invstd[c] = k.invstd;
   }
-#pragma omp parallel num_threads(nt)
+  const A* mp = mean.data();
+  const A* sc = scale.data();
+  const A* sh = shift.data();
+  std::vector<double> tsg(size_t(nt) * C, 0.0), tsgx(size_t(nt) * C, 0.0);
+  std::vector<A> k_xc(C), k_const(C);
+  const A* kx = k_xc.data();
+  const A* kc = k_const.data();
+#pragma omp parallel num_threads(nt) firstprivate(act)
   {
     const int t = omp_get_thread_num();
-    const int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;
     std::vector<A> bg(C), bgx(C);
+    const size_t nb = is_16bit<T> ? R * C : 0;
+    std::vector<float> xbuf(nb), dybuf(nb), obuf(nb);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
-    for (int64_t r = r0; r < r1; r += R) {
-      const int64_t rr = std::min(R, r1 - r);
+#pragma omp for schedule(static)
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t r = blk * R, rr = std::min(R, M - r);
+      const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+      const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
       std::fill(bg.begin(), bg.end(), A(0));
       std::fill(bgx.begin(), bgx.end(), A(0));
-      for (int64_t i = 0; i < rr; ++i) {
-        const T* xr = x + (r + i) * C;
-        const T* dyr = dy + (r + i) * C;
+      for (int64_t i = 0; i < rr; ++i)
         for (int64_t c = 0; c < C; ++c) {
-          const A xc = load(xr[c]) - mean[c];
-          const A g = act.grad(A(load(dyr[c])), xc * scale[c] + shift[c]);
+          const A xc = xb[i * C + c] - mp[c];
+          const A g = act.grad(dyb[i * C + c], xc * sc[c] + sh[c]);
           bg[c] += g;
           bgx[c] += g * xc;
         }
-      }
       for (int64_t c = 0; c < C; ++c) {
         sg[c] += double(bg[c]);
         sgx[c] += double(bgx[c]);
       }
     }
-  }
-  A* gw = static_cast<A*>(p.grad_weight);
-  A* gb = static_cast<A*>(p.grad_bias);
-  std::vector<A> k_xc(C), k_const(C);
-  for (int64_t c = 0; c < C; ++c) {
-    double sg = 0, sgx = 0;
-    for (int t = 0; t < nt; ++t) {
-      sg += tsg[size_t(t) * C + c];
-      sgx += tsgx[size_t(t) * C + c];
-    }
-    gb[c] = A(sg);
-    gw[c] = A(sgx * double(k[c].invstd));
-    dx_coefficients(p.training, k[c], sg, sgx, double(M), k_xc[c], k_const[c]);
-  }
-  if (!dx) return;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t r = 0; r < M; ++r) {
-    const T* xr = x + r * C;
-    const T* dyr = dy + r * C;
-    T* dxr = dx + r * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const A xc = load(xr[c]) - mean[c];
-      const A g = act.grad(A(load(dyr[c])), xc * scale[c] + shift[c]);
-      dxr[c] = store<T>(g * scale[c] + xc * k_xc[c] + k_const[c]);
+#pragma omp barrier
+#pragma omp single
+    {
+      A* gw = static_cast<A*>(p.grad_weight);
+      A* gb = static_cast<A*>(p.grad_bias);
+      for (int64_t c = 0; c < C; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int u = 0; u < nt; ++u) {
+          s1 += tsg[size_t(u) * C + c];
+          s2 += tsgx[size_t(u) * C + c];
+        }
+        gb[c] = A(s1);
+        gw[c] = A(s2 * double(invstd[c]));
+        dx_coefficients(p.training, BackwardCoef<A>{mean[c], scale[c], shift[c], invstd[c]}, s1, s2,
+                        double(M), k_xc[c], k_const[c]);
+      }
+    }  // implicit barrier: every thread sees the coefficients
+    if (dx) {
+#pragma omp for schedule(static)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t r = blk * R, rr = std::min(R, M - r);
+        const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+        const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
+        A* out = out_acc(dx + r * C, obuf.data());
+        for (int64_t i = 0; i < rr; ++i)
+          for (int64_t c = 0; c < C; ++c) {
+            const A xc = xb[i * C + c] - mp[c];
+            const A g = act.grad(dyb[i * C + c], xc * sc[c] + sh[c]);
+            out[i * C + c] = g * sc[c] + xc * kx[c] + kc[c];
+          }
+        narrow_to<T>(out, dx + r * C, rr * C);
+      }
     }
   }
 }
