@@ -30,7 +30,7 @@ def rel(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
-sources = ["csrc/ops.cpp", "csrc/glue.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
+sources = ["csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
 define_macros = []
 Extension = cpp_extension.CppExtension

@@ -1,12 +1,8 @@
 """Python-side registrations for the C++ operators torch.ops.fusedbn.*:
-fake (meta) kernels for torch.compile / export, and the autograd formula of
-``forward``, whose backward is the ``backward`` custom op.
+fake (meta) kernels for torch.compile / export, and the double-backward
+formula of the ``backward`` op. The autograd of ``forward`` is in C++.
 """
 import torch
-from torch._library.autograd import Info, make_autograd_impl
-
-_lib = torch.library.Library("fusedbn", "FRAGMENT")
-
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -46,31 +42,84 @@ def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, traini
     return grad_input, grad_weight, grad_bias
 
 
-def _setup_context(ctx, inputs, output):
-    (input, weight, bias, _rm, _rv, _nbt, training, _momentum, _eps,
-     activation, negative_slope, alpha) = inputs
-    _out, save_mean, save_invstd = output
-    # The input is the only full-size tensor kept: the backward recomputes the
-    # pre-activation (and so the activation's derivative) from it.
-    ctx.save_for_backward(input, weight, bias, save_mean, save_invstd)
+def _activation_grad(dy, y, activation, negative_slope, alpha):
+    """dy times the activation's derivative at the pre-activation y (torch ops)."""
+    if activation == "relu":
+        return torch.where(y > 0, dy, torch.zeros_like(dy))
+    if activation == "leaky_relu":
+        return torch.where(y > 0, dy, dy * negative_slope)
+    if activation == "elu":
+        return torch.where(y > 0, dy, dy * alpha * torch.exp(torch.clamp(y, max=0)))
+    return dy
+
+
+def backward_reference(grad_out, input, weight, bias, save_mean, save_invstd, training,
+                       activation, negative_slope, alpha):
+    """fusedbn::backward written with differentiable torch ops.
+
+    Used as the backward op's own autograd formula (double backward). In
+    training the saved mean and invstd are functions of the input: they keep
+    their saved values here but take their derivatives from a recomputation,
+    so the second derivative sees that dependence.
+    """
+    acc = _acc_dtype(input.dtype)
+    dims = [0] + list(range(2, input.dim()))
+    per_channel = [1, -1] + [1] * (input.dim() - 2)
+    x, dy = input.to(acc), grad_out.to(acc)
+    count = max(x.numel() // max(x.shape[1], 1), 1)
+    mean, invstd = save_mean, save_invstd
+    if training:
+        live_mean = x.mean(dims)
+        centered = x - live_mean.detach().reshape(per_channel)
+        live_var = (centered * centered).mean(dims)
+        mean = save_mean + (live_mean - live_mean.detach())
+        invstd = save_invstd - 0.5 * save_invstd ** 3 * (live_var - live_var.detach())
+    w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
+    b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
+    xhat = (x - mean.reshape(per_channel)) * invstd.reshape(per_channel)
+    y = xhat * w.reshape(per_channel) + b.reshape(per_channel)
+    g = _activation_grad(dy, y, activation, negative_slope, alpha)
+    grad_bias = g.sum(dims)
+    grad_weight = (g * xhat).sum(dims)
+    scale = (w * invstd).reshape(per_channel)
+    if training:
+        grad_input = scale * (g - (grad_bias / count).reshape(per_channel)
+                              - xhat * (grad_weight / count).reshape(per_channel))
+    else:
+        grad_input = g * scale
+    return (grad_input.to(input.dtype),
+            None if weight is None else grad_weight.to(weight.dtype),
+            None if bias is None else grad_bias.to(bias.dtype))
+
+
+def _backward_setup_context(ctx, inputs, output):
+    (grad_out, input, weight, bias, save_mean, save_invstd, training, activation,
+     negative_slope, alpha, _mask) = inputs
+    ctx.save_for_backward(grad_out, input, weight, bias, save_mean, save_invstd)
     ctx.config = (training, activation, negative_slope, alpha)
-    ctx.mark_non_differentiable(save_mean, save_invstd)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_invstd):
-    input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-    training, activation, negative_slope, alpha = ctx.config
-    mask = list(ctx.needs_input_grad[:3])
-    grad_input, grad_weight, grad_bias = torch.ops.fusedbn.backward.default(
-        grad_out, input, weight, bias, save_mean, save_invstd, training, activation,
-        negative_slope, alpha, mask)
-    return (grad_input, grad_weight, grad_bias) + (None,) * 9
+def _backward_backward(ctx, *cotangents):
+    saved = ctx.saved_tensors
+    wanted = [i for i in range(4) if ctx.needs_input_grad[i] and saved[i] is not None]
+    grads = [None] * 11
+    if not wanted:
+        return tuple(grads)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
+                  for i, t in enumerate(saved[:4])]
+        outs = backward_reference(*leaves, saved[4], saved[5], *ctx.config)
+        pairs = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None]
+        if pairs:
+            found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted],
+                                        [c for _, c in pairs], allow_unused=True,
+                                        create_graph=torch.is_grad_enabled())
+            for i, gr in zip(wanted, found):
+                grads[i] = gr
+    return tuple(grads)
 
 
-# torch.library.register_autograd refuses schemas that mutate an argument, and
-# forward mutates the running statistics (which never need gradients). This is
-# the same registration it performs, without that guard; torch.library.custom_op
-# does the same for mutable Python-defined ops.
-_lib.impl("forward",
-          make_autograd_impl(torch.ops.fusedbn.forward.default, Info(_backward, _setup_context)),
-          "Autograd", with_keyset=True)
+# The forward op's autograd lives in C++ (csrc/autograd.cpp); the backward op,
+# being functional, takes the public registration.
+torch.library.register_autograd("fusedbn::backward", _backward_backward,
+                                setup_context=_backward_setup_context)
