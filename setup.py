@@ -37,8 +37,10 @@ Extension = cpp_extension.CppExtension
 extra_compile_args = {"cxx": cxx_flags}
 if want_cuda():
     Extension = cpp_extension.CUDAExtension
-    sources += rel("csrc/cuda/*.cu")
-    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr"]
+    # Torch-free kernels (csrc/kernels/*.cu) and their ATen glue (csrc/cuda/).
+    sources += rel("csrc/kernels/*.cu") + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
+    # --threads: the one .cu holds every kernel; compile its GPU targets in parallel.
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--threads", "4"]
     define_macros.append(("FUSEDBN_WITH_CUDA", None))
 
 setup(

@@ -21,16 +21,21 @@ using torch::autograd::variable_list;
 
 using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, bool, std::optional<double>, double, c10::string_view, double, double);
-using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&, const Tensor&,
-    bool, c10::string_view, double, double, std::array<bool, 3>);
+    const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
+    double, double);
+using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
+    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const Tensor&, const Tensor&, bool, c10::string_view, double, double, std::array<bool, 4>,
+    bool);
 
-const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+const c10::TypedOperatorHandle<ForwardSig>& forward_op(bool inplace) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fusedbn::forward", "")
                        .typed<ForwardSig>();
-  return op;
+  static auto op_ = c10::Dispatcher::singleton()
+                        .findSchemaOrThrow("fusedbn::forward_", "")
+                        .typed<ForwardSig>();
+  return inplace ? op_ : op;
 }
 
 const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
@@ -43,20 +48,39 @@ const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 OptTensor or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct> {
+// Inplace: the output overwrites the input and is what the backward keeps
+// (from_output), unless a weight is exactly 0 -- the affine transform cannot
+// be inverted there -- in which case a copy of the input is kept instead.
+template <bool Inplace>
+class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inplace>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
+  static variable_list forward(AutogradContext* ctx, const Tensor& input,
+                               const OptTensor& residual, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& running_mean,
                                const OptTensor& running_var, const OptTensor& nbt, bool training,
                                std::optional<double> momentum, double eps,
                                c10::string_view activation, double negative_slope, double alpha) {
-    at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, mean, invstd] =
-        forward_op().call(input, weight, bias, running_mean, running_var, nbt, training, momentum,
-                          eps, activation, negative_slope, alpha);
-    // The input is the only full-size tensor kept: the backward recomputes
-    // the pre-activation, and so the activation's derivative, from it.
-    ctx->save_for_backward({input, or_undefined(weight), or_undefined(bias), mean, invstd});
+    bool from_output = Inplace;
+    Tensor input_copy;
+    if (Inplace && weight.has_value() && weight->defined() && weight->eq(0).any().item<bool>()) {
+      from_output = false;
+      input_copy = input.clone();
+    }
+    Tensor out, mean, invstd;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, mean, invstd) =
+          forward_op(Inplace).call(input, residual, weight, bias, running_mean, running_var, nbt,
+                                   training, momentum, eps, activation, negative_slope, alpha);
+    }
+    if (Inplace) ctx->mark_dirty({input});
+    // One full-size tensor is kept (two with a residual): the input, or in
+    // place the output. The backward recomputes the pre-activation, and so
+    // the activation's derivative, from it.
+    const Tensor& keep = !Inplace ? input : from_output ? out : input_copy;
+    ctx->save_for_backward(
+        {keep, or_undefined(residual), or_undefined(weight), or_undefined(bias), mean, invstd});
+    ctx->saved_data["from_output"] = from_output;
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
@@ -67,26 +91,37 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2)};
-    auto [gi, gw, gb] = backward_op().call(
-        grads[0], saved[0], or_none(saved[1]), or_none(saved[2]), saved[3], saved[4],
+    // needs_input_grad counts only the tensor arguments that were given
+    // (an absent optional is no input of the graph node), in argument order.
+    int edge = 0;
+    auto needs = [&](bool given) { return given && ctx->needs_input_grad(edge++); };
+    const bool gi_wanted = needs(true);
+    const bool gz_wanted = needs(saved[1].defined());
+    const bool gw_wanted = needs(saved[2].defined());
+    const bool gb_wanted = needs(saved[3].defined());
+    const std::array<bool, 4> mask = {gi_wanted, gw_wanted, gb_wanted, gz_wanted};
+    auto [gi, gw, gb, gz] = backward_op().call(
+        grads[0], saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
+        saved[5],
         ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef(),
-        ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["alpha"].toDouble(), mask);
-    variable_list result(12);
+        ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["alpha"].toDouble(), mask,
+        ctx->saved_data["from_output"].toBool());
+    variable_list result(13);
     result[0] = or_undefined(gi);
-    result[1] = or_undefined(gw);
-    result[2] = or_undefined(gb);
+    result[1] = or_undefined(gz);
+    result[2] = or_undefined(gw);
+    result[3] = or_undefined(gb);
     return result;
   }
 };
 
+template <bool Inplace>
 std::tuple<Tensor, Tensor, Tensor> forward_autograd(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
     double negative_slope, double alpha) {
-  auto out = FusedBatchNormAct::apply(input, weight, bias, running_mean, running_var, nbt, training,
+  auto out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean, running_var, nbt, training,
                                       momentum, eps, activation, negative_slope, alpha);
   // What ADInplaceOrView would do for the buffers mutated below autograd.
   if (training) {
@@ -99,4 +134,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_autograd(
 }  // namespace
 }  // namespace fusedbn
 
-TORCH_LIBRARY_IMPL(fusedbn, Autograd, m) { m.impl("forward", &fusedbn::forward_autograd); }
+TORCH_LIBRARY_IMPL(fusedbn, Autograd, m) {
+  m.impl("forward", &fusedbn::forward_autograd<false>);
+  m.impl("forward_", &fusedbn::forward_autograd<true>);
+}

@@ -35,6 +35,20 @@ ActParams parse_activation(const std::string& name, double negative_slope, doubl
   return a;
 }
 
+// In-place mode recovers the pre-activation from the output, so the
+// activation must be one-to-one.
+void check_invertible(const ActParams& a) {
+  const bool ok = a.kind == Activation::Identity ||
+                  (a.kind == Activation::LeakyReLU && a.negative_slope > 0) ||
+                  (a.kind == Activation::ELU && a.alpha > 0);
+  TORCH_CHECK_VALUE(ok,
+                    "fusedbn: inplace=True needs an invertible activation: 'identity', "
+                    "'leaky_relu' with negative_slope > 0 or 'elu' with alpha > 0. In-place mode "
+                    "keeps only the output and recovers the input from it in the backward; ReLU "
+                    "(or a non-positive slope/alpha) maps many inputs to the same output, so the "
+                    "input cannot be recovered. Use inplace=False, or leaky_relu.");
+}
+
 std::string size_str(const Tensor& t) {
   std::ostringstream os;
   os << "torch.Size([";
@@ -69,11 +83,23 @@ void check_per_channel(const OptTensor& t, const char* name, const Tensor& input
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-void check_forward(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+void check_residual(const OptTensor& z, const Tensor& input) {
+  if (!defined(z)) return;
+  TORCH_CHECK(z->device() == input.device(), "fusedbn: residual is on ", z->device(),
+              " but input is on ", input.device(), "; all tensors must be on the same device");
+  TORCH_CHECK_TYPE(z->scalar_type() == input.scalar_type(), "fusedbn: residual dtype ",
+                   z->scalar_type(), " differs from the input's ", input.scalar_type());
+  TORCH_CHECK_VALUE(z->sizes() == input.sizes(), "fusedbn: residual has shape ", size_str(*z),
+                    " but input has shape ", size_str(input), "; they must match");
+}
+
+void check_forward(const Tensor& input, const OptTensor& residual, const OptTensor& weight,
+                   const OptTensor& bias,
                    const OptTensor& running_mean, const OptTensor& running_var,
                    const OptTensor& nbt, bool training, std::optional<double> momentum,
                    double eps) {
   check_input(input);
+  check_residual(residual, input);
   check_per_channel(weight, "weight", input);
   check_per_channel(bias, "bias", input);
   check_per_channel(running_mean, "running_mean", input);
@@ -150,23 +176,32 @@ Tensor per_channel_acc(const OptTensor& t, at::ScalarType acc) {
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
 
+// `t` with exactly the strides of `like` (the layout the kernels read x in).
+Tensor in_layout_of(const Tensor& t, const Tensor& like) {
+  if (t.strides() == like.strides()) return t;
+  return at::empty_like(like).copy_(t);
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> forward_impl(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    ForwardKernel kernel) {
+    bool inplace, ForwardKernel kernel) {
   // Every check comes before any buffer is touched.
   const ActParams act = parse_activation(activation, negative_slope, alpha);
-  check_forward(input, weight, bias, running_mean, running_var, num_batches_tracked, training,
-                momentum, eps);
+  if (inplace) check_invertible(act);
+  check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
+                training, momentum, eps);
 
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const View v = view_of(input);
   const Tensor x = v.native ? input : input.contiguous();
-  Tensor out = at::empty_like(input);
+  const Tensor z = defined(residual) ? in_layout_of(*residual, x) : Tensor();
+  // In place: the kernels read each value before writing it at the same index.
+  Tensor out = inplace ? input : at::empty_like(input);
   Tensor y = v.native ? out : at::empty_like(x);
   const int64_t C = v.shape.C;
   auto fopts = input.options().dtype(acc);
@@ -178,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   p.dtype = to_dtype(input.scalar_type());
   p.act = act;
   p.x = x.const_data_ptr();
+  p.residual = ptr_or_null(z);
   p.y = y.data_ptr();
   p.weight = ptr_or_null(w);
   p.bias = ptr_or_null(b);
@@ -222,13 +258,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   return {out, mean, invstd};
 }
 
-std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
-    const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
-    const std::string& activation, double negative_slope, double alpha,
-    std::array<bool, 3> output_mask, BackwardKernel kernel) {
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, const std::string& activation,
+    double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
+    BackwardKernel kernel) {
   const ActParams act = parse_activation(activation, negative_slope, alpha);
+  if (from_output) check_invertible(act);
   check_input(input);
+  check_residual(residual, input);
   check_per_channel(weight, "weight", input);
   check_per_channel(bias, "bias", input);
   TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "fusedbn: grad_out has shape ",
@@ -248,17 +287,22 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
   }
   const bool want_w = output_mask[1] && defined(weight);
   const bool want_b = output_mask[2] && defined(bias);
-  if (!output_mask[0] && !want_w && !want_b) return {};
+  const bool want_z = output_mask[3] && defined(residual);
+  if (!output_mask[0] && !want_w && !want_b && !want_z) return {};
 
   const View v = view_of(input);
   const Tensor x = v.native ? input : input.contiguous();
-  // The kernels read dy in x's layout.
-  Tensor dy = grad_out;
-  if (dy.strides() != x.strides()) dy = at::empty_like(x).copy_(grad_out);
-  Tensor grad_input, dx;
+  // The kernels read dy and z in x's layout.
+  const Tensor dy = in_layout_of(grad_out, x);
+  const Tensor z = defined(residual) ? in_layout_of(*residual, x) : Tensor();
+  Tensor grad_input, dx, grad_residual, dz;
   if (output_mask[0]) {
     grad_input = at::empty_like(input);
     dx = v.native ? grad_input : at::empty_like(x);
+  }
+  if (want_z) {
+    grad_residual = at::empty_like(*residual);
+    dz = grad_residual.strides() == x.strides() ? grad_residual : at::empty_like(x);
   }
   auto fopts = input.options().dtype(acc);
   Tensor gw = at::empty({C}, fopts), gb = at::empty({C}, fopts);
@@ -270,9 +314,12 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
   p.dtype = to_dtype(input.scalar_type());
   p.act = act;
   p.training = training;
+  p.from_output = from_output;
   p.dy = dy.const_data_ptr();
   p.x = x.const_data_ptr();
   p.dx = dx.defined() ? dx.data_ptr() : nullptr;
+  p.residual = ptr_or_null(z);
+  p.grad_residual = dz.defined() ? dz.data_ptr() : nullptr;
   p.weight = ptr_or_null(w);
   p.bias = ptr_or_null(b);
   p.mean = mean.const_data_ptr();
@@ -283,10 +330,12 @@ std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
   kernel(p);
 
   if (grad_input.defined() && !v.native) grad_input.copy_(dx);
+  if (want_z && !dz.is_same(grad_residual)) grad_residual.copy_(dz);
   OptTensor gi = grad_input.defined() ? OptTensor(grad_input) : std::nullopt;
   OptTensor gwo = want_w ? OptTensor(gw.to(weight->scalar_type())) : std::nullopt;
   OptTensor gbo = want_b ? OptTensor(gb.to(bias->scalar_type())) : std::nullopt;
-  return {gi, gwo, gbo};
+  OptTensor gzo = want_z ? OptTensor(grad_residual) : std::nullopt;
+  return {gi, gwo, gbo, gzo};
 }
 
 }  // namespace fusedbn

@@ -20,16 +20,46 @@ using ForwardKernel = void (*)(const ForwardParams&, bool training);
 using BackwardKernel = void (*)(const BackwardParams&);
 
 std::tuple<Tensor, Tensor, Tensor> forward_impl(
-    const Tensor& input, const OptTensor& weight, const OptTensor& bias,
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    ForwardKernel kernel);
+    bool inplace, ForwardKernel kernel);
 
-std::tuple<OptTensor, OptTensor, OptTensor> backward_impl(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& weight,
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
+    const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
+    const Tensor& save_invstd, bool training, const std::string& activation,
+    double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
+    BackwardKernel kernel);
+
+// The operator entry points with a device's kernels plugged in; each
+// backend registers these (see csrc/cpu, csrc/cuda). Guard is constructed from
+// the input's device first (a CUDA device guard; a no-op on CPU).
+struct NoGuard {
+  explicit NoGuard(const c10::Device&) {}
+};
+
+template <typename Guard, ForwardKernel K, bool Inplace>
+std::tuple<Tensor, Tensor, Tensor> forward_op(
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
+    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
+    double negative_slope, double alpha) {
+  const Guard guard(input.device());
+  return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
+                      momentum, eps, std::string(activation), negative_slope, alpha, Inplace, K);
+}
+
+template <typename Guard, BackwardKernel K>
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_op(
+    const Tensor& grad_out, const Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
-    const std::string& activation, double negative_slope, double alpha,
-    std::array<bool, 3> output_mask, BackwardKernel kernel);
+    c10::string_view activation, double negative_slope, double alpha,
+    std::array<bool, 4> output_mask, bool from_output) {
+  const Guard guard(input.device());
+  return backward_impl(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
+                       std::string(activation), negative_slope, alpha, output_mask, from_output, K);
+}
 
 }  // namespace fusedbn

@@ -10,21 +10,34 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(fusedbn, m) {
-  // Training: batch statistics, normalize, affine, activation; running_mean,
+  // y = act(batchnorm(input) + residual), residual optional (ResNet's
+  // bn3 -> + identity -> relu). Training: batch statistics; running_mean,
   // running_var and num_batches_tracked updated in place when given
   // (momentum=None: cumulative average). Eval: the running statistics.
   // Returns (output, save_mean, save_invstd), the statistics in float32
   // (float64 for float64 input).
   m.def(
-      "forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
       "float? momentum, float eps, str activation, float negative_slope, float alpha) "
       "-> (Tensor, Tensor, Tensor)");
-  // Gradients of forward for input, weight and bias, each only when its
-  // output_mask entry is set (and weight/bias exist); the activation's
-  // derivative is recomputed from input and the saved statistics.
+  // forward writing its output over `input` (returned). Only for invertible
+  // activations (identity, leaky_relu, elu): the backward then takes the
+  // output in place of the input (from_output=True).
   m.def(
-      "backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, "
+      "forward_(Tensor(a!) input, Tensor? residual, Tensor? weight, Tensor? bias, "
+      "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
+      "bool training, float? momentum, float eps, str activation, float negative_slope, "
+      "float alpha) -> (Tensor(a!), Tensor, Tensor)");
+  // Gradients of forward for input, weight, bias and residual, each only
+  // when its output_mask entry is set (and the tensor exists); the
+  // activation's derivative is recomputed from input, residual and the saved
+  // statistics. from_output: `input` is forward_'s output, from which the
+  // input is recovered.
+  m.def(
+      "backward(Tensor grad_out, Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, str activation, "
-      "float negative_slope, float alpha, bool[3] output_mask) -> (Tensor?, Tensor?, Tensor?)");
+      "float negative_slope, float alpha, bool[4] output_mask, bool from_output=False) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

@@ -5,8 +5,11 @@
                                training=True, activation="relu")
     bn = fusedbn.BatchNormReLU2d(64)   # drop-in for nn.BatchNorm2d + nn.ReLU
 """
+import torch  # noqa: F401  (loads libtorch, which the extension links against)
+
 from . import _C  # noqa: F401  (registers the torch.ops.fusedbn operators)
 from . import ops  # noqa: F401  (fake kernels and autograd for them)
+from .convert import Fusion, convert, unconvert
 from .functional import ACTIVATIONS, batch_norm_act
 from .modules import (
     BatchNormAct1d,
@@ -28,4 +31,7 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "Fusion",
+    "convert",
+    "unconvert",
 ]

@@ -27,7 +27,7 @@ def _check_number(name, value, allow_none=False):
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
                    momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.01, alpha=1.0,
-                   *, num_batches_tracked=None):
+                   *, residual=None, inplace=False, num_batches_tracked=None):
     """BatchNorm followed by an activation, in one fused kernel.
 
     Same semantics as ``F.batch_norm(...)`` followed by the activation:
@@ -39,14 +39,28 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
 
     activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (``negative_slope``)
     or ``"elu"`` (``alpha``).
+
+    residual: optional tensor of the input's shape and dtype added before the
+    activation, ``act(bn(input) + residual)`` (ResNet's bn3 -> + identity ->
+    ReLU), in the same passes; its gradient is returned too.
+
+    inplace: write the output over ``input`` and keep only the output for the
+    backward, which recovers the input by inverting the activation and the
+    affine transform (weight semantics unchanged, unlike inplace_abn). Needs
+    an invertible activation: identity, leaky_relu (negative_slope > 0) or
+    elu (alpha > 0); relu raises. Where a weight is exactly 0 the call keeps a
+    copy of the input instead. Precision: in bfloat16/float16, and for ELU
+    outputs close to -alpha, the recovered input is less accurate than the
+    saved one.
     """
     check_activation(activation)
     _check_number("momentum", momentum, allow_none=True)
     _check_number("eps", eps)
     _check_number("negative_slope", negative_slope)
     _check_number("alpha", alpha)
-    out, _, _ = torch.ops.fusedbn.forward.default(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
+    op = torch.ops.fusedbn.forward_ if inplace else torch.ops.fusedbn.forward
+    out, _, _ = op.default(
+        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
         None if momentum is None else float(momentum), float(eps), activation,
         float(negative_slope), float(alpha))
     return out

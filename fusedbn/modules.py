@@ -12,15 +12,24 @@ from .functional import batch_norm_act, check_activation
 class _BatchNormAct(_BatchNorm):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation="relu", negative_slope=0.01, alpha=1.0,
-                 device=None, dtype=None, *, bias=True):
+                 device=None, dtype=None, *, bias=True, inplace=False):
         check_activation(activation)
+        if inplace and not (activation == "identity"
+                            or (activation == "leaky_relu" and negative_slope > 0)
+                            or (activation == "elu" and alpha > 0)):
+            raise ValueError(
+                "fusedbn: inplace=True needs an invertible activation ('identity', 'leaky_relu' "
+                "with negative_slope > 0, 'elu' with alpha > 0): in-place mode keeps only the "
+                "output and recovers the input from it, and ReLU maps every negative input to 0.")
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device, dtype, bias=bias)
         self.activation = activation
         self.negative_slope = negative_slope
         self.alpha = alpha
+        self.inplace = inplace
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
+        """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
         self._check_input_dim(input)
         # Exactly nn.BatchNorm's choices: batch statistics in training and
         # when no running statistics exist; buffers passed only when used.
@@ -33,6 +42,7 @@ class _BatchNormAct(_BatchNorm):
             self.running_var if pass_buffers else None,
             self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
             self.activation, self.negative_slope, self.alpha,
+            residual=residual, inplace=self.inplace,
             num_batches_tracked=self.num_batches_tracked if counts else None)
 
     def extra_repr(self):
@@ -41,6 +51,8 @@ class _BatchNormAct(_BatchNorm):
             s += f", negative_slope={self.negative_slope}"
         elif self.activation == "elu":
             s += f", alpha={self.alpha}"
+        if self.inplace:
+            s += ", inplace=True"
         return s
 
 

@@ -20,9 +20,9 @@ def _check_same_device(input, **others):
 
 
 @torch.library.register_fake("fusedbn::forward")
-def _forward_fake(input, weight, bias, running_mean, running_var, num_batches_tracked,
+def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                   training, momentum, eps, activation, negative_slope, alpha):
-    _check_same_device(input, weight=weight, bias=bias, running_mean=running_mean,
+    _check_same_device(input, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
                        running_var=running_var, num_batches_tracked=num_batches_tracked)
     torch._check(input.dim() >= 2, lambda: f"fusedbn: expected input of rank 2 to 5, got {input.dim()}D")
     channels = input.shape[1]
@@ -31,15 +31,26 @@ def _forward_fake(input, weight, bias, running_mean, running_var, num_batches_tr
     return torch.empty_like(input), stat, torch.empty_like(stat)
 
 
+@torch.library.register_fake("fusedbn::forward_")
+def _forward_inplace_fake(input, *args):
+    _out, mean, invstd = _forward_fake(input, *args)
+    return input, mean, invstd
+
+
 @torch.library.register_fake("fusedbn::backward")
-def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, training,
-                   activation, negative_slope, alpha, output_mask):
-    _check_same_device(input, grad_out=grad_out, weight=weight, bias=bias,
+def _backward_fake(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
+                   activation, negative_slope, alpha, output_mask, from_output=False):
+    _check_same_device(input, grad_out=grad_out, residual=residual, weight=weight, bias=bias,
                        save_mean=save_mean, save_invstd=save_invstd)
+    if not (output_mask[0] or (output_mask[1] and weight is not None)
+            or (output_mask[2] and bias is not None) or (output_mask[3] and residual is not None)):
+        return None, None, None, None
     grad_input = torch.empty_like(input) if output_mask[0] else None
     grad_weight = torch.empty_like(weight) if output_mask[1] and weight is not None else None
     grad_bias = torch.empty_like(bias) if output_mask[2] and bias is not None else None
-    return grad_input, grad_weight, grad_bias
+    grad_residual = (torch.empty_like(residual)
+                     if output_mask[3] and residual is not None else None)
+    return grad_input, grad_weight, grad_bias, grad_residual
 
 
 def _activation_grad(dy, y, activation, negative_slope, alpha):
@@ -53,7 +64,7 @@ def _activation_grad(dy, y, activation, negative_slope, alpha):
     return dy
 
 
-def backward_reference(grad_out, input, weight, bias, save_mean, save_invstd, training,
+def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
                        activation, negative_slope, alpha):
     """fusedbn::backward written with differentiable torch ops.
 
@@ -67,6 +78,8 @@ def backward_reference(grad_out, input, weight, bias, save_mean, save_invstd, tr
     per_channel = [1, -1] + [1] * (input.dim() - 2)
     x, dy = input.to(acc), grad_out.to(acc)
     count = max(x.numel() // max(x.shape[1], 1), 1)
+    w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
+    b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
     mean, invstd = save_mean, save_invstd
     if training:
         live_mean = x.mean(dims)
@@ -74,10 +87,10 @@ def backward_reference(grad_out, input, weight, bias, save_mean, save_invstd, tr
         live_var = (centered * centered).mean(dims)
         mean = save_mean + (live_mean - live_mean.detach())
         invstd = save_invstd - 0.5 * save_invstd ** 3 * (live_var - live_var.detach())
-    w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
-    b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
     xhat = (x - mean.reshape(per_channel)) * invstd.reshape(per_channel)
     y = xhat * w.reshape(per_channel) + b.reshape(per_channel)
+    if residual is not None:
+        y = y + residual.to(acc)
     g = _activation_grad(dy, y, activation, negative_slope, alpha)
     grad_bias = g.sum(dims)
     grad_weight = (g * xhat).sum(dims)
@@ -89,26 +102,32 @@ def backward_reference(grad_out, input, weight, bias, save_mean, save_invstd, tr
         grad_input = g * scale
     return (grad_input.to(input.dtype),
             None if weight is None else grad_weight.to(weight.dtype),
-            None if bias is None else grad_bias.to(bias.dtype))
+            None if bias is None else grad_bias.to(bias.dtype),
+            None if residual is None else g.to(residual.dtype))
 
 
 def _backward_setup_context(ctx, inputs, output):
-    (grad_out, input, weight, bias, save_mean, save_invstd, training, activation,
-     negative_slope, alpha, _mask) = inputs
-    ctx.save_for_backward(grad_out, input, weight, bias, save_mean, save_invstd)
-    ctx.config = (training, activation, negative_slope, alpha)
+    (grad_out, input, residual, weight, bias, save_mean, save_invstd, training, activation,
+     negative_slope, alpha, _mask, *from_output) = inputs
+    ctx.save_for_backward(grad_out, input, residual, weight, bias, save_mean, save_invstd)
+    ctx.config = (training, activation, negative_slope, alpha, bool(from_output and from_output[0]))
 
 
 def _backward_backward(ctx, *cotangents):
+    if ctx.config[4]:
+        # The saved output is a function of the input through the batch
+        # statistics too, which this formula cannot see from the output alone.
+        raise RuntimeError("fusedbn: double backward through inplace=True is not supported; "
+                           "use inplace=False for higher-order gradients")
     saved = ctx.saved_tensors
-    wanted = [i for i in range(4) if ctx.needs_input_grad[i] and saved[i] is not None]
-    grads = [None] * 11
+    wanted = [i for i in range(5) if ctx.needs_input_grad[i] and saved[i] is not None]
+    grads = [None] * 13
     if not wanted:
         return tuple(grads)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
-                  for i, t in enumerate(saved[:4])]
-        outs = backward_reference(*leaves, saved[4], saved[5], *ctx.config)
+                  for i, t in enumerate(saved[:5])]
+        outs = backward_reference(*leaves, saved[5], saved[6], *ctx.config[:4])
         pairs = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None]
         if pairs:
             found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted],

@@ -20,19 +20,26 @@ namespace fusedbn {
 #if defined(__CUDA_ARCH__)
 template <typename A> FUSEDBN_HD A act_exp(A v) { return ::exp(v); }
 template <typename A> FUSEDBN_HD A act_expm1(A v) { return ::expm1(v); }
+template <typename A> FUSEDBN_HD A act_log1p(A v) { return ::log1p(v); }
 #else
 template <typename A> FUSEDBN_HD A act_exp(A v) { return std::exp(v); }
 template <typename A> FUSEDBN_HD A act_expm1(A v) { return std::expm1(v); }
+template <typename A> FUSEDBN_HD A act_log1p(A v) { return std::log1p(v); }
 #endif
 
+// `invertible` activations also give inverse(fwd(y)) == y, which lets the
+// in-place backward recover the pre-activation from the output.
 template <typename A>
 struct IdentityAct {
+  static constexpr bool invertible = true;
   FUSEDBN_HD A fwd(A y) const { return y; }
+  FUSEDBN_HD A inverse(A v) const { return v; }
   FUSEDBN_HD A grad(A dy, A) const { return dy; }
 };
 
 template <typename A>
 struct ReLUAct {
+  static constexpr bool invertible = false;  // every y <= 0 maps to 0
   // `y < 0 ? 0 : y` keeps NaN, as torch.relu does.
   FUSEDBN_HD A fwd(A y) const { return y < A(0) ? A(0) : y; }
   // threshold_backward: zero where y <= 0, so NaN passes the gradient.
@@ -41,15 +48,19 @@ struct ReLUAct {
 
 template <typename A>
 struct LeakyReLUAct {
+  static constexpr bool invertible = true;  // for slope > 0
   A slope;
   FUSEDBN_HD A fwd(A y) const { return y > A(0) ? y : y * slope; }
+  FUSEDBN_HD A inverse(A v) const { return v > A(0) ? v : v / slope; }
   FUSEDBN_HD A grad(A dy, A y) const { return y > A(0) ? dy : dy * slope; }
 };
 
 template <typename A>
 struct ELUAct {
+  static constexpr bool invertible = true;  // for alpha > 0
   A alpha;
   FUSEDBN_HD A fwd(A y) const { return y <= A(0) ? alpha * act_expm1(y) : y; }
+  FUSEDBN_HD A inverse(A v) const { return v > A(0) ? v : act_log1p(v / alpha); }
   FUSEDBN_HD A grad(A dy, A y) const { return y <= A(0) ? dy * alpha * act_exp(y) : dy; }
 };
 

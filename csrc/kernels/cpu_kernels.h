@@ -146,6 +146,13 @@ FUSEDBN_INLINE void narrow_to(const acc_t<T>* src, T* y, int64_t n) {
   if constexpr (is_16bit<T>) narrow(src, y, n);
 }
 
+// The residual values z[off..off+n) as acc_t<T>, or null without a residual.
+template <bool Res, typename T>
+FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, float* buf) {
+  if constexpr (Res) return as_acc(z + off, n, buf);
+  else return nullptr;
+}
+
 // ---------------------------------------------------------- contiguous runs
 // Loops over n contiguous values of one channel, in the accumulation type A.
 
@@ -171,58 +178,95 @@ FUSEDBN_INLINE void run_moments(const A* x, int64_t n, A& mean, A& m2) {
   m2 = lane_sum(sq);
 }
 
-// y = act((x - mean) * scale + shift). Subtracting the mean first (rather than
-// folding it into the shift) keeps the result exact when |mean| >> std; the
-// backward recomputes y with this same expression, so the branch it takes
-// matches the forward bit for bit.
-template <typename A, typename Act>
-FUSEDBN_INLINE void run_normalize(const A* x, A* y, int64_t n, A mean, A scale, A shift, Act act) {
-  for (int64_t i = 0; i < n; ++i) y[i] = act.fwd((x[i] - mean) * scale + shift);
+// y = act((x - mean) * scale + shift [+ z]). Subtracting the mean first
+// (rather than folding it into the shift) keeps the result exact when
+// |mean| >> std; the backward recomputes the pre-activation with this same
+// expression, so the branch it takes matches the forward bit for bit.
+// Res: a residual z is added before the activation (z is null otherwise).
+template <bool Res, typename A, typename Act>
+FUSEDBN_INLINE void run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale, A shift,
+                                  Act act) {
+  for (int64_t i = 0; i < n; ++i) {
+    A pre = (x[i] - mean) * scale + shift;
+    if constexpr (Res) pre += z[i];
+    y[i] = act.fwd(pre);
+  }
 }
 
 // Per-channel constants of the backward, in the accumulation type.
 template <typename A>
 struct BackwardCoef {
-  A mean, scale, shift, invstd;
+  A mean, scale, shift, invstd, inv_scale;
 };
 
-// With g = act'(y) * dy and xc = x - mean: lanes of sum(g) and sum(g * xc).
-template <typename A, typename Act>
-FUSEDBN_INLINE void run_reduce(const A* x, const A* dy, int64_t n, BackwardCoef<A> k, Act act,
-                               A* sg, A* sgx) {
+template <bool Res, typename A>
+FUSEDBN_INLINE A z_at(const A* z, int64_t i) {
+  if constexpr (Res) return z[i];
+  else return A(0);
+}
+
+// g = act'(pre) * dy and xc = x - mean of one element, from the input v = x
+// or, in-place (FromOut), from the output v = y.
+template <bool Res, bool FromOut, typename A, typename Act>
+FUSEDBN_INLINE A grad_pre(A v, A z, A dy, A mean, A scale, A shift, A inv_scale, const Act& act,
+                          A& xc) {
+  A pre;
+  if constexpr (FromOut) {
+    pre = act.inverse(v);
+    A bn = pre - shift;
+    if constexpr (Res) bn -= z;
+    xc = bn * inv_scale;
+  } else {
+    xc = v - mean;
+    pre = xc * scale + shift;
+    if constexpr (Res) pre += z;
+  }
+  return act.grad(dy, pre);
+}
+
+// Lanes of sum(g) and sum(g * xc).
+template <bool Res, bool FromOut, typename A, typename Act>
+FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, BackwardCoef<A> k,
+                               Act act, A* sg, A* sgx) {
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      const A xc = x[i + j] - k.mean;
-      const A g = act.grad(dy[i + j], xc * k.scale + k.shift);
+      A xc;
+      const A g = grad_pre<Res, FromOut>(x[i + j], z_at<Res>(z, i + j), dy[i + j], k.mean, k.scale,
+                                         k.shift, k.inv_scale, act, xc);
       sg[j] += g;
       sgx[j] += g * xc;
     }
   for (int j = 0; i < n; ++i, ++j) {
-    const A xc = x[i] - k.mean;
-    const A g = act.grad(dy[i], xc * k.scale + k.shift);
+    A xc;
+    const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
+                                       k.inv_scale, act, xc);
     sg[j] += g;
     sgx[j] += g * xc;
   }
 }
 
-template <typename A, typename Act>
-FUSEDBN_INLINE void run_dx(const A* x, const A* dy, A* dx, int64_t n, BackwardCoef<A> k, A k_xc,
-                           A k_const, Act act) {
+// dx (when non-null) and, with a residual, dz = g (when non-null).
+template <bool Res, bool FromOut, typename A, typename Act>
+FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, int64_t n,
+                           BackwardCoef<A> k, A k_xc, A k_const, Act act) {
   for (int64_t i = 0; i < n; ++i) {
-    const A xc = x[i] - k.mean;
-    const A g = act.grad(dy[i], xc * k.scale + k.shift);
-    dx[i] = g * k.scale + xc * k_xc + k_const;
+    A xc;
+    const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
+                                       k.inv_scale, act, xc);
+    if (dx) dx[i] = g * k.scale + xc * k_xc + k_const;
+    if (Res && dz) dz[i] = g;
   }
 }
 
 // ---------------------------------------------------------------- forward
 
-template <typename T, typename Act>
+template <typename T, bool Res, typename Act>
 void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
@@ -231,7 +275,8 @@ void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
 #pragma omp parallel num_threads(nt) firstprivate(act)
   {
-    std::vector<float> buf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
+    const size_t nb = is_16bit<T> ? kBlock : 0;
+    std::vector<float> buf(nb), zbuf(nb), obuf(nb);
     std::vector<A> gather(kBlock);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
@@ -267,7 +312,8 @@ void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
           A* out = out_acc(y + o, obuf.data());
-          run_normalize(as_acc(x + o, len, buf.data()), out, len, mean, scale, shift, act);
+          run_normalize<Res>(as_acc(x + o, len, buf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
+                             out, len, mean, scale, shift, act);
           narrow_to<T>(out, y + o, len);
         }
     }
@@ -332,12 +378,13 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
 }
 
 // Normalize + activate with per-channel statistics already in p.mean/p.invstd.
-template <typename T, typename Act>
+template <typename T, bool Res, typename Act>
 void normalize(const ForwardParams& p, Act act) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const int64_t C = s.C;
   const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
@@ -353,14 +400,16 @@ void normalize(const ForwardParams& p, Act act) {
     const int nt = threads_for(planes * s.S, p.num_threads, planes);
 #pragma omp parallel num_threads(nt) firstprivate(act)
     {
-      std::vector<float> buf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
+      const size_t nb = is_16bit<T> ? kBlock : 0;
+      std::vector<float> buf(nb), zbuf(nb), obuf(nb);
 #pragma omp for schedule(static)
       for (int64_t pl = 0; pl < planes; ++pl) {
         const int64_t c = pl % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = pl * s.S + off;
           A* out = out_acc(y + o, obuf.data());
-          run_normalize(as_acc(x + o, len, buf.data()), out, len, m[c], scale[c], shift[c], act);
+          run_normalize<Res>(as_acc(x + o, len, buf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
+                             out, len, m[c], scale[c], shift[c], act);
           narrow_to<T>(out, y + o, len);
         }
       }
@@ -374,15 +423,20 @@ void normalize(const ForwardParams& p, Act act) {
     const A* sh = shift.data();
 #pragma omp parallel num_threads(nt) firstprivate(act)
     {
-      std::vector<float> buf(is_16bit<T> ? R * C : 0), obuf(is_16bit<T> ? R * C : 0);
+      const size_t nb = is_16bit<T> ? R * C : 0;
+      std::vector<float> buf(nb), zbuf(nb), obuf(nb);
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r = blk * R, rr = std::min(R, M - r);
         const A* xb = as_acc(x + r * C, rr * C, buf.data());
+        const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
         A* yb = out_acc(y + r * C, obuf.data());
         for (int64_t i = 0; i < rr; ++i)
-          for (int64_t c = 0; c < C; ++c)
-            yb[i * C + c] = act.fwd((xb[i * C + c] - mp[c]) * sc[c] + sh[c]);
+          for (int64_t c = 0; c < C; ++c) {
+            A pre = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
+            if constexpr (Res) pre += zb[i * C + c];
+            yb[i * C + c] = act.fwd(pre);
+          }
         narrow_to<T>(yb, y + r * C, rr * C);
       }
     }
@@ -400,16 +454,16 @@ void update_running_stats(P* rm, P* rv, const A* mean, const A* var, int64_t C, 
   }
 }
 
-template <typename T, typename Act>
+template <typename T, bool Res, typename Act>
 void forward_typed(const ForwardParams& p, bool training, Act act) {
   using A = acc_t<T>;
-  if (!training) return normalize<T>(p, act);
+  if (!training) return normalize<T, Res>(p, act);
   std::vector<A> var(p.shape.C);
   if (p.shape.layout == Layout::NCS) {
-    forward_train_ncs<T>(p, act, var.data());
+    forward_train_ncs<T, Res>(p, act, var.data());
   } else {
     moments_nsc<T>(p, var.data());
-    normalize<T>(p, act);
+    normalize<T, Res>(p, act);
   }
   if (p.running_mean) {
     const A* mean = static_cast<const A*>(p.mean);
@@ -453,16 +507,19 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
   const A invstd = static_cast<const A*>(p.invstd)[c];
-  return {static_cast<const A*>(p.mean)[c], (w ? w[c] : A(1)) * invstd, b ? b[c] : A(0), invstd};
+  const A scale = (w ? w[c] : A(1)) * invstd;
+  return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd, A(1) / scale};
 }
 
-template <typename T, typename Act>
+template <typename T, bool Res, bool FromOut, typename Act>
 void backward_ncs(const BackwardParams& p, Act act) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.residual);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
+  T* dz = static_cast<T*>(p.grad_residual);
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
   const double count = double(s.count());
@@ -470,7 +527,7 @@ void backward_ncs(const BackwardParams& p, Act act) {
 #pragma omp parallel num_threads(nt) firstprivate(act)
   {
     const size_t nb = is_16bit<T> ? kBlock : 0;
-    std::vector<float> xbuf(nb), dybuf(nb), obuf(nb);
+    std::vector<float> xbuf(nb), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
       const BackwardCoef<A> k = backward_coef<A>(p, c);
@@ -481,51 +538,58 @@ void backward_ncs(const BackwardParams& p, Act act) {
         A lg[kLanes] = {}, lgx[kLanes] = {};
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t o = n * stride + base + off;
-          run_reduce(as_acc(x + o, len, xbuf.data()), as_acc(dy + o, len, dybuf.data()), len, k, act,
-                     lg, lgx);
+          run_reduce<Res, FromOut>(as_acc(x + o, len, xbuf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
+                          as_acc(dy + o, len, dybuf.data()), len, k, act, lg, lgx);
         }
         sg += double(lane_sum(lg));
         sgx += double(lane_sum(lgx));
       });
       gb[c] = A(sg);
       gw[c] = A(sgx * double(k.invstd));
-      if (!dx) continue;
+      if (!dx && !dz) continue;
       A k_xc, k_const;
       dx_coefficients(p.training, k, sg, sgx, count, k_xc, k_const);
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
           const A* xa = as_acc(x + o, len, xbuf.data());
+          const A* za = residual_acc<Res>(z, o, len, zbuf.data());
           const A* dya = as_acc(dy + o, len, dybuf.data());
-          A* out = out_acc(dx + o, obuf.data());
-          run_dx(xa, dya, out, len, k, k_xc, k_const, act);
-          narrow_to<T>(out, dx + o, len);
+          A* out = dx ? out_acc(dx + o, obuf.data()) : nullptr;
+          A* dzo = dz ? out_acc(dz + o, dzbuf.data()) : nullptr;
+          run_dx<Res, FromOut>(xa, za, dya, out, dzo, len, k, k_xc, k_const, act);
+          if (dx) narrow_to<T>(out, dx + o, len);
+          if (dz) narrow_to<T>(dzo, dz + o, len);
         }
     }
   }
 }
 
-template <typename T, typename Act>
+template <typename T, bool Res, bool FromOut, typename Act>
 void backward_nsc(const BackwardParams& p, Act act) {
   using A = acc_t<T>;
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.residual);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
+  T* dz = static_cast<T*>(p.grad_residual);
   const int64_t R = rows_per_block(C);
   const int64_t blocks = (M + R - 1) / R;
   const int nt = threads_for(M * C, p.num_threads, blocks);
-  std::vector<A> mean(C), scale(C), shift(C), invstd(C);
+  std::vector<A> mean(C), scale(C), shift(C), invstd(C), inv_scale(C);
   for (int64_t c = 0; c < C; ++c) {
     const BackwardCoef<A> k = backward_coef<A>(p, c);
     mean[c] = k.mean;
     scale[c] = k.scale;
     shift[c] = k.shift;
     invstd[c] = k.invstd;
+    inv_scale[c] = k.inv_scale;
   }
   const A* mp = mean.data();
   const A* sc = scale.data();
   const A* sh = shift.data();
+  const A* is = inv_scale.data();
   std::vector<double> tsg(size_t(nt) * C, 0.0), tsgx(size_t(nt) * C, 0.0);
   std::vector<A> k_xc(C), k_const(C);
   const A* kx = k_xc.data();
@@ -535,20 +599,22 @@ void backward_nsc(const BackwardParams& p, Act act) {
     const int t = omp_get_thread_num();
     std::vector<A> bg(C), bgx(C);
     const size_t nb = is_16bit<T> ? R * C : 0;
-    std::vector<float> xbuf(nb), dybuf(nb), obuf(nb);
+    std::vector<float> xbuf(nb), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r = blk * R, rr = std::min(R, M - r);
       const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+      const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
       const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
       std::fill(bg.begin(), bg.end(), A(0));
       std::fill(bgx.begin(), bgx.end(), A(0));
       for (int64_t i = 0; i < rr; ++i)
         for (int64_t c = 0; c < C; ++c) {
-          const A xc = xb[i * C + c] - mp[c];
-          const A g = act.grad(dyb[i * C + c], xc * sc[c] + sh[c]);
+          A xc;
+          const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c),
+                                             dyb[i * C + c], mp[c], sc[c], sh[c], is[c], act, xc);
           bg[c] += g;
           bgx[c] += g * xc;
         }
@@ -570,24 +636,29 @@ void backward_nsc(const BackwardParams& p, Act act) {
         }
         gb[c] = A(s1);
         gw[c] = A(s2 * double(invstd[c]));
-        dx_coefficients(p.training, BackwardCoef<A>{mean[c], scale[c], shift[c], invstd[c]}, s1, s2,
-                        double(M), k_xc[c], k_const[c]);
+        dx_coefficients(p.training, BackwardCoef<A>{mean[c], scale[c], shift[c], invstd[c], is[c]},
+                        s1, s2, double(M), k_xc[c], k_const[c]);
       }
     }  // implicit barrier: every thread sees the coefficients
-    if (dx) {
+    if (dx || dz) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r = blk * R, rr = std::min(R, M - r);
         const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+        const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
         const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
-        A* out = out_acc(dx + r * C, obuf.data());
+        A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
+        A* dzo = dz ? out_acc(dz + r * C, dzbuf.data()) : nullptr;
         for (int64_t i = 0; i < rr; ++i)
           for (int64_t c = 0; c < C; ++c) {
-            const A xc = xb[i * C + c] - mp[c];
-            const A g = act.grad(dyb[i * C + c], xc * sc[c] + sh[c]);
-            out[i * C + c] = g * sc[c] + xc * kx[c] + kc[c];
+            A xc;
+            const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c),
+                                               dyb[i * C + c], mp[c], sc[c], sh[c], is[c], act, xc);
+            if (out) out[i * C + c] = g * sc[c] + xc * kx[c] + kc[c];
+            if (Res && dzo) dzo[i * C + c] = g;
           }
-        narrow_to<T>(out, dx + r * C, rr * C);
+        if (dx) narrow_to<T>(out, dx + r * C, rr * C);
+        if (dz) narrow_to<T>(dzo, dz + r * C, rr * C);
       }
     }
   }
@@ -608,7 +679,12 @@ void dispatch_dtype(DType d, F&& f) {
 void forward(const ForwardParams& p, bool training) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    dispatch_activation<acc_t<T>>(p.act, [&](auto act) { forward_typed<T>(p, training, act); });
+    dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+      if (p.residual)
+        forward_typed<T, true>(p, training, act);
+      else
+        forward_typed<T, false>(p, training, act);
+    });
   });
 }
 
@@ -616,10 +692,19 @@ void backward(const BackwardParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
-      if (p.shape.layout == Layout::NCS)
-        backward_ncs<T>(p, act);
-      else
-        backward_nsc<T>(p, act);
+      using Act = decltype(act);
+      const bool ncs = p.shape.layout == Layout::NCS;
+      auto run = [&](auto res, auto from_out) {
+        constexpr bool R = decltype(res)::value, F = decltype(from_out)::value;
+        ncs ? backward_ncs<T, R, F>(p, act) : backward_nsc<T, R, F>(p, act);
+      };
+      using Yes = std::true_type;
+      using No = std::false_type;
+      if constexpr (Act::invertible) {
+        if (p.from_output) return p.residual ? run(Yes{}, Yes{}) : run(No{}, Yes{});
+      }
+      // (The glue refuses in-place mode for activations that cannot be inverted.)
+      p.residual ? run(Yes{}, No{}) : run(No{}, No{});
     });
   });
 }

@@ -33,6 +33,7 @@ struct ForwardParams {
   DType dtype = DType::Float32;
   ActParams act;
   const void* x = nullptr;
+  const void* residual = nullptr;  // z, laid out as x, or null: y = act(bn(x) + z)
   void* y = nullptr;
   const void* weight = nullptr;  // acc[C] or null (= 1)
   const void* bias = nullptr;    // acc[C] or null (= 0)
@@ -55,9 +56,15 @@ struct BackwardParams {
   DType dtype = DType::Float32;
   ActParams act;
   bool training = true;  // batch statistics: dx gets the mean/var terms
+  // In-place mode: `x` holds the forward's output y (which overwrote the
+  // input); the pre-activation is recovered by inverting the activation
+  // and the normalized value by inverting the affine transform (weight != 0).
+  bool from_output = false;
   const void* dy = nullptr;  // same layout as x
   const void* x = nullptr;
-  void* dx = nullptr;        // null: input gradient not wanted
+  const void* residual = nullptr;  // z as in the forward, or null
+  void* dx = nullptr;              // null: input gradient not wanted
+  void* grad_residual = nullptr;   // dz (= g), written with dx; needs residual
   const void* weight = nullptr;  // acc[C] or null
   const void* bias = nullptr;    // acc[C] or null
   const void* mean = nullptr;    // acc[C]

@@ -1,0 +1,52 @@
+// CUDA registration: the shared glue with the CUDA kernels plugged in, run on
+// the input's device and the current stream.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../glue.h"
+#include "../kernels/cuda_dispatch.h"
+
+namespace fusedbn {
+namespace {
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "fusedbn: CUDA ", op, " kernel launch failed: ",
+              cudaGetErrorString(err));
+}
+
+// Scratch for the kernels' per-block partials from the caching allocator: it
+// is freed when this returns, which is safe because the allocator reuses it
+// only in the current stream's order, after these kernels.
+Tensor workspace(size_t bytes) {
+  if (bytes == 0) return Tensor();
+  return at::empty({int64_t(bytes)}, at::TensorOptions()
+                                         .dtype(at::kByte)
+                                         .device(at::kCUDA, c10::cuda::current_device()));
+}
+
+void forward_kernel(const ForwardParams& p, bool training) {
+  const Tensor ws = workspace(cuda::forward_workspace_bytes(p, training));
+  check_launch(cuda::forward(p, training, ws.defined() ? ws.data_ptr() : nullptr,
+                             at::cuda::getCurrentCUDAStream()),
+               "forward");
+}
+
+void backward_kernel(const BackwardParams& p) {
+  const Tensor ws = workspace(cuda::backward_workspace_bytes(p));
+  check_launch(cuda::backward(p, ws.defined() ? ws.data_ptr() : nullptr,
+                              at::cuda::getCurrentCUDAStream()),
+               "backward");
+}
+
+}  // namespace
+}  // namespace fusedbn
+
+TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
+  using namespace fusedbn;
+  using Guard = c10::cuda::CUDAGuard;
+  m.impl("forward", &forward_op<Guard, &forward_kernel, false>);
+  m.impl("forward_", &forward_op<Guard, &forward_kernel, true>);
+  m.impl("backward", &backward_op<Guard, &backward_kernel>);
+}

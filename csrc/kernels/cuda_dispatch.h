@@ -1,0 +1,26 @@
+// Entry points of the CUDA kernels (torch-free). The caller sets the device,
+// allocates `workspace_bytes` of device memory usable in stream order on
+// `stream` (null when zero bytes), and checks the returned error: the first
+// failed launch ends the call with that launch's cudaGetLastError().
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "params.h"
+
+namespace fusedbn {
+namespace cuda {
+
+// Scratch for the per-block partials of the reductions. Depends on the
+// shape, the dtype, the pointers' alignment and the current device.
+size_t forward_workspace_bytes(const ForwardParams& p, bool training);
+size_t backward_workspace_bytes(const BackwardParams& p);
+
+// training: batch statistics into p.mean/p.invstd, running stats updated,
+// output written. Eval: p.mean/p.invstd are read, output written.
+cudaError_t forward(const ForwardParams& p, bool training, void* workspace, cudaStream_t stream);
+cudaError_t backward(const BackwardParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fusedbn

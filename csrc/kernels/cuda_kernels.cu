@@ -1,0 +1,448 @@
+// Host side of the CUDA kernels: launch shapes, workspace layout, and the
+// one-time dispatch (dtype x activation x pack width x index type) into the
+// templates of cuda_kernels.cuh. Torch-free; see cuda_dispatch.h.
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
+
+#include "cuda_dispatch.h"
+#include "cuda_kernels.cuh"
+
+namespace fusedbn {
+namespace cuda {
+namespace {
+
+// A reduction wants about one wave of resident blocks: enough to saturate
+// DRAM, few enough partials that the finalize kernel stays negligible.
+constexpr int64_t kReduceBlocksPerSm = 8;
+// Elementwise kernels: a few waves, so the last one's tail is short.
+constexpr int64_t kElemBlocksPerSm = 16;
+constexpr int64_t kMaxElemIters = 8;  // kUnroll-pack batches per thread and block
+constexpr int64_t kMaxGridY = 65535;
+// Values behind one block partial: below 2^24 its count is exact in float.
+constexpr int64_t kMaxBlockValues = int64_t(1) << 24;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
+    return 132;  // only shapes the launch; a real failure shows at the first launch
+  return n;
+}
+
+template <typename T>
+constexpr int kPack = int(16 / sizeof(T));
+
+// 16-byte packs when the innermost extent splits into whole packs and every
+// pointer is 16-byte aligned (then every row or plane start is too).
+template <typename T>
+int pack_width(int64_t inner, std::initializer_list<const void*> ptrs) {
+  if (inner % kPack<T> != 0) return 1;
+  for (const void* q : ptrs)
+    if (q && reinterpret_cast<uintptr_t>(q) % 16 != 0) return 1;
+  return kPack<T>;
+}
+
+// 32-bit indices up to 2^30 elements, not 2^31: the kernels form sums such
+// as v0 + chunk that may pass the tensor's end by up to one chunk.
+bool wide_index(const Shape& s) { return s.N * s.C * s.S >= (int64_t(1) << 30); }
+
+// NSC blocks: BX threads across pack columns (a power of two up to a warp,
+// so a warp reads whole rows), BY = kThreads / BX down the rows.
+int block_x(int64_t Cv) {
+  int bx = 1;
+  while (bx < 32 && bx < Cv) bx *= 2;
+  return bx;
+}
+
+struct ReducePlan {
+  int vec = 1;
+  int64_t inner = 0;  // Sv (NCS) or Cv (NSC), in packs
+  int64_t chunk = 0;  // packs of a channel (NCS) or rows (NSC) per block
+  int64_t K = 0;      // partials per channel
+  int64_t cs = 0, ks = 0;  // partial of channel c, chunk k: c * cs + k * ks
+  dim3 grid, block;
+};
+
+ReducePlan plan_reduce(const Shape& s, int vec, int sms) {
+  ReducePlan r;
+  r.vec = vec;
+  const int64_t target = int64_t(sms) * kReduceBlocksPerSm;
+  if (s.layout == Layout::NCS) {
+    r.inner = s.S / vec;
+    const int64_t Mv = s.N * r.inner;
+    int64_t K = ceil_div(target, s.C);
+    K = std::min(K, std::max<int64_t>(1, Mv / (kThreads * kUnroll)));
+    K = std::max(K, ceil_div(Mv * vec, kMaxBlockValues));
+    K = std::min(K, kMaxGridY);
+    r.chunk = ceil_div(Mv, K);
+    r.K = ceil_div(Mv, r.chunk);
+    r.grid = dim3(unsigned(s.C), unsigned(r.K));
+    r.block = dim3(kThreads);
+    r.cs = r.K;
+    r.ks = 1;
+  } else {
+    r.inner = s.C / vec;
+    const int64_t M = s.count();
+    const int bx = block_x(r.inner), by = kThreads / bx;
+    const int64_t gx = ceil_div(r.inner, bx);
+    int64_t K = ceil_div(target, gx);
+    K = std::min(K, std::max<int64_t>(1, M / (by * kUnroll)));
+    K = std::max(K, ceil_div(M, kMaxBlockValues));
+    K = std::min(K, kMaxGridY);
+    r.chunk = ceil_div(M, K);
+    r.K = ceil_div(M, r.chunk);
+    r.grid = dim3(unsigned(gx), unsigned(r.K));
+    r.block = dim3(bx, by);
+    r.cs = 1;
+    r.ks = s.C;
+  }
+  return r;
+}
+
+struct ElemPlan {
+  int vec = 1;
+  int64_t inner = 0;  // Sv (NCS) or Cv (NSC), in packs
+  int64_t total = 0;  // packs in the tensor (NCS)
+  int64_t chunk = 0;  // packs (NCS) or rows (NSC) per block
+  dim3 grid, block;
+};
+
+ElemPlan plan_elem(const Shape& s, int vec, int sms) {
+  ElemPlan e;
+  e.vec = vec;
+  const int64_t target = int64_t(sms) * kElemBlocksPerSm;
+  if (s.layout == Layout::NCS) {
+    e.inner = s.S / vec;
+    e.total = s.N * s.C * e.inner;
+    const int64_t per_iter = int64_t(kThreads) * kUnroll;
+    const int64_t iters = std::clamp<int64_t>(ceil_div(e.total, per_iter) / target, 1, kMaxElemIters);
+    e.chunk = per_iter * iters;
+    e.grid = dim3(unsigned(ceil_div(e.total, e.chunk)));
+    e.block = dim3(kThreads);
+  } else {
+    e.inner = s.C / vec;
+    const int64_t M = s.count();
+    const int bx = block_x(e.inner), by = kThreads / bx;
+    const int64_t gx = ceil_div(e.inner, bx);
+    const int64_t per_iter = int64_t(by) * kUnroll;
+    const int64_t iters = std::clamp<int64_t>(gx * ceil_div(M, per_iter) / target, 1, kMaxElemIters);
+    e.chunk = std::max(per_iter * iters, ceil_div(M, kMaxGridY));
+    e.grid = dim3(unsigned(gx), unsigned(ceil_div(M, e.chunk)));
+    e.block = dim3(bx, by);
+  }
+  return e;
+}
+
+// Grid x is limited to 2^31 - 1 blocks: one per channel (NCS reductions) or
+// per pack-column group (NSC).
+bool grid_fits(const Shape& s) { return s.C <= int64_t(INT32_MAX); }
+
+bool empty(const Shape& s) { return s.N == 0 || s.C == 0 || s.S == 0; }
+
+// Workspace: named slices of one allocation, each 256-byte aligned.
+struct Carve {
+  char* base;
+  size_t used = 0;
+  template <typename A>
+  A* take(int64_t n) {
+    A* p = base ? reinterpret_cast<A*>(base + used) : nullptr;
+    used += (size_t(n) * sizeof(A) + 255) / 256 * 256;
+    return p;
+  }
+};
+
+// ------------------------------------------------------- compile-time switches
+
+template <typename F>
+cudaError_t dispatch_dtype(DType d, F&& f) {
+  switch (d) {
+    case DType::Float32: return f(float{});
+    case DType::Float64: return f(double{});
+    case DType::BFloat16: return f(__nv_bfloat16{});
+    case DType::Float16: return f(__half{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename F>
+cudaError_t with_index(bool wide, F&& f) {
+  if (wide) return f(int64_t{});
+  return f(int32_t{});
+}
+
+template <typename T, typename F>
+cudaError_t with_pack(int vec, F&& f) {
+  if (vec == kPack<T>) return f(std::integral_constant<int, kPack<T>>{});
+  return f(std::integral_constant<int, 1>{});
+}
+
+template <typename T>
+const acc_t<T>* acc_ptr(const void* p) {
+  return static_cast<const acc_t<T>*>(p);
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename T>
+struct ForwardWork {
+  ReducePlan plan;
+  acc_t<T> *pn = nullptr, *pmean = nullptr, *pm2 = nullptr;
+  size_t bytes = 0;
+};
+
+template <typename T>
+ForwardWork<T> forward_work(const ForwardParams& p, void* ws, int sms) {
+  using A = acc_t<T>;
+  const Shape& s = p.shape;
+  ForwardWork<T> w;
+  w.plan = plan_reduce(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x}), sms);
+  Carve carve{static_cast<char*>(ws)};
+  const int64_t n = s.C * w.plan.K;
+  w.pn = carve.take<A>(n);
+  w.pmean = carve.take<A>(n);
+  w.pm2 = carve.take<A>(n);
+  w.bytes = carve.used;
+  return w;
+}
+
+template <typename T>
+cudaError_t launch_stats(const ForwardParams& p, const ForwardWork<T>& w, cudaStream_t st) {
+  const Shape& s = p.shape;
+  const ReducePlan& r = w.plan;
+  const T* x = static_cast<const T*>(p.x);
+  return with_index(wide_index(s), [&](auto itag) {
+    using I = decltype(itag);
+    return with_pack<T>(r.vec, [&](auto vtag) {
+      constexpr int V = decltype(vtag)::value;
+      if (s.layout == Layout::NCS)
+        stats_ncs_kernel<T, V, I><<<r.grid, r.block, 0, st>>>(
+            x, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
+      else
+        stats_nsc_kernel<T, V, I><<<r.grid, r.block, 0, st>>>(
+            x, I(s.count()), I(s.C), I(r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
+      return cudaGetLastError();
+    });
+  });
+}
+
+template <typename T>
+cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& w, cudaStream_t st) {
+  using A = acc_t<T>;
+  const Shape& s = p.shape;
+  const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
+  auto go = [&](auto ptag) {
+    using P = decltype(ptag);
+    finalize_stats_kernel<A, P><<<grid, block, 0, st>>>(
+        w.pn, w.pmean, w.pm2, s.C, w.plan.K, w.plan.cs, w.plan.ks, static_cast<A*>(p.mean),
+        static_cast<A*>(p.invstd), static_cast<P*>(p.running_mean), static_cast<P*>(p.running_var),
+        p.eps, p.momentum, double(s.count()));
+    return cudaGetLastError();
+  };
+  if (!p.running_mean || !p.running_var) return go(A{});
+  return dispatch_dtype(p.running_dtype, go);
+}
+
+template <typename T>
+cudaError_t launch_normalize(const ForwardParams& p, int sms, cudaStream_t st) {
+  const Shape& s = p.shape;
+  const ElemPlan e =
+      plan_elem(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.y}), sms);
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+  const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
+  const auto *w = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
+  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(e.vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS)
+          normalize_ncs_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
+              x, y, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
+        else
+          normalize_nsc_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
+              x, y, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+template <typename T>
+cudaError_t forward_typed(const ForwardParams& p, bool training, void* ws, cudaStream_t st) {
+  const int sms = sm_count();
+  if (training) {
+    const ForwardWork<T> w = forward_work<T>(p, ws, sms);
+    cudaError_t err = launch_stats<T>(p, w, st);
+    if (err != cudaSuccess) return err;
+    err = launch_finalize_stats<T>(p, w, st);
+    if (err != cudaSuccess) return err;
+  }
+  return launch_normalize<T>(p, sms, st);
+}
+
+// ----------------------------------------------------------------- backward
+
+template <typename T>
+struct BackwardWork {
+  ReducePlan plan;
+  acc_t<T> *psg = nullptr, *psgx = nullptr, *k_xc = nullptr, *k_const = nullptr;
+  size_t bytes = 0;
+};
+
+template <typename T>
+BackwardWork<T> backward_work(const BackwardParams& p, void* ws, int sms) {
+  using A = acc_t<T>;
+  const Shape& s = p.shape;
+  BackwardWork<T> w;
+  w.plan = plan_reduce(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy}), sms);
+  Carve carve{static_cast<char*>(ws)};
+  const int64_t n = s.C * w.plan.K;
+  w.psg = carve.take<A>(n);
+  w.psgx = carve.take<A>(n);
+  if (p.dx) {
+    w.k_xc = carve.take<A>(s.C);
+    w.k_const = carve.take<A>(s.C);
+  }
+  w.bytes = carve.used;
+  return w;
+}
+
+template <typename T>
+cudaError_t launch_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaStream_t st) {
+  const Shape& s = p.shape;
+  const ReducePlan& r = w.plan;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
+  const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
+  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(r.vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS)
+          sums_ncs_kernel<T, V, I, Act><<<r.grid, r.block, 0, st>>>(
+              x, dy, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), mean, invstd, wt, b, act,
+              w.psg, w.psgx);
+        else
+          sums_nsc_kernel<T, V, I, Act><<<r.grid, r.block, 0, st>>>(
+              x, dy, I(s.count()), I(s.C), I(r.inner), I(r.chunk), mean, invstd, wt, b, act,
+              w.psg, w.psgx);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+template <typename T>
+cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaStream_t st) {
+  using A = acc_t<T>;
+  const Shape& s = p.shape;
+  const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
+  finalize_sums_kernel<A><<<grid, block, 0, st>>>(
+      w.psg, w.psgx, s.C, w.plan.K, w.plan.cs, w.plan.ks, acc_ptr<T>(p.invstd),
+      acc_ptr<T>(p.weight), static_cast<A*>(p.grad_weight), static_cast<A*>(p.grad_bias), w.k_xc,
+      w.k_const, p.training, double(s.count()));
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_dx(const BackwardParams& p, const BackwardWork<T>& w, int sms, cudaStream_t st) {
+  const Shape& s = p.shape;
+  const ElemPlan e =
+      plan_elem(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, p.dx}), sms);
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.dx);
+  const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
+  const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
+  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(e.vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS)
+          dx_ncs_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
+              x, dy, dx, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt, b, w.k_xc,
+              w.k_const, act);
+        else
+          dx_nsc_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
+              x, dy, dx, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b, w.k_xc,
+              w.k_const, act);
+        return cudaGetLastError();
+      });
+    });
+  });
+}
+
+template <typename T>
+cudaError_t backward_typed(const BackwardParams& p, void* ws, cudaStream_t st) {
+  const int sms = sm_count();
+  const BackwardWork<T> w = backward_work<T>(p, ws, sms);
+  cudaError_t err = launch_sums<T>(p, w, st);
+  if (err != cudaSuccess) return err;
+  err = launch_finalize_sums<T>(p, w, st);
+  if (err != cudaSuccess || !p.dx) return err;
+  return launch_dx<T>(p, w, sms, st);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------ entry points
+
+size_t forward_workspace_bytes(const ForwardParams& p, bool training) {
+  if (!training || empty(p.shape) || !grid_fits(p.shape)) return 0;
+  size_t bytes = 0;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    bytes = forward_work<decltype(tag)>(p, nullptr, sm_count()).bytes;
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
+size_t backward_workspace_bytes(const BackwardParams& p) {
+  if (empty(p.shape) || !grid_fits(p.shape)) return 0;
+  size_t bytes = 0;
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    bytes = backward_work<decltype(tag)>(p, nullptr, sm_count()).bytes;
+    return cudaSuccess;
+  });
+  return bytes;
+}
+
+cudaError_t forward(const ForwardParams& p, bool training, void* workspace, cudaStream_t stream) {
+  // An empty batch has no statistics to compute and no output to write; the
+  // glue leaves the running statistics alone in that case.
+  if (empty(p.shape)) return cudaSuccess;
+  if (!grid_fits(p.shape)) return cudaErrorInvalidConfiguration;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return forward_typed<decltype(tag)>(p, training, workspace, stream);
+  });
+}
+
+cudaError_t backward(const BackwardParams& p, void* workspace, cudaStream_t stream) {
+  const Shape& s = p.shape;
+  if (s.C == 0) return cudaSuccess;
+  if (!grid_fits(s)) return cudaErrorInvalidConfiguration;
+  if (empty(s)) {
+    // No values: the sums are zero (as on the CPU), dx is empty.
+    const size_t bytes = size_t(s.C) * (p.dtype == DType::Float64 ? sizeof(double) : sizeof(float));
+    cudaError_t err = cudaMemsetAsync(p.grad_weight, 0, bytes, stream);
+    if (err == cudaSuccess) err = cudaMemsetAsync(p.grad_bias, 0, bytes, stream);
+    return err;
+  }
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return backward_typed<decltype(tag)>(p, workspace, stream);
+  });
+}
+
+}  // namespace cuda
+}  // namespace fusedbn
