@@ -156,7 +156,10 @@ FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, 
 // ---------------------------------------------------------- contiguous runs
 // Loops over n contiguous values of one channel, in the accumulation type A.
 
-// Exact two-pass mean and M2 of a run that sits in L1.
+// Mean and M2 of a run that sits in L1, by the corrected two-pass algorithm:
+// the first pass gives a rounded mean m, the second sums d = x - m and d^2,
+// and M2 = sum(d^2) - sum(d)^2 / n removes what the rounding of m added
+// (with |mean| >> std a float mean is off by far more than std allows).
 template <typename A>
 FUSEDBN_INLINE void run_moments(const A* x, int64_t n, A& mean, A& m2) {
   A acc[kLanes] = {};
@@ -164,18 +167,22 @@ FUSEDBN_INLINE void run_moments(const A* x, int64_t n, A& mean, A& m2) {
   for (; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) acc[j] += x[i + j];
   for (int j = 0; i < n; ++i, ++j) acc[j] += x[i];
-  mean = lane_sum(acc) / A(n);
-  A sq[kLanes] = {};
+  const A m = lane_sum(acc) / A(n);
+  A s1[kLanes] = {}, sq[kLanes] = {};
   for (i = 0; i + kLanes <= n; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      const A d = x[i + j] - mean;
+      const A d = x[i + j] - m;
+      s1[j] += d;
       sq[j] += d * d;
     }
   for (int j = 0; i < n; ++i, ++j) {
-    const A d = x[i] - mean;
+    const A d = x[i] - m;
+    s1[j] += d;
     sq[j] += d * d;
   }
-  m2 = lane_sum(sq);
+  const A d1 = lane_sum(s1);
+  mean = m + d1 / A(n);
+  m2 = lane_sum(sq) - d1 * d1 / A(n);
 }
 
 // y = act((x - mean) * scale + shift [+ z]). Subtracting the mean first
@@ -339,12 +346,14 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
     double* pm = &tmean[size_t(t) * C];
     double* pm2 = &tm2[size_t(t) * C];
     double n = 0;
-    std::vector<A> bmean(C), bm2(C);
+    std::vector<A> bmean(C), bs1(C), bm2(C);
     std::vector<float> buf(is_16bit<T> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
       const A* xb = as_acc(x + r * C, rr * C, buf.data());
+      // Corrected two-pass per channel, as in run_moments.
       std::fill(bmean.begin(), bmean.end(), A(0));
+      std::fill(bs1.begin(), bs1.end(), A(0));
       std::fill(bm2.begin(), bm2.end(), A(0));
       for (int64_t i = 0; i < rr; ++i)
         for (int64_t c = 0; c < C; ++c) bmean[c] += xb[i * C + c];
@@ -353,13 +362,15 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
       for (int64_t i = 0; i < rr; ++i)
         for (int64_t c = 0; c < C; ++c) {
           const A d = xb[i * C + c] - bmean[c];
+          bs1[c] += d;
           bm2[c] += d * d;
         }
       const double nb = double(rr), tot = n + nb, fa = nb / tot, fb = n * nb / tot;
       for (int64_t c = 0; c < C; ++c) {
-        const double d = double(bmean[c]) - pm[c];
+        const double d1 = double(bs1[c]);
+        const double d = double(bmean[c]) + d1 / nb - pm[c];
         pm[c] += d * fa;
-        pm2[c] += double(bm2[c]) + d * d * fb;
+        pm2[c] += (double(bm2[c]) - d1 * d1 / nb) + d * d * fb;
       }
       n = tot;
     }
