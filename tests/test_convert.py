@@ -586,12 +586,7 @@ def test_sequential_every_rank_and_activation(dim, act):
     dict(affine=False),
     dict(bias=False),
     dict(track_running_stats=False),
-    # The fused backward itself fails for this configuration ("Index out of range",
-    # as in test_forward_backward.py::test_module_configs[*-affine_false_nostats-*]);
-    # the forward is checked in test_bare_bn_forward.
-    pytest.param(dict(affine=False, track_running_stats=False), id="bare",
-                 marks=pytest.mark.xfail(raises=RuntimeError, strict=False,
-                                         reason="fused backward without weight/bias/stats")),
+    dict(affine=False, track_running_stats=False),
 ], ids=["eps_momentum", "cumulative", "no_affine", "no_bias", "no_stats", "bare"])
 def test_bn_configuration_carried(config):
     ref = make(lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, **config), nn.ReLU()))

@@ -1,0 +1,330 @@
+"""Shared helpers for the fusedbn tests: the eager reference, one tolerance
+rule, and sample-input generators."""
+import os
+import zlib
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Make `import fusedbn` work from the in-place build when pytest runs from
+# anywhere (the package is built with `setup.py build_ext --inplace`).
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import fusedbn  # noqa: E402
+
+# (activation, extra kwargs) as used throughout the suite.
+ACTIVATIONS = [
+    ("identity", {}),
+    ("relu", {}),
+    ("leaky_relu", {"negative_slope": 0.1}),
+    ("elu", {"alpha": 0.7}),
+]
+ACT_IDS = [a for a, _ in ACTIVATIONS]
+
+FLOAT_DTYPES = [torch.float32, torch.float64]
+LOW_DTYPES = [torch.bfloat16, torch.float16]
+ALL_DTYPES = FLOAT_DTYPES + LOW_DTYPES
+
+FUSED_MODULES = {2: fusedbn.BatchNormAct1d, 3: fusedbn.BatchNormAct1d,
+                 4: fusedbn.BatchNormAct2d, 5: fusedbn.BatchNormAct3d}
+EAGER_MODULES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+
+# Small shapes per rank (N, C, spatial...).
+SHAPES = {2: (4, 3), 3: (3, 4, 5), 4: (2, 3, 4, 5), 5: (2, 3, 3, 2, 4)}
+
+# Layouts valid for each rank.
+LAYOUTS = {
+    2: ["contiguous", "strided"],
+    3: ["contiguous", "nlc", "strided"],
+    4: ["contiguous", "channels_last", "strided"],
+    5: ["contiguous", "channels_last", "strided"],
+}
+RANK_LAYOUTS = [(r, lay) for r in (2, 3, 4, 5) for lay in LAYOUTS[r]]
+
+
+def seed(*key):
+    """Seed torch's RNG from any printable key, the same in every process
+    (FUSEDBN_TEST_SEED, when set, salts every key: other data, same tests)."""
+    salt = os.environ.get("FUSEDBN_TEST_SEED", "")
+    torch.manual_seed(zlib.crc32(repr((salt,) + key).encode()))
+
+
+def apply_activation(y, activation, negative_slope=0.01, alpha=1.0):
+    """The activation as torch.nn.functional computes it, applied to y."""
+    if activation == "identity":
+        return y
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "leaky_relu":
+        return F.leaky_relu(y, negative_slope)
+    if activation == "elu":
+        return F.elu(y, alpha)
+    raise ValueError(activation)
+
+
+class EagerBNAct(nn.Module):
+    """Reference: eager nn.BatchNormNd followed by the activation. Its
+    state_dict has the keys of the bare BatchNorm (``bn.`` stripped)."""
+
+    def __init__(self, bn, activation, negative_slope=0.01, alpha=1.0):
+        super().__init__()
+        self.bn = bn
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.alpha = alpha
+
+    def forward(self, x):
+        return apply_activation(self.bn(x), self.activation, self.negative_slope, self.alpha)
+
+
+def eager_like(mod, dtype=None):
+    """An eager nn.BatchNormNd + activation with mod's configuration, loaded
+    with mod's state_dict (cast to ``dtype`` when given)."""
+    rank_cls = {fusedbn.BatchNormAct1d: nn.BatchNorm1d, fusedbn.BatchNormAct2d: nn.BatchNorm2d,
+                fusedbn.BatchNormAct3d: nn.BatchNorm3d}
+    base = next(c for c in type(mod).__mro__ if c in rank_cls)
+    tensors = [t for t in list(mod.parameters()) + list(mod.buffers()) if t.is_floating_point()]
+    pdtype = tensors[0].dtype if tensors else torch.float32
+    bn = rank_cls[base](mod.num_features, eps=mod.eps, momentum=mod.momentum, affine=mod.affine,
+                        track_running_stats=mod.track_running_stats,
+                        bias=mod.bias is not None if mod.affine else True, dtype=pdtype)
+    bn.load_state_dict(mod.state_dict(), strict=True)
+    if dtype is not None:
+        bn = bn.to(dtype)
+    bn.train(mod.training)
+    return EagerBNAct(bn, mod.activation, mod.negative_slope, mod.alpha)
+
+
+def make_fused(rank, C, activation, act_kwargs, dtype=torch.float32, param_dtype=None,
+               randomize=True, **kwargs):
+    """A fusedbn module of the right rank with random affine params and
+    random running statistics (so eval is not trivially the identity)."""
+    mod = FUSED_MODULES[rank](C, activation=activation, **act_kwargs, **kwargs)
+    if randomize:
+        with torch.no_grad():
+            if mod.weight is not None:
+                mod.weight.copy_(torch.rand(C) + 0.5)
+            if mod.bias is not None:
+                mod.bias.copy_(torch.randn(C) * 0.5)
+            if mod.running_mean is not None:
+                mod.running_mean.copy_(torch.randn(C) * 0.5 + 1.0)
+                mod.running_var.copy_(torch.rand(C) * 2 + 0.5)
+    mod.to(param_dtype if param_dtype is not None else dtype)
+    return mod
+
+
+def make_input(shape, dtype=torch.float32, layout="contiguous", requires_grad=False):
+    """Random input offset from 0 with per-channel spread, in the given
+    layout: contiguous, channels_last (4D/5D), nlc (3D: (N, L, C) storage
+    transposed to (N, C, L)), strided (non-dense: every other element of
+    the last dimension)."""
+    shape = tuple(shape)
+    C = shape[1]
+    view = [1, C] + [1] * (len(shape) - 2)
+    scale = (torch.arange(C, dtype=torch.float64) * 0.5 + 0.5).view(view)
+    offset = (torch.arange(C, dtype=torch.float64) - 1.0).view(view)
+
+    def rnd(s):
+        return (torch.randn(s, dtype=torch.float64) * scale + offset + 0.5).to(dtype)
+
+    if layout == "contiguous":
+        x = rnd(shape)
+    elif layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = rnd(shape).contiguous(memory_format=fmt)
+        assert x.is_contiguous(memory_format=fmt)
+    elif layout == "nlc":
+        assert len(shape) == 3
+        x = rnd(shape).transpose(1, 2).contiguous().transpose(1, 2)
+        assert x.shape == shape and not x.is_contiguous()
+    elif layout == "strided":
+        big = shape[:-1] + (shape[-1] * 2,)
+        if len(shape) == 2:
+            # (N, C): stride the batch dimension so channels stay as they are.
+            big = (shape[0] * 2, shape[1])
+            x = rnd(big)[::2]
+        else:
+            x = rnd(big)[..., ::2]
+        assert x.shape == shape and not x.is_contiguous()
+    else:
+        raise ValueError(layout)
+    if requires_grad:
+        x.requires_grad_(True)
+    return x
+
+
+def max_err(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    return (a - b).abs().max().item()
+
+
+TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
+
+
+def assert_close(actual, expected, ref64=None, name="", compute_dtype=None, abs_floor=1e-6):
+    """The suite's single tolerance rule, chosen by the computation's dtype
+    (``compute_dtype``, the input's; by default ``actual``'s).
+
+    float32/float64: ``actual`` must match ``expected`` (eager) with tight
+    tolerances.
+    bfloat16/float16: ``actual``'s max error against the float64 reference
+    ``ref64`` must be at most 2x ``expected``'s (eager's) max error against
+    it, plus ``abs_floor``. A float32 result of such a computation (the
+    grad_weight or running stats of a float32 module fed bf16 input) may in
+    addition be off by float32's own tight tolerance (rtol 1e-5 of the
+    largest value): eager can be exact there by luck.
+    """
+    if actual is None or expected is None:
+        assert actual is None and expected is None, f"{name}: {actual} vs {expected}"
+        return
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} vs {expected.dtype}"
+    compute_dtype = compute_dtype or actual.dtype
+    if compute_dtype in TIGHT:
+        torch.testing.assert_close(actual.detach(), expected.detach(), **TIGHT[actual.dtype],
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+        return
+    assert ref64 is not None, f"{name}: low precision needs a float64 reference"
+    assert ref64.shape == actual.shape
+    fused_err = max_err(actual, ref64)
+    eager_err = max_err(expected, ref64)
+    floor = abs_floor
+    if actual.dtype in TIGHT and actual.numel():
+        floor += TIGHT[actual.dtype]["rtol"] * ref64.abs().max().item()
+    assert fused_err <= 2 * eager_err + floor, (
+        f"{name}: fusedbn error {fused_err:.3g} vs float64 reference exceeds 2x eager's "
+        f"{eager_err:.3g} (+{floor:.3g})")
+
+
+def bn_of(ref):
+    return ref.bn if isinstance(ref, EagerBNAct) else ref
+
+
+def clone_layout(x, requires_grad=False):
+    """A leaf copy of x with exactly x's sizes and strides (non-dense too)."""
+    y = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        y.copy_(x)
+    return y.requires_grad_(requires_grad)
+
+
+def step(mod, x, grad_out, training):
+    """One forward + backward of mod on a fresh leaf copy of x.
+    Returns (out, grad_input, grad_weight, grad_bias)."""
+    mod.train(training)
+    mod.zero_grad(set_to_none=True)
+    xi = clone_layout(x, requires_grad=True)
+    out = mod(xi)
+    out.backward(grad_out)
+    w = getattr(bn_of(mod), "weight", None)
+    b = getattr(bn_of(mod), "bias", None)
+    return (out.detach(), xi.grad, None if w is None else w.grad,
+            None if b is None else b.grad)
+
+
+def compare_steps(fused, ref, ref64, x, training,
+                  names=("out", "grad_input", "grad_weight", "grad_bias")):
+    """Run one step on fusedbn, eager (same dtypes) and the float64 eager
+    reference, and compare outputs, gradients and the running statistics.
+    The references first take fused's current buffers, so that each step is
+    judged on its own (low-precision running statistics may legitimately
+    differ by a rounding after an earlier step)."""
+    sync_buffers(fused, ref, ref64)
+    if fused.activation != "identity":
+        x = avoid_kink(x, fused, training)
+    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    res_f = step(fused, x, g, training)
+    res_e = step(ref, x, g, training)
+    res_64 = step(ref64, x.double(), g.double(), training)
+    for name, a, e, r in zip(names, res_f, res_e, res_64):
+        assert_close(a, e, r, name=name, compute_dtype=x.dtype)
+    compare_buffers(fused, ref, ref64, x.dtype)
+    return res_f, res_e
+
+
+def pre_activation64(mod, x, training):
+    """The BatchNorm output (before the activation) in float64, for mod's
+    current state: batch statistics in training (or without running
+    statistics), running statistics in eval."""
+    xd = x.detach().double()
+    dims = [0] + list(range(2, x.dim()))
+    view = [1, -1] + [1] * (x.dim() - 2)
+    if training or mod.running_mean is None:
+        mean, var = xd.mean(dims), xd.var(dims, unbiased=False)
+    else:
+        mean, var = mod.running_mean.double(), mod.running_var.double()
+    y = (xd - mean.view(view)) / (var.view(view) + mod.eps).sqrt()
+    if mod.weight is not None:
+        y = y * mod.weight.detach().double().view(view)
+    if mod.bias is not None:
+        y = y + mod.bias.detach().double().view(view)
+    return y
+
+
+def avoid_kink(x, mod, training, margin=1e-3):
+    """x, with the few elements whose pre-activation is within ``margin`` of
+    the activation's kink at 0 moved off it (in x's own layout). In bf16 and
+    fp16 an input value can equal the running mean exactly, and then eager's
+    folded x * scale + shift lands a rounding on either side of 0 while the
+    exact (x - mean) * scale is 0: a kink artifact, not an error."""
+    for _ in range(5):
+        near = pre_activation64(mod, x, training).abs() < margin
+        if not near.any():
+            return x
+        x = clone_layout(x)
+        with torch.no_grad():
+            x[near] = (x.double()[near] + 0.0625).to(x.dtype)
+    raise AssertionError("could not move the input off the activation's kink")
+
+
+def sync_buffers(fused, *refs):
+    with torch.no_grad():
+        for r in refs:
+            for name, t in fused.named_buffers():
+                getattr(bn_of(r), name).copy_(t)
+
+
+def compare_buffers(fused, ref, ref64, compute_dtype=None):
+    bn, bn64 = bn_of(ref), bn_of(ref64)
+    for name in ("running_mean", "running_var"):
+        a, e = getattr(fused, name), getattr(bn, name)
+        if a is None or e is None:
+            assert a is None and e is None, name
+            continue
+        assert_close(a, e, getattr(bn64, name), name=name, compute_dtype=compute_dtype)
+    a, e = fused.num_batches_tracked, bn.num_batches_tracked
+    assert (a is None) == (e is None)
+    if a is not None:
+        assert a.dtype == e.dtype == torch.long
+        assert torch.equal(a, e), f"num_batches_tracked {a} vs {e}"
+
+
+def op_args(op, **values):
+    """Positional arguments for a torch.ops.fusedbn operator, by schema name:
+    arguments not given take their default, optional tensors None (so the
+    tests keep working when the schema grows optional arguments)."""
+    args = []
+    for a in op._schema.arguments:
+        if a.name in values:
+            args.append(values.pop(a.name))
+        elif a.has_default_value():
+            args.append(a.default_value)
+        elif isinstance(a.type, torch.OptionalType):
+            args.append(None)
+        else:
+            raise TypeError(f"{op}: no value for argument {a.name!r}")
+    assert not values, f"{op} has no argument(s) {sorted(values)}"
+    return tuple(args)
+
+
+def output_mask(op, input=True, weight=True, bias=True):
+    """The backward op's output_mask: (grad_input, grad_weight, grad_bias,
+    then False for any further gradient the schema returns)."""
+    n = len(op._schema.returns)
+    return [input, weight, bias] + [False] * (n - 3)

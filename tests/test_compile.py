@@ -1,0 +1,110 @@
+"""torch.compile(fullgraph=True) of a small conv -> BatchNormAct2d -> conv net:
+no graph break, forward/backward and running statistics as eager."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fusedbn
+from helpers import apply_activation, seed
+
+
+class Net(nn.Module):
+    def __init__(self, activation="relu", **kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = fusedbn.BatchNormAct2d(4, activation=activation, **kwargs)
+        self.conv2 = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.bn(self.conv1(x)))
+
+
+class EagerNet(nn.Module):
+    """The same network with nn.BatchNorm2d + activation."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.conv1 = copy.deepcopy(net.conv1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.load_state_dict(net.bn.state_dict())
+        self.conv2 = copy.deepcopy(net.conv2)
+        self.act = (net.bn.activation, net.bn.negative_slope, net.bn.alpha)
+
+    def forward(self, x):
+        return self.conv2(apply_activation(self.bn(self.conv1(x)), *self.act))
+
+
+def _run(model, x, g):
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    out.backward(g)
+    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), xi.grad, grads
+
+
+def _check(a, b, what):
+    out_a, gx_a, grads_a = a
+    out_b, gx_b, grads_b = b
+    torch.testing.assert_close(out_a, out_b, rtol=1e-4, atol=1e-5, msg=f"{what}: output")
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-4, atol=1e-5, msg=f"{what}: grad_input")
+    assert grads_a.keys() == grads_b.keys()
+    for n in grads_a:
+        torch.testing.assert_close(grads_a[n], grads_b[n], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=n: f"{what}: grad of {n}: {m}")
+
+
+def _check_buffers(a, b, what):
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-6,
+                                   msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+@pytest.mark.parametrize("act,channels_last", [(("relu", {}), False),
+                                               (("elu", {"alpha": 0.7}), True)],
+                         ids=["relu-contiguous", "elu-channels_last"])
+def test_compile_fullgraph_matches_eager(act, channels_last):
+    activation, kwargs = act
+    torch._dynamo.reset()
+    seed("compile", activation, channels_last)
+    net = Net(activation, **kwargs)
+    eager_fused = copy.deepcopy(net)
+    eager_nn = EagerNet(net)
+    compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="inductor")
+    x = torch.randn(2, 3, 8, 8) + 0.5
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    try:
+        for step, training in enumerate((True, True, False)):
+            for m in (compiled, eager_fused, eager_nn):
+                m.train(training)
+            g = torch.randn(2, 2, 8, 8)
+            res_c = _run(compiled, x + step, g)
+            res_f = _run(eager_fused, x + step, g)
+            res_n = _run(eager_nn, x + step, g)
+            _check(res_c, res_f, f"step {step}: compiled vs eager fusedbn")
+            _check(res_c, res_n, f"step {step}: compiled vs eager nn.BatchNorm2d")
+            _check_buffers(compiled.bn, eager_fused.bn, f"step {step}: compiled vs eager fusedbn")
+            _check_buffers(compiled.bn, eager_nn.bn, f"step {step}: compiled vs nn.BatchNorm2d")
+        assert compiled.bn.num_batches_tracked.item() == 2
+    finally:
+        torch._dynamo.reset()
+
+
+def test_dynamo_explain_no_graph_break():
+    torch._dynamo.reset()
+    seed("explain")
+    net = Net("leaky_relu", negative_slope=0.1).train()
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        explanation = torch._dynamo.explain(net)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+        # The fused op is in the graph, not run outside it.
+        ops = [str(n.target) for gm in explanation.graphs for n in gm.graph.nodes
+               if n.op == "call_function"]
+        assert any("fusedbn" in o for o in ops), ops
+    finally:
+        torch._dynamo.reset()

@@ -1,0 +1,281 @@
+"""Bad inputs raise a clear Python exception naming the problem, and leave
+running_mean / running_var / num_batches_tracked untouched.
+
+Exception types: where PyTorch has a deliberate check for the same mistake
+(F.batch_norm / nn.BatchNormNd), fusedbn must raise the same type (e.g.
+RuntimeError for a channel-count mismatch, ValueError for one value per
+channel in training). Where PyTorch has none (it accepts 6D input and NaN
+eps; it fails integer input only with a generic "not implemented for
+'Long'" dispatch error), the type is fusedbn's own: ValueError for a bad
+value, TypeError for a bad type.
+"""
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedbn
+from helpers import op_args, output_mask, seed
+
+C = 3
+
+
+def _tensors(**over):
+    """Functional arguments with fresh buffers; ``over`` replaces any."""
+    seed("errors")
+    a = dict(input=torch.randn(2, C, 4), running_mean=torch.randn(C),
+             running_var=torch.rand(C) + 0.5, weight=torch.rand(C) + 0.5, bias=torch.randn(C),
+             training=True, num_batches_tracked=torch.tensor(7))
+    a.update(over)
+    return a
+
+
+# Marks a case where F.batch_norm checks the same thing: the expected type is
+# whatever PyTorch raises (test_exception_type_matches_eager).
+EAGER = None
+
+# id -> (overrides, expected type or EAGER, message regex)
+CASES = {
+    "rank1": (dict(input=torch.randn(C)), ValueError,
+              r"got a 1D input of shape torch\.Size\(\[3\]\)"),
+    "rank6": (dict(input=torch.randn(2, C, 1, 1, 2, 2)), ValueError, r"got a 6D input"),
+    "weight_channels": (dict(weight=torch.ones(C + 1)), EAGER,
+                        r"weight must have shape \[3\].*got shape torch\.Size\(\[4\]\)"),
+    "bias_channels": (dict(bias=torch.ones(C + 1)), EAGER, r"bias must have shape \[3\]"),
+    "running_mean_channels": (dict(running_mean=torch.zeros(C + 1)), EAGER,
+                              r"running_mean must have shape \[3\]"),
+    "running_var_channels": (dict(running_var=torch.ones(C - 1)), EAGER,
+                             r"running_var must have shape \[3\]"),
+    "running_mean_channels_eval": (dict(running_mean=torch.zeros(C + 1), training=False),
+                                   EAGER, r"running_mean must have shape \[3\]"),
+    # F.batch_norm accepts any weight with C elements; fusedbn wants shape [C].
+    "weight_2d": (dict(weight=torch.ones(C, 1)), RuntimeError, r"weight must have shape \[3\]"),
+    "int_input": (dict(input=torch.ones(2, C, 4, dtype=torch.long)), TypeError,
+                  r"input must be float32, float64, bfloat16 or float16, got Long"),
+    "bool_input": (dict(input=torch.ones(2, C, 4, dtype=torch.bool)), TypeError, r"got Bool"),
+    "complex_input": (dict(input=torch.ones(2, C, 4, dtype=torch.complex64)), TypeError,
+                      r"got ComplexFloat"),
+    "weight_on_meta": (dict(weight=torch.ones(C, device="meta")), EAGER,
+                       r"weight is on meta but input is on cpu"),
+    "running_mean_on_meta": (dict(running_mean=torch.zeros(C, device="meta")), EAGER,
+                             r"running_mean is on meta but input is on cpu"),
+    "running_mean_only": (dict(running_var=None), EAGER,
+                          r"running_mean and running_var must be given together"),
+    "running_var_only": (dict(running_mean=None), EAGER,
+                         r"running_mean and running_var must be given together"),
+    "eval_without_stats": (dict(running_mean=None, running_var=None, training=False),
+                           EAGER, r"evaluation mode.*needs running_mean and running_var"),
+    "negative_eps_train": (dict(eps=-1e-5), EAGER,
+                           r"batch_norm eps must be positive during training"),
+    "negative_eps_eval": (dict(eps=-1e-5, training=False), EAGER,
+                          r"batch_norm eps must be non-negative"),
+    "nan_eps": (dict(eps=float("nan")), ValueError, r"eps must be a number, got nan"),
+    "nan_eps_eval": (dict(eps=float("nan"), training=False), ValueError, r"eps .*nan"),
+    "zero_eps_train": (dict(eps=0.0), EAGER,
+                       r"^batch_norm eps must be positive during training, but got 0"),
+    "string_eps": (dict(eps="1e-5"), TypeError, r"eps must be a number"),
+    "unknown_activation": (dict(activation="gelu"), ValueError, r"unknown activation 'gelu'"),
+    "activation_wrong_case": (dict(activation="ReLU"), ValueError, r"unknown activation 'ReLU'"),
+    "activation_not_a_string": (dict(activation=1), TypeError, r"activation must be a string"),
+    "activation_none": (dict(activation=None), TypeError, r"activation must be a string"),
+    "activation_module": (dict(activation=nn.ReLU()), TypeError, r"activation must be a string"),
+    "int_running_stats": (dict(running_mean=torch.zeros(C, dtype=torch.long),
+                               running_var=torch.ones(C, dtype=torch.long)), TypeError,
+                          r"running_mean must be float32 or the input's dtype"),
+    "int_running_stats_eval": (dict(running_mean=torch.zeros(C, dtype=torch.long),
+                                    running_var=torch.ones(C, dtype=torch.long), training=False),
+                               TypeError, r"running_mean must be float32"),
+    "mixed_running_stat_dtypes": (dict(input=torch.randn(2, C, 4, dtype=torch.float64),
+                                       running_mean=torch.zeros(C, dtype=torch.float64),
+                                       running_var=torch.ones(C), weight=None, bias=None),
+                                  TypeError, r"running_mean and running_var must have the same"),
+    "momentum_string": (dict(momentum="0.1"), EAGER, r"momentum must be a number"),
+    "momentum_list": (dict(momentum=[0.1]), EAGER, r"momentum must be a number"),
+    "momentum_none_without_counter": (dict(momentum=None, num_batches_tracked=None), ValueError,
+                                      r"momentum=None .*needs num_batches_tracked"),
+    "float_num_batches_tracked": (dict(num_batches_tracked=torch.tensor(7.0)), TypeError,
+                                  r"num_batches_tracked must be a single int64"),
+    "one_value_per_channel": (dict(input=torch.randn(1, 4), running_mean=torch.zeros(4),
+                                   running_var=torch.ones(4), weight=None, bias=None), EAGER,
+                              r"^Expected more than 1 value per channel when training, got input "
+                              r"size torch\.Size\(\[1, 4\]\)$"),
+    "one_value_per_channel_3d": (dict(input=torch.randn(1, 4, 1), running_mean=torch.zeros(4),
+                                      running_var=torch.ones(4), weight=None, bias=None),
+                                 EAGER, r"got input size torch\.Size\(\[1, 4, 1\]\)"),
+}
+
+
+def _call(a):
+    a = dict(a)
+    x = a.pop("input")
+    rm, rv = a.pop("running_mean"), a.pop("running_var")
+    return fusedbn.batch_norm_act(x, rm, rv, **a)
+
+
+def _snapshot(a):
+    return {k: a[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+            if isinstance(a.get(k), torch.Tensor) and a[k].device.type != "meta"}
+
+
+def _assert_unchanged(a, snap):
+    for k, v in snap.items():
+        assert torch.equal(a[k], v), f"{k} changed by a failed call: {v} -> {a[k]}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_functional_error(case):
+    over, exc, pattern = CASES[case]
+    a = _tensors(**over)
+    snap = _snapshot(a)
+    with pytest.raises(Exception) as info:
+        _call(a)
+    assert exc is EAGER or isinstance(info.value, exc), (
+        f"expected {exc.__name__}, got {type(info.value).__name__}: {info.value}")
+    assert re.search(pattern, str(info.value)), f"message {str(info.value)!r} !~ {pattern!r}"
+    _assert_unchanged(a, snap)
+
+
+# Cases where eager F.batch_norm checks the same thing: fusedbn raises an
+# instance of eager's exception type (so `except` clauses written for
+# nn.BatchNorm keep working).
+EAGER_EQUIVALENT = [case for case, (_, exc, _) in CASES.items() if exc is EAGER]
+
+
+@pytest.mark.parametrize("case", EAGER_EQUIVALENT)
+def test_exception_type_matches_eager(case):
+    over, _, _ = CASES[case]
+    a = _tensors(**over)
+    e = dict(a)
+    e.pop("num_batches_tracked")
+    with pytest.raises(Exception) as eager:
+        F.batch_norm(e.pop("input"), e.pop("running_mean"), e.pop("running_var"), **e)
+    with pytest.raises(Exception) as fused:
+        _call(_tensors(**over))
+    assert isinstance(fused.value, type(eager.value)), (
+        f"PyTorch raises {type(eager.value).__name__} ({eager.value}); fusedbn raises "
+        f"{type(fused.value).__name__} ({fused.value})")
+
+
+@pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1)])
+def test_one_value_per_channel_message_is_pytorchs(shape):
+    x = torch.randn(shape)
+    with pytest.raises(ValueError) as eager:
+        F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+    with pytest.raises(ValueError) as fused:
+        fusedbn.batch_norm_act(x, torch.zeros(4), torch.ones(4), training=True)
+    assert str(fused.value) == str(eager.value)
+
+
+def test_one_value_per_channel_allowed_in_eval():
+    out = fusedbn.batch_norm_act(torch.randn(1, 4), torch.zeros(4), torch.ones(4),
+                                 training=False, activation="identity")
+    assert out.shape == (1, 4)
+
+
+def test_zero_eps_allowed_in_eval():
+    x = torch.randn(2, C, 4)
+    out = fusedbn.batch_norm_act(x, torch.zeros(C), torch.ones(C), eps=0.0, training=False,
+                                 activation="identity")
+    torch.testing.assert_close(out, x)
+
+
+# ------------------------------------------------------------------ modules
+
+RANKS = [
+    (fusedbn.BatchNormAct1d, nn.BatchNorm1d, [(2, C, 4, 4), (C,)], "expected 2D or 3D input"),
+    (fusedbn.BatchNormAct2d, nn.BatchNorm2d, [(2, C, 4), (2, C, 2, 2, 2)], "expected 4D input"),
+    (fusedbn.BatchNormAct3d, nn.BatchNorm3d, [(2, C, 4, 4), (2, C)], "expected 5D input"),
+    (fusedbn.BatchNormReLU2d, nn.BatchNorm2d, [(2, C)], "expected 4D input"),
+]
+
+
+@pytest.mark.parametrize("fused_cls,eager_cls,shapes,prefix", RANKS,
+                         ids=[r[0].__name__ for r in RANKS])
+def test_module_rank_check_like_nn(fused_cls, eager_cls, shapes, prefix):
+    for shape in shapes:
+        x = torch.randn(shape)
+        mod = fused_cls(C)
+        snap = {k: v.clone() for k, v in mod.named_buffers()}
+        with pytest.raises(ValueError) as eager:
+            eager_cls(C)(x)
+        with pytest.raises(ValueError, match=re.escape(prefix)) as fused:
+            mod(x)
+        assert str(fused.value) == str(eager.value)
+        assert str(fused.value) == f"{prefix} (got {len(shape)}D input)"
+        for k, v in mod.named_buffers():
+            assert torch.equal(v, snap[k]), k
+
+
+@pytest.mark.parametrize("activation,exc,pattern", [
+    ("gelu", ValueError, r"unknown activation 'gelu'"),
+    ("", ValueError, r"unknown activation ''"),
+    (None, TypeError, r"activation must be a string"),
+    (nn.ReLU, TypeError, r"activation must be a string"),
+])
+def test_module_bad_activation_at_construction(activation, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fusedbn.BatchNormAct2d(C, activation=activation)
+
+
+def test_module_bad_activation_at_call_time():
+    mod = fusedbn.BatchNormAct2d(C)
+    mod.activation = "swish"
+    snap = {k: v.clone() for k, v in mod.named_buffers()}
+    with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
+        mod(torch.randn(2, C, 3, 3))
+    for k, v in mod.named_buffers():
+        assert torch.equal(v, snap[k]), k
+
+
+@pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)])
+def test_module_one_value_per_channel_leaves_buffers(shape):
+    cls = {2: fusedbn.BatchNormAct1d, 3: fusedbn.BatchNormAct1d, 4: fusedbn.BatchNormAct2d}
+    mod = cls[len(shape)](C).train()
+    snap = {k: v.clone() for k, v in mod.named_buffers()}
+    with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when "
+                                         r"training, got input size"):
+        mod(torch.randn(shape))
+    for k, v in mod.named_buffers():
+        assert torch.equal(v, snap[k]), f"{k} changed by a failed call"
+
+
+def test_module_channel_mismatch_leaves_buffers():
+    mod = fusedbn.BatchNormAct2d(C).train()
+    snap = {k: v.clone() for k, v in mod.named_buffers()}
+    with pytest.raises(Exception, match=r"must have shape \[4\]"):
+        mod(torch.randn(2, C + 1, 3, 3))
+    for k, v in mod.named_buffers():
+        assert torch.equal(v, snap[k]), f"{k} changed by a failed call"
+
+
+# ------------------------------------------------------------- backward op
+
+def _backward_args(**over):
+    seed("errors-bwd")
+    x = torch.randn(2, C, 4)
+    a = dict(grad_out=torch.randn(2, C, 4), input=x, weight=torch.ones(C), bias=torch.zeros(C),
+             save_mean=torch.zeros(C), save_invstd=torch.ones(C), training=True,
+             activation="relu", negative_slope=0.01, alpha=1.0,
+             output_mask=output_mask(torch.ops.fusedbn.backward.default))
+    a.update(over)
+    return op_args(torch.ops.fusedbn.backward.default, **a)
+
+
+@pytest.mark.parametrize("over,exc,pattern", [
+    (dict(grad_out=torch.randn(2, C, 5)), ValueError, r"grad_out has shape"),
+    (dict(grad_out=torch.randn(2, C, 4, dtype=torch.float64)), TypeError, r"grad_out dtype"),
+    (dict(save_mean=torch.zeros(C + 1)), ValueError, r"save_mean and save_invstd must be"),
+    (dict(save_invstd=torch.ones(C, dtype=torch.float64)), ValueError,
+     r"save_mean and save_invstd must be"),
+    (dict(weight=torch.ones(C + 1)), Exception, r"weight must have shape \[3\]"),
+    (dict(activation="tanh"), ValueError, r"unknown activation 'tanh'"),
+    (dict(input=torch.ones(2, C, 4, dtype=torch.int32), grad_out=torch.ones(2, C, 4,
+                                                                           dtype=torch.int32)),
+     TypeError, r"input must be float32"),
+], ids=["grad_shape", "grad_dtype", "save_mean_shape", "save_invstd_dtype", "weight_shape",
+        "activation", "int_input"])
+def test_backward_op_errors(over, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        torch.ops.fusedbn.backward.default(*_backward_args(**over))

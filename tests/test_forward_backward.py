@@ -1,0 +1,308 @@
+"""fusedbn modules vs eager nn.BatchNormNd + activation: outputs, gradients
+and running statistics over activations, dtypes, layouts, ranks and modes."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedbn
+
+from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, LOW_DTYPES, RANK_LAYOUTS, SHAPES,
+                     apply_activation, assert_close, clone_layout, compare_buffers, compare_steps,
+                     eager_like, make_fused, make_input, max_err, seed, step)
+
+DTYPE_IDS = [str(d).replace("torch.", "") for d in ALL_DTYPES]
+MODES = ["train", "eval", "train_nostats_then_eval"]
+
+
+def _setup(rank, activation, kwargs, dtype, param_dtype=None, **mod_kwargs):
+    C = SHAPES[rank][1]
+    fused = make_fused(rank, C, activation, kwargs, dtype=dtype, param_dtype=param_dtype,
+                       **mod_kwargs)
+    ref = eager_like(fused)
+    ref64 = eager_like(fused, dtype=torch.float64)
+    return fused, ref, ref64
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=[f"{r}d-{l}" for r, l in RANK_LAYOUTS])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_matrix(act, dtype, rank, layout, mode):
+    activation, kwargs = act
+    seed(activation, dtype, rank, layout, mode)
+    track = mode != "train_nostats_then_eval"
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, track_running_stats=track)
+    x = make_input(SHAPES[rank], dtype, layout)
+    if mode == "train":
+        compare_steps(fused, ref, ref64, x, True)
+        # A second step, in eval, with the statistics just updated.
+        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout), False)
+    elif mode == "eval":
+        compare_steps(fused, ref, ref64, x, False)
+    else:
+        assert fused.running_mean is None and fused.num_batches_tracked is None
+        compare_steps(fused, ref, ref64, x, True)
+        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout), False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_momentum_none_cumulative(act, layout, dtype):
+    activation, kwargs = act
+    seed(1)
+    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, momentum=None)
+    assert fused.momentum is None and ref.bn.momentum is None
+    for i in range(3):
+        x = make_input(SHAPES[4], dtype, layout)
+        compare_steps(fused, ref, ref64, x, True)
+        assert fused.num_batches_tracked.item() == i + 1
+    compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout), False)
+
+
+def test_momentum_none_is_cumulative_average():
+    """Three steps with momentum=None give the plain average of the batch
+    statistics (var unbiased), whatever the initial buffers were."""
+    seed(2)
+    mod = make_fused(4, 3, "relu", {}, momentum=None)
+    xs = [make_input((2, 3, 3, 3)) for _ in range(3)]
+    for x in xs:
+        mod(x)
+    dims = (0, 2, 3)
+    means = torch.stack([x.double().mean(dims) for x in xs]).mean(0)
+    vars_ = torch.stack([x.double().var(dims, unbiased=True) for x in xs]).mean(0)
+    torch.testing.assert_close(mod.running_mean.double(), means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mod.running_var.double(), vars_, rtol=1e-5, atol=1e-6)
+    assert mod.num_batches_tracked.item() == 3
+
+
+CONFIGS = {
+    "affine_false": dict(affine=False),
+    "bias_false": dict(bias=False),
+    "affine_false_nostats": dict(affine=False, track_running_stats=False),
+    "momentum_0.3": dict(momentum=0.3),
+    "eps_1e-3": dict(eps=1e-3),
+}
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_module_configs(act, config, dtype, mode):
+    activation, kwargs = act
+    seed(3)
+    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, **CONFIGS[config])
+    if config.startswith("affine_false"):
+        assert fused.weight is None and fused.bias is None
+    if config == "bias_false":
+        assert fused.bias is None and fused.weight is not None
+    for layout in ("contiguous", "channels_last"):
+        compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout), mode == "train")
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("rank,layout", [(2, "contiguous"), (3, "nlc"), (4, "contiguous"),
+                                         (4, "channels_last"), (5, "channels_last")],
+                         ids=["2d", "3d-nlc", "4d", "4d-cl", "5d-cl"])
+@pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_mixed_float32_params_low_precision_input(act, dtype, rank, layout, mode):
+    """What autocast produces: module (params, buffers) in float32, input in
+    bf16/fp16. Compared to eager BN on the same mixed inputs."""
+    activation, kwargs = act
+    seed(4)
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, param_dtype=torch.float32)
+    assert fused.weight.dtype == torch.float32 and fused.running_mean.dtype == torch.float32
+    x = make_input(SHAPES[rank], dtype, layout)
+    (out, gi, gw, gb), _ = compare_steps(fused, ref, ref64, x, mode == "train")
+    assert out.dtype == dtype and gi.dtype == dtype
+    assert gw.dtype == torch.float32 and gb.dtype == torch.float32
+    assert fused.running_mean.dtype == torch.float32 and fused.running_var.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=[f"{r}d-{l}" for r, l in RANK_LAYOUTS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_memory_format_preserved(dtype, rank, layout, mode):
+    seed(5)
+    mod = make_fused(rank, SHAPES[rank][1], "relu", {}, dtype=dtype)
+    mod.train(mode == "train")
+    x = make_input(SHAPES[rank], dtype, layout, requires_grad=True)
+    x = clone_layout(x, requires_grad=True)
+    out = mod(x)
+    out.backward(torch.randn_like(out))
+    dense = layout != "strided"
+    if dense:
+        # preserve_format: a dense input's strides are kept, for the output and its gradient.
+        assert out.stride() == x.stride(), (out.stride(), x.stride())
+        assert x.grad.stride() == x.stride(), (x.grad.stride(), x.stride())
+    else:
+        assert out.is_contiguous()
+    if layout == "channels_last":
+        fmt = torch.channels_last if rank == 4 else torch.channels_last_3d
+        assert out.is_contiguous(memory_format=fmt)
+        eager_out = eager_like(mod)(x)
+        assert out.stride() == eager_out.stride()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("rank,layout", [(2, "contiguous"), (3, "contiguous"), (4, "contiguous"),
+                                         (4, "channels_last"), (5, "contiguous")],
+                         ids=["2d", "3d", "4d", "4d-cl", "5d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_zero_size_batch(act, dtype, rank, layout, mode):
+    activation, kwargs = act
+    seed(6)
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype)
+    shape = (0,) + SHAPES[rank][1:]
+    x = make_input(shape, dtype, "contiguous")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm0, rv0 = fused.running_mean.clone(), fused.running_var.clone()
+    g = torch.zeros(shape, dtype=dtype)
+    res_f = step(fused, x, g, mode == "train")
+    res_e = step(ref, x, g, mode == "train")
+    for name, a, e in zip(("out", "grad_input", "grad_weight", "grad_bias"), res_f, res_e):
+        assert a.shape == e.shape, name
+        assert a.dtype == e.dtype, name
+        assert torch.equal(a, e), f"{name}: {a} vs {e}"
+    assert res_f[0].shape == shape
+    # Running statistics unchanged, num_batches_tracked counted, as eager.
+    assert torch.equal(fused.running_mean, rm0) and torch.equal(fused.running_var, rv0)
+    compare_buffers(fused, ref, ref64, dtype)
+    assert fused.num_batches_tracked.item() == (1 if mode == "train" else 0)
+
+
+def test_functional_matches_module_and_eager():
+    """batch_norm_act (functional) vs F.batch_norm + activation, running
+    statistics updated in place identically, num_batches_tracked optional."""
+    seed(7)
+    x = make_input((3, 4, 5))
+    w, b = torch.rand(4) + 0.5, torch.randn(4)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    out = fusedbn.batch_norm_act(x, rm, rv, w, b, True, 0.2, 1e-4, "leaky_relu", 0.2)
+    exp = F.leaky_relu(F.batch_norm(x, rm2, rv2, w, b, True, 0.2, 1e-4), 0.2)
+    assert_close(out, exp, name="out")
+    assert_close(rm, rm2, name="running_mean")
+    assert_close(rv, rv2, name="running_var")
+    # Without running statistics, training uses batch statistics only.
+    out = fusedbn.batch_norm_act(x, None, None, w, b, True, activation="elu", alpha=0.5)
+    exp = F.elu(F.batch_norm(x, None, None, w, b, True), 0.5)
+    assert_close(out, exp, name="out (no stats)")
+    # Eval.
+    out = fusedbn.batch_norm_act(x, rm, rv, w, b, False, activation="identity")
+    assert_close(out, F.batch_norm(x, rm, rv, w, b, False), name="out (eval)")
+    # num_batches_tracked is incremented in training when given.
+    nbt = torch.tensor(5)
+    fusedbn.batch_norm_act(x, rm, rv, w, b, True, num_batches_tracked=nbt)
+    assert nbt.item() == 6
+    fusedbn.batch_norm_act(x, rm, rv, w, b, False, num_batches_tracked=nbt)
+    assert nbt.item() == 6
+
+
+NUMERICS = [(1e4, 1e-2), (1e3, 1.0), (-5e3, 0.1)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("mean,std", NUMERICS, ids=[f"{m:g}+{s:g}" for m, s in NUMERICS])
+@pytest.mark.parametrize("act", [ACTIVATIONS[0], ACTIVATIONS[3]], ids=["identity", "elu"])
+def test_large_mean_small_spread(act, mean, std, layout):
+    """float32 input whose mean dwarfs its spread: the variance must not be
+    lost (a one-pass E[x^2] - E[x]^2 gives garbage here).
+
+    Bound, per trial: fusedbn's error vs the float64 reference is at most
+    2x eager's, or at most 2x what an ideal float32 implementation gets
+    (the batch mean rounded once to float32: an error of ulp(mean)/2, i.e.
+    ulp(mean)/2/std in the normalized output and (ulp(mean)/2/std)^2
+    relative in the variance), whichever is larger.
+    """
+    activation, kwargs = act
+    ulp32 = 2.0 ** (math.floor(math.log2(abs(mean))) - 23)  # float32 spacing at |mean|
+    delta = ulp32 / 2 / std
+    out_ideal, var_ideal = 2 * delta, 2 * delta ** 2
+    failures = []
+    for trial in range(8):
+        seed("numerics", mean, std, layout, trial)
+        x = (mean + torch.randn((4, 3, 5, 5), dtype=torch.float64) * std).float()
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xd = x.double()
+        # momentum=1 makes the running statistics the batch's own (var unbiased).
+        rm, rv = torch.zeros(3), torch.zeros(3)
+        out = fusedbn.batch_norm_act(x, rm, rv, None, None, True, 1.0, 1e-5, activation,
+                                     **kwargs)
+        rm_e, rv_e = torch.zeros(3), torch.zeros(3)
+        out_e = apply_activation(F.batch_norm(x, rm_e, rv_e, None, None, True, 1.0, 1e-5),
+                                 activation, **kwargs)
+        out_64 = apply_activation(F.batch_norm(xd, None, None, None, None, True, 1.0, 1e-5),
+                                  activation, **kwargs)
+        var64 = xd.var(dim=(0, 2, 3), unbiased=True)
+        mean64 = xd.mean(dim=(0, 2, 3))
+        assert torch.isfinite(out).all()
+        err, err_e = max_err(out, out_64), max_err(out_e, out_64)
+        verr = ((rv.double() - var64) / var64).abs().max().item()
+        verr_e = ((rv_e.double() - var64) / var64).abs().max().item()
+        if err > max(2 * err_e, out_ideal) + 1e-4:
+            failures.append(f"trial {trial}: output error {err:.3g} (eager {err_e:.3g}, "
+                            f"ideal float32 {out_ideal:.3g})")
+        if verr > max(2 * verr_e, var_ideal) + 1e-5:
+            failures.append(f"trial {trial}: running_var relative error {verr:.3g} "
+                            f"(eager {verr_e:.3g}, ideal float32 {var_ideal:.3g})")
+        torch.testing.assert_close(rm.double(), mean64, rtol=1e-5, atol=0)
+    assert not failures, "\n".join(failures)
+
+
+# (weight?, bias?, running stats?, training); eval needs running statistics.
+OPTIONALS = [(w, b, s, t) for w in (False, True) for b in (False, True) for s in (False, True)
+             for t in (True, False) if t or s]
+
+
+@pytest.mark.parametrize("has_weight,has_bias,has_stats,training", OPTIONALS,
+                         ids=[f"w{int(w)}-b{int(b)}-stats{int(s)}-{'train' if t else 'eval'}"
+                              for w, b, s, t in OPTIONALS])
+def test_functional_optional_tensors(has_weight, has_bias, has_stats, training):
+    """Every combination of weight / bias / running statistics being None:
+    output and the gradient of each tensor that was given, as F.batch_norm."""
+    seed("optional", has_weight, has_bias, has_stats, training)
+    C = 3
+    x = make_input((3, C, 4))
+    w = torch.rand(C) + 0.5 if has_weight else None
+    b = torch.randn(C) * 0.5 if has_bias else None
+    rm = torch.randn(C) * 0.3 if has_stats else None
+    rv = torch.rand(C) + 0.5 if has_stats else None
+    g = torch.randn(x.shape)
+
+    def run(fn):
+        xi = x.clone().requires_grad_()
+        wi = None if w is None else w.clone().requires_grad_()
+        bi = None if b is None else b.clone().requires_grad_()
+        rmi = None if rm is None else rm.clone()
+        rvi = None if rv is None else rv.clone()
+        out = fn(xi, rmi, rvi, wi, bi)
+        out.backward(g)
+        return (out.detach(), xi.grad, None if wi is None else wi.grad,
+                None if bi is None else bi.grad, rmi, rvi)
+
+    res_f = run(lambda *a: fusedbn.batch_norm_act(*a, training=training, activation="elu",
+                                                  alpha=0.7))
+    res_e = run(lambda *a: F.elu(F.batch_norm(*a, training=training), 0.7))
+    for name, a, e in zip(("out", "grad_input", "grad_weight", "grad_bias", "running_mean",
+                           "running_var"), res_f, res_e):
+        assert_close(a, e, name=name)
+
+
+def test_bias_gradient_without_weight():
+    """Minimal form of the optional-tensor case above: weight=None, bias given."""
+    seed("bias-only")
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    b = torch.randn(3, requires_grad=True)
+    fusedbn.batch_norm_act(x, torch.zeros(3), torch.ones(3), None, b, training=True,
+                           activation="identity").sum().backward()
+    assert b.grad is not None, "bias.grad is None: the bias gradient was not computed"
+    torch.testing.assert_close(b.grad, torch.full((3,), 8.0))

@@ -1,0 +1,213 @@
+"""The modules as drop-ins for nn.BatchNormNd (+ activation): parameters,
+buffers, state_dict both ways, repr, dtype/mode switches."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fusedbn
+from helpers import ACT_IDS, ACTIVATIONS, apply_activation, seed
+
+PAIRS = [(fusedbn.BatchNormAct1d, nn.BatchNorm1d, (4, 3, 5)),
+         (fusedbn.BatchNormAct2d, nn.BatchNorm2d, (2, 3, 4, 4)),
+         (fusedbn.BatchNormAct3d, nn.BatchNorm3d, (2, 3, 2, 3, 3))]
+PAIR_IDS = ["1d", "2d", "3d"]
+
+
+def _randomize(bn):
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(bn.num_features) + 0.5)
+        bn.bias.copy_(torch.randn(bn.num_features))
+        bn.running_mean.copy_(torch.randn(bn.num_features))
+        bn.running_var.copy_(torch.rand(bn.num_features) + 0.5)
+        bn.num_batches_tracked.fill_(11)
+    return bn
+
+
+@pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
+def test_state_dict_from_nn_loads_strict_and_matches(act, fused_cls, nn_cls, shape):
+    activation, kwargs = act
+    seed("sd-from-nn", activation, shape)
+    ref = _randomize(nn_cls(3))
+    mod = fused_cls(3, activation=activation, **kwargs)
+    result = mod.load_state_dict(ref.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    x = torch.randn(shape)
+    for training in (False, True):
+        ref.train(training)
+        mod.train(training)
+        torch.testing.assert_close(mod(x), apply_activation(ref(x), activation, **kwargs),
+                                   rtol=1e-5, atol=1e-5)
+        for name, buf in ref.named_buffers():
+            torch.testing.assert_close(getattr(mod, name), buf, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
+def test_state_dict_to_nn_loads_strict(fused_cls, nn_cls, shape):
+    seed("sd-to-nn", shape)
+    mod = _randomize(fused_cls(3, activation="identity"))
+    mod.train()(torch.randn(shape))  # a training step, so the buffers are its own
+    ref = nn_cls(3)
+    ref.load_state_dict(mod.state_dict(), strict=True)
+    for (n1, t1), (n2, t2) in zip(mod.state_dict().items(), ref.state_dict().items()):
+        assert n1 == n2
+        assert torch.equal(t1, t2), n1
+    x = torch.randn(shape)
+    mod.eval()
+    ref.eval()
+    torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False),
+                                    dict(bias=False), dict(momentum=None)],
+                         ids=["default", "affine_false", "no_stats", "bias_false", "momentum_none"])
+@pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
+def test_parameter_and_buffer_names_match_nn(fused_cls, nn_cls, shape, kwargs):
+    mod = fused_cls(3, **kwargs)
+    ref = nn_cls(3, **kwargs)
+    assert [n for n, _ in mod.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert [n for n, _ in mod.named_buffers()] == [n for n, _ in ref.named_buffers()]
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    for (n, a), (_, b) in zip(mod.state_dict().items(), ref.state_dict().items()):
+        assert a.shape == b.shape and a.dtype == b.dtype, n
+        assert torch.equal(a, b), n
+    for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        assert getattr(mod, attr) == getattr(ref, attr), attr
+    assert isinstance(mod, nn.modules.batchnorm._BatchNorm)
+
+
+@pytest.mark.parametrize("act,expected", [
+    (("identity", {}), "activation=identity"),
+    (("relu", {}), "activation=relu"),
+    (("leaky_relu", {"negative_slope": 0.2}), "activation=leaky_relu, negative_slope=0.2"),
+    (("elu", {"alpha": 0.7}), "activation=elu, alpha=0.7"),
+], ids=ACT_IDS)
+def test_extra_repr_shows_activation(act, expected):
+    activation, kwargs = act
+    mod = fusedbn.BatchNormAct2d(8, activation=activation, **kwargs)
+    text = repr(mod)
+    assert expected in text, text
+    # The rest is nn.BatchNorm2d's.
+    assert nn.BatchNorm2d(8).extra_repr() in mod.extra_repr()
+    assert text.startswith("BatchNormAct2d(")
+
+
+def test_relu_shorthand_repr():
+    text = repr(fusedbn.BatchNormReLU2d(4))
+    assert text.startswith("BatchNormReLU2d(") and "activation=relu" in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_to_dtype(dtype):
+    seed("to", dtype)
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.7)).to(dtype)
+    for n, t in list(mod.named_parameters()) + list(mod.named_buffers()):
+        expected = torch.long if n == "num_batches_tracked" else dtype
+        assert t.dtype == expected, n
+    x = torch.randn(2, 3, 4, 4, dtype=dtype, requires_grad=True)
+    out = mod(x)
+    assert out.dtype == dtype
+    out.float().sum().backward()
+    assert x.grad.dtype == dtype and mod.weight.grad.dtype == dtype
+    ref = nn.BatchNorm2d(3).to(dtype)
+    ref.load_state_dict(mod.state_dict())
+    mod.eval()
+    ref.eval()
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(mod(x), F.elu(ref(x), 0.7), **tol)
+
+
+def test_train_eval_switch():
+    seed("train-eval")
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="identity"))
+    ref = _randomize(nn.BatchNorm2d(3))
+    ref.load_state_dict(mod.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    assert mod.eval() is mod and not mod.training
+    rm = mod.running_mean.clone()
+    torch.testing.assert_close(mod(x), ref.eval()(x))
+    assert torch.equal(mod.running_mean, rm) and mod.num_batches_tracked.item() == 11
+    assert mod.train() is mod and mod.training
+    torch.testing.assert_close(mod(x), ref.train()(x))
+    assert not torch.equal(mod.running_mean, rm) and mod.num_batches_tracked.item() == 12
+    torch.testing.assert_close(mod.running_mean, ref.running_mean)
+    torch.testing.assert_close(mod.running_var, ref.running_var)
+    mod.train(False)
+    assert not mod.training
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_relu_shorthand_equals_act_relu(rank):
+    seed("relu-shorthand", rank)
+    short = {1: fusedbn.BatchNormReLU1d, 2: fusedbn.BatchNormReLU2d, 3: fusedbn.BatchNormReLU3d}
+    full = {1: fusedbn.BatchNormAct1d, 2: fusedbn.BatchNormAct2d, 3: fusedbn.BatchNormAct3d}
+    a = _randomize(short[rank](3, eps=1e-3, momentum=0.2))
+    b = full[rank](3, eps=1e-3, momentum=0.2, activation="relu")
+    b.load_state_dict(a.state_dict())
+    assert a.activation == "relu" and isinstance(a, full[rank])
+    assert a.extra_repr() == b.extra_repr()
+    x = torch.randn((2, 3) + (4,) * rank)
+    for training in (True, False):
+        a.train(training)
+        b.train(training)
+        assert torch.equal(a(x), b(x))
+        for (n, t1), (_, t2) in zip(a.state_dict().items(), b.state_dict().items()):
+            assert torch.equal(t1, t2), n
+
+
+def test_relu_shorthand_has_no_activation_argument():
+    with pytest.raises(TypeError):
+        fusedbn.BatchNormReLU2d(3, activation="elu")
+    mod = fusedbn.BatchNormReLU2d(3, 1e-3, 0.3, False, False, bias=False)
+    assert (mod.eps, mod.momentum, mod.affine, mod.track_running_stats) == (1e-3, 0.3, False,
+                                                                           False)
+
+
+def test_bias_false():
+    seed("bias-false")
+    mod = fusedbn.BatchNormAct2d(3, bias=False)
+    assert mod.bias is None and mod.weight is not None
+    assert "bias" not in mod.state_dict()
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    mod(x).sum().backward()
+    assert mod.weight.grad is not None and x.grad is not None
+
+
+def test_reset_parameters():
+    seed("reset")
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="leaky_relu"))
+    mod.reset_parameters()
+    fresh = nn.BatchNorm2d(3)
+    for (n, a), (_, b) in zip(mod.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    _randomize(mod)
+    mod.reset_running_stats()
+    assert torch.equal(mod.running_mean, torch.zeros(3))
+    assert torch.equal(mod.running_var, torch.ones(3))
+    assert mod.num_batches_tracked.item() == 0
+    assert not torch.equal(mod.weight.detach(), torch.ones(3))  # parameters kept
+
+
+def test_device_and_dtype_factory_kwargs():
+    mod = fusedbn.BatchNormAct2d(3, device="cpu", dtype=torch.float64)
+    assert mod.weight.dtype == torch.float64 and mod.running_mean.dtype == torch.float64
+    assert mod.num_batches_tracked.dtype == torch.long
+    mod = fusedbn.BatchNormAct2d(3, device="meta")
+    assert mod.weight.device.type == "meta"
+
+
+def test_deepcopy_and_pickle_roundtrip(tmp_path):
+    import copy
+    seed("pickle")
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.3))
+    for clone in (copy.deepcopy(mod), _roundtrip(mod, tmp_path)):
+        assert clone.activation == "elu" and clone.alpha == 0.3
+        x = torch.randn(2, 3, 3, 3)
+        assert torch.equal(clone.eval()(x), mod.eval()(x))
+
+
+def _roundtrip(mod, tmp_path):
+    path = tmp_path / "mod.pt"
+    torch.save(mod, path)
+    return torch.load(path, weights_only=False)
