@@ -10,6 +10,7 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 from . import _C  # noqa: F401  (registers the torch.ops.fusedbn operators)
 from . import ops  # noqa: F401  (fake kernels and autograd for them)
 from .convert import Fusion, convert, unconvert
+from .distributed import SyncBatchNormAct
 from .functional import ACTIVATIONS, batch_norm_act
 from .modules import (
     BatchNormAct1d,
@@ -31,6 +32,7 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "SyncBatchNormAct",
     "Fusion",
     "convert",
     "unconvert",
