@@ -76,7 +76,8 @@ void check_per_channel(const OptTensor& t, const char* name, const Tensor& input
   const auto s = t->scalar_type();
   TORCH_CHECK_TYPE(s == at::kFloat || s == input.scalar_type(), "fusedbn: ", name,
                    " must be float32 or the input's dtype (", input.scalar_type(), "), got ", s);
-  TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == C, "fusedbn: ", name, " must have shape [", C,
+  // RuntimeError, as PyTorch raises for the same mistake.
+  TORCH_CHECK(t->dim() == 1 && t->numel() == C, "fusedbn: ", name, " must have shape [", C,
                     "] to match the input's channel dimension (input shape ", size_str(input),
                     "), got shape ", size_str(*t));
 }
@@ -112,7 +113,7 @@ void check_forward(const Tensor& input, const OptTensor& residual, const OptTens
                      "fusedbn: running_mean and running_var must have the same dtype, got ",
                      running_mean->scalar_type(), " and ", running_var->scalar_type());
   }
-  TORCH_CHECK_VALUE(training || defined(running_mean),
+  TORCH_CHECK(training || defined(running_mean),
                     "fusedbn: evaluation mode (training=False) needs running_mean and running_var");
   TORCH_CHECK_VALUE(!std::isnan(eps), "fusedbn: eps must be a number, got nan");
   if (training) {

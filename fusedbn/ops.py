@@ -81,7 +81,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
     b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
     mean, invstd = save_mean, save_invstd
-    if training:
+    if training and x.numel() > 0:
         live_mean = x.mean(dims)
         centered = x - live_mean.detach().reshape(per_channel)
         live_var = (centered * centered).mean(dims)
