@@ -18,8 +18,12 @@ size_t forward_workspace_bytes(const ForwardParams& p, bool training);
 size_t backward_workspace_bytes(const BackwardParams& p);
 
 // training: batch statistics into p.mean/p.invstd, running stats updated,
-// output written. Eval: p.mean/p.invstd are read, output written.
+// output written. Eval: p.mean/p.invstd are read, output written. p.y may be
+// p.x (in place), and p.residual may be either of them.
 cudaError_t forward(const ForwardParams& p, bool training, void* workspace, cudaStream_t stream);
+// Residual: p.residual (and p.grad_residual, written with dx) as in
+// cpu_kernels.h. p.from_output (x holds the forward's output) needs an
+// invertible activation; others give cudaErrorInvalidValue, nothing launched.
 cudaError_t backward(const BackwardParams& p, void* workspace, cudaStream_t stream);
 
 }  // namespace cuda

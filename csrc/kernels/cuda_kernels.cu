@@ -180,6 +180,21 @@ cudaError_t with_pack(int vec, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
+// The residual and in-place template flags. FromOut is instantiated only for
+// invertible activations; the glue refuses the others, and the kernels report
+// an invalid value rather than compute with a wrong inverse.
+template <typename Act, typename F>
+cudaError_t with_mode(bool res, bool from_out, F&& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  if constexpr (Act::invertible) {
+    if (from_out) return res ? f(Yes{}, Yes{}) : f(No{}, Yes{});
+  } else {
+    if (from_out) return cudaErrorInvalidValue;
+  }
+  return res ? f(Yes{}, No{}) : f(No{}, No{});
+}
+
 template <typename T>
 const acc_t<T>* acc_ptr(const void* p) {
   return static_cast<const acc_t<T>*>(p);
@@ -249,25 +264,30 @@ cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& 
 template <typename T>
 cudaError_t launch_normalize(const ForwardParams& p, int sms, cudaStream_t st) {
   const Shape& s = p.shape;
-  const ElemPlan e =
-      plan_elem(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.y}), sms);
+  const ElemPlan e = plan_elem(
+      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.y, p.residual}), sms);
+  // x and y are the same buffer in the in-place forward (see normalize_*_kernel).
   const T* x = static_cast<const T*>(p.x);
+  const T* z = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *w = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
   return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
     using Act = decltype(act);
-    return with_index(wide_index(s), [&](auto itag) {
-      using I = decltype(itag);
-      return with_pack<T>(e.vec, [&](auto vtag) {
-        constexpr int V = decltype(vtag)::value;
-        if (s.layout == Layout::NCS)
-          normalize_ncs_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
-              x, y, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
-        else
-          normalize_nsc_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
-              x, y, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
-        return cudaGetLastError();
+    return with_mode<Act>(z != nullptr, false, [&](auto rtag, auto) {
+      constexpr bool Res = decltype(rtag)::value;
+      return with_index(wide_index(s), [&](auto itag) {
+        using I = decltype(itag);
+        return with_pack<T>(e.vec, [&](auto vtag) {
+          constexpr int V = decltype(vtag)::value;
+          if (s.layout == Layout::NCS)
+            normalize_ncs_kernel<T, V, I, Act, Res><<<e.grid, e.block, 0, st>>>(
+                x, z, y, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
+          else
+            normalize_nsc_kernel<T, V, I, Act, Res><<<e.grid, e.block, 0, st>>>(
+                x, z, y, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
+          return cudaGetLastError();
+        });
       });
     });
   });
@@ -288,6 +308,10 @@ cudaError_t forward_typed(const ForwardParams& p, bool training, void* ws, cudaS
 
 // ----------------------------------------------------------------- backward
 
+// The dx pass runs when dx or dz is wanted; dz (= g) exists only with a
+// residual.
+bool wants_dx_pass(const BackwardParams& p) { return p.dx || (p.residual && p.grad_residual); }
+
 template <typename T>
 struct BackwardWork {
   ReducePlan plan;
@@ -300,12 +324,13 @@ BackwardWork<T> backward_work(const BackwardParams& p, void* ws, int sms) {
   using A = acc_t<T>;
   const Shape& s = p.shape;
   BackwardWork<T> w;
-  w.plan = plan_reduce(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy}), sms);
+  w.plan = plan_reduce(
+      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, p.residual}), sms);
   Carve carve{static_cast<char*>(ws)};
   const int64_t n = s.C * w.plan.K;
   w.psg = carve.take<A>(n);
   w.psgx = carve.take<A>(n);
-  if (p.dx) {
+  if (wants_dx_pass(p)) {
     w.k_xc = carve.take<A>(s.C);
     w.k_const = carve.take<A>(s.C);
   }
@@ -319,23 +344,27 @@ cudaError_t launch_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaS
   const ReducePlan& r = w.plan;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* z = static_cast<const T*>(p.residual);
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
   return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
     using Act = decltype(act);
-    return with_index(wide_index(s), [&](auto itag) {
-      using I = decltype(itag);
-      return with_pack<T>(r.vec, [&](auto vtag) {
-        constexpr int V = decltype(vtag)::value;
-        if (s.layout == Layout::NCS)
-          sums_ncs_kernel<T, V, I, Act><<<r.grid, r.block, 0, st>>>(
-              x, dy, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), mean, invstd, wt, b, act,
-              w.psg, w.psgx);
-        else
-          sums_nsc_kernel<T, V, I, Act><<<r.grid, r.block, 0, st>>>(
-              x, dy, I(s.count()), I(s.C), I(r.inner), I(r.chunk), mean, invstd, wt, b, act,
-              w.psg, w.psgx);
-        return cudaGetLastError();
+    return with_mode<Act>(z != nullptr, p.from_output, [&](auto rtag, auto ftag) {
+      constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
+      return with_index(wide_index(s), [&](auto itag) {
+        using I = decltype(itag);
+        return with_pack<T>(r.vec, [&](auto vtag) {
+          constexpr int V = decltype(vtag)::value;
+          if (s.layout == Layout::NCS)
+            sums_ncs_kernel<T, V, I, Act, Res, FromOut><<<r.grid, r.block, 0, st>>>(
+                x, dy, z, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), mean, invstd, wt, b,
+                act, w.psg, w.psgx);
+          else
+            sums_nsc_kernel<T, V, I, Act, Res, FromOut><<<r.grid, r.block, 0, st>>>(
+                x, dy, z, I(s.count()), I(s.C), I(r.inner), I(r.chunk), mean, invstd, wt, b, act,
+                w.psg, w.psgx);
+          return cudaGetLastError();
+        });
       });
     });
   });
@@ -356,28 +385,33 @@ cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>&
 template <typename T>
 cudaError_t launch_dx(const BackwardParams& p, const BackwardWork<T>& w, int sms, cudaStream_t st) {
   const Shape& s = p.shape;
-  const ElemPlan e =
-      plan_elem(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, p.dx}), sms);
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
+  const T* z = static_cast<const T*>(p.residual);
   T* dx = static_cast<T*>(p.dx);
+  T* dz = z ? static_cast<T*>(p.grad_residual) : nullptr;  // dz needs a residual
+  const ElemPlan e = plan_elem(
+      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, dx, z, dz}), sms);
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
   return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
     using Act = decltype(act);
-    return with_index(wide_index(s), [&](auto itag) {
-      using I = decltype(itag);
-      return with_pack<T>(e.vec, [&](auto vtag) {
-        constexpr int V = decltype(vtag)::value;
-        if (s.layout == Layout::NCS)
-          dx_ncs_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
-              x, dy, dx, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt, b, w.k_xc,
-              w.k_const, act);
-        else
-          dx_nsc_kernel<T, V, I, Act><<<e.grid, e.block, 0, st>>>(
-              x, dy, dx, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b, w.k_xc,
-              w.k_const, act);
-        return cudaGetLastError();
+    return with_mode<Act>(z != nullptr, p.from_output, [&](auto rtag, auto ftag) {
+      constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
+      return with_index(wide_index(s), [&](auto itag) {
+        using I = decltype(itag);
+        return with_pack<T>(e.vec, [&](auto vtag) {
+          constexpr int V = decltype(vtag)::value;
+          if (s.layout == Layout::NCS)
+            dx_ncs_kernel<T, V, I, Act, Res, FromOut><<<e.grid, e.block, 0, st>>>(
+                x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt, b,
+                w.k_xc, w.k_const, act);
+          else
+            dx_nsc_kernel<T, V, I, Act, Res, FromOut><<<e.grid, e.block, 0, st>>>(
+                x, dy, z, dx, dz, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b,
+                w.k_xc, w.k_const, act);
+          return cudaGetLastError();
+        });
       });
     });
   });
@@ -390,7 +424,7 @@ cudaError_t backward_typed(const BackwardParams& p, void* ws, cudaStream_t st) {
   cudaError_t err = launch_sums<T>(p, w, st);
   if (err != cudaSuccess) return err;
   err = launch_finalize_sums<T>(p, w, st);
-  if (err != cudaSuccess || !p.dx) return err;
+  if (err != cudaSuccess || !wants_dx_pass(p)) return err;
   return launch_dx<T>(p, w, sms, st);
 }
 

@@ -45,6 +45,16 @@ namespace cuda {
 constexpr int kThreads = 256;  // threads per block of every data kernel
 constexpr int kWarps = kThreads / 32;
 constexpr int kUnroll = 4;     // packs in flight per thread and input tensor
+// Fewer packs per tensor in the heavier backward variants, found with
+// -Xptxas -v: with a residual (three inputs) 4 packs took the 16-bit NSC
+// kernels to ~170 registers on sm_90 (1 block per SM), 2 keep them <= 126 at
+// about the same bytes in flight per SM; the in-place backward (a division
+// per element for leaky_relu/elu) spilled at 4 packs and does not at 3.
+constexpr int kUnrollBwdRes = 2;
+constexpr int kUnrollBwdFromOut = 3;
+constexpr int bwd_unroll(bool res, bool from_out) {
+  return res ? kUnrollBwdRes : from_out ? kUnrollBwdFromOut : kUnroll;
+}
 constexpr int kFinalizeX = 32; // finalize blocks: 32 channels x 8 partial lanes
 constexpr int kFinalizeY = 8;
 
@@ -600,6 +610,7 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
                 const acc_t<T>* __restrict__ b, Act act, acc_t<T>* __restrict__ psg,
                 acc_t<T>* __restrict__ psgx) {
   using A = acc_t<T>;
+  constexpr int U = bwd_unroll(Res, FromOut);
   const I c = I(blockIdx.x), k = I(blockIdx.y), t = I(threadIdx.x);
   const I v0 = k * chunk;
   const I v1 = v0 + chunk < Mv ? v0 + chunk : Mv;
@@ -609,10 +620,10 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
     const Coef<A> kc = channel_coef<FromOut>(mean, invstd, w, b, c);
     ChannelWalk<I> walk(v0 + t, c, C, Sv, I(kThreads));
     while (left > 0) {
-      const int nl = left < kUnroll ? int(left) : kUnroll;
-      Pack<T, V> px[kUnroll], pd[kUnroll], pz[kUnroll];
+      const int nl = left < U ? int(left) : U;
+      Pack<T, V> px[U], pd[U], pz[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         if (u < nl) {
           px[u] = load_pack<T, V>(x, walk.off);
           pd[u] = load_pack<T, V>(dy, walk.off);
@@ -622,7 +633,7 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
       }
       left -= nl;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         if (u < nl) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -653,6 +664,7 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
                 const acc_t<T>* __restrict__ b, Act act, acc_t<T>* __restrict__ psg,
                 acc_t<T>* __restrict__ psgx) {
   using A = acc_t<T>;
+  constexpr int U = bwd_unroll(Res, FromOut);
   __shared__ A s_g[kThreads * V];
   __shared__ A s_gx[kThreads * V];
   const int tx = threadIdx.x, ty = threadIdx.y, BX = blockDim.x, BY = blockDim.y;
@@ -670,10 +682,10 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
     I off = (r0 + ty) * Cv + cv;
     const I step = I(int64_t(BY) * Cv);
     while (left > 0) {
-      const int nl = left < kUnroll ? int(left) : kUnroll;
-      Pack<T, V> px[kUnroll], pd[kUnroll], pz[kUnroll];
+      const int nl = left < U ? int(left) : U;
+      Pack<T, V> px[U], pd[U], pz[U];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         if (u < nl) {
           px[u] = load_pack<T, V>(x, off);
           pd[u] = load_pack<T, V>(dy, off);
@@ -683,7 +695,7 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
       }
       left -= nl;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         if (u < nl) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
@@ -790,6 +802,7 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
               const acc_t<T>* __restrict__ k_xc, const acc_t<T>* __restrict__ k_const, Act act) {
   using A = acc_t<T>;
+  constexpr int U = bwd_unroll(Res, FromOut);
   const I v0 = I(blockIdx.x) * per_block;
   const I v1 = v0 + per_block < total ? v0 + per_block : total;
   const I t = I(threadIdx.x);
@@ -797,11 +810,11 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
   if (left <= 0) return;
   TensorWalk<I> walk(v0 + t, C, Sv, I(kThreads));
   while (left > 0) {
-    const int nl = left < kUnroll ? int(left) : kUnroll;
-    Pack<T, V> px[kUnroll], pd[kUnroll], pz[kUnroll];
-    I off[kUnroll], ch[kUnroll];
+    const int nl = left < U ? int(left) : U;
+    Pack<T, V> px[U], pd[U], pz[U];
+    I off[U], ch[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         off[u] = walk.off;
         ch[u] = walk.c;
@@ -813,7 +826,7 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
     }
     left -= nl;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         const Coef<A> k = channel_coef<FromOut>(mean, invstd, w, b, ch[u]);
         const A kx = k_xc[ch[u]], k0 = k_const[ch[u]];
@@ -841,6 +854,7 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
               const acc_t<T>* __restrict__ k_xc, const acc_t<T>* __restrict__ k_const, Act act) {
   using A = acc_t<T>;
+  constexpr int U = bwd_unroll(Res, FromOut);
   const int tx = threadIdx.x, ty = threadIdx.y, BY = blockDim.y;
   const I cv = I(blockIdx.x) * I(blockDim.x) + tx;
   if (cv >= Cv) return;
@@ -860,11 +874,11 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
   I off = (r0 + ty) * Cv + cv;
   const I step = I(int64_t(BY) * Cv);
   while (left > 0) {
-    const int nl = left < kUnroll ? int(left) : kUnroll;
-    Pack<T, V> px[kUnroll], pd[kUnroll], pz[kUnroll];
-    I offs[kUnroll];
+    const int nl = left < U ? int(left) : U;
+    Pack<T, V> px[U], pd[U], pz[U];
+    I offs[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         offs[u] = off;
         px[u] = load_pack<T, V>(x, off);
@@ -875,7 +889,7 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
     }
     left -= nl;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         Pack<T, V> out, gz;
 #pragma unroll
