@@ -331,16 +331,18 @@ stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __
           if (u < nl) sum += v[u][j];
       const A nb = A(nl * V);
       const A bmean = sum / nb;
-      A bm2 = A(0);
+      // Corrected two-pass (as the CPU): sum(d) undoes the rounding of bmean.
+      A bs1 = A(0), bm2 = A(0);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
         for (int j = 0; j < V; ++j)
           if (u < nl) {
             const A d = v[u][j] - bmean;
+            bs1 += d;
             bm2 += d * d;
           }
-      chan_merge(m, Moments<A>{nb, bmean, bm2});
+      chan_merge(m, Moments<A>{nb, bmean + bs1 / nb, bm2 - bs1 * bs1 / nb});
     }
   }
   m = block_merge(m);
@@ -396,14 +398,18 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
           if (u < nl) sum += v[u][j];
-        const A bmean = sum * inv_nb;
-        A bm2 = A(0);
+        const A bmean0 = sum * inv_nb;
+        // Corrected two-pass (as the CPU): sum(d) undoes the rounding of bmean0.
+        A bs1 = A(0), bm2 = A(0);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
           if (u < nl) {
-            const A d = v[u][j] - bmean;
+            const A d = v[u][j] - bmean0;
+            bs1 += d;
             bm2 += d * d;
           }
+        const A bmean = bmean0 + bs1 * inv_nb;
+        bm2 -= bs1 * bs1 * inv_nb;
         const A d = bmean - mean[j];
         mean[j] += d * fb;
         m2[j] += bm2 + d * d * cross;
