@@ -36,16 +36,41 @@ Pairs are found in two ways:
   module, ``isinstance`` unchanged) whose ``forward`` is the rewritten graph's
   code. If the traced graph depends on ``self.training`` the module is traced in
   both modes and the new forward dispatches on ``self.training``. Activation
-  modules are never removed (they may be used elsewhere, e.g. after a residual
+  modules are never removed (they may be used elsewhere, e.g. after another
   add). A ``torch.fx.GraphModule`` given to ``convert`` is rewritten in its
   own graph (``recompile()``), not retraced.
 
+Residual form (traced forwards only; a Sequential cannot express the add):
+``act(bn(x) + z)`` as in ResNet blocks (``out = self.bn2(...); out += identity;
+out = self.relu(out)``) becomes one call of the fused module with
+``residual=z``. The add is ``a + b``, ``a += b``, ``torch.add(a, b)``,
+``a.add(b)`` or ``a.add_(b)`` with exactly these two operands (no ``alpha``,
+no ``out``), either operand the BatchNorm output (for ``+=`` / ``add_``, which
+write into their first operand, only the first), the other operand a value
+computed in the forward (a constant or scalar operand is not a residual). The
+BatchNorm output must go to the add only, and the add's result to the
+activation only. When both operands are fusable BatchNorm outputs, the first
+one's is fused. In the graph the BN call, the add and the activation become a
+node ``_residual_call(self.<bn>, x, z, add, bn_first)`` (this module) at
+the add's place (so ``z`` is read when eager reads it; torchvision computes
+the downsample shortcut between bn3 and the add). The BN call moves to that
+place, which is allowed only when nothing in between can tell: either nothing
+lies between, or the BN input is a value used by the BN alone and nothing in
+between reads the BN's tensors. Shapes are not known at trace time, so
+``_residual_call`` decides per call: when ``z`` is a tensor with ``x``'s
+shape, dtype, device (and strided layout) it calls ``fused(x, residual=z)``;
+otherwise (a broadcast bias, another dtype, a non-tensor) it computes the
+original unfused expression: ``nn.BatchNorm``'s forward on the fused module's
+tensors (running stats updated once, as before), the original add with its
+operand order (same broadcasting, type promotion and errors), then the
+activation. Fusion records of this form have ``kind="residual"``.
+
 A pair is left alone when the BatchNorm's output has another user besides
-the activation (this includes an in-place activation on a tensor used
-elsewhere and the ``BN -> add -> ReLU`` residual form), when the BatchNorm
-module is shared (registered at two places, or called from two places, e.g. a
-Sequential element that some forward also calls directly), or when the
-activation slot of a Sequential is also called from a traced forward.
+the activation (or the add, in the residual form; this includes an in-place
+activation on a tensor used elsewhere), when the BatchNorm module is shared
+(registered at two places, or called from two places, e.g. a Sequential
+element that some forward also calls directly), or when the activation slot
+of a Sequential is also called from a traced forward.
 
 Modules that torch.fx cannot trace (data-dependent control flow, ...) are left
 as they are, with a ``warnings.warn`` naming them and why; their children are
@@ -61,8 +86,10 @@ and the original activation module object back in place of the Identity;
 graph-rewritten modules get their original class back (hence their original
 forward, which still calls the activation) and the BatchNorm under the same
 name; a GraphModule gets the activation node re-inserted after the BatchNorm
-call. No state_dict key changes in either direction: the state_dict of a
-converted model loads into the original model and vice versa (strict).
+call (residual form: the BatchNorm call, the add with its operand order and
+the activation replace the ``_residual_call`` node). No state_dict key changes
+in either direction: the state_dict of a converted model loads into the
+original model and vice versa (strict).
 Fused modules that ``convert`` did not create are left in place with a
 warning.
 
@@ -90,12 +117,20 @@ Limitations
 * Pickling a converted model (``torch.save(model)``) works: the generated
   forward travels as source. ``torch.jit.script`` of a graph-rewritten module
   is not supported (``unconvert`` first).
+* torch.fx records ``out += z`` on a tensor as ``out + z`` (the traced graph,
+  hence the rewritten forward, does not write into ``out``); this holds for
+  every rewritten forward, fused or not.
+* Residual form: the BN call running at the add's place assumes that the
+  nodes in between do not write in place into the BN input through an alias
+  (the input itself has no other user in the graph). Forward hooks registered
+  on a fused module later are not called on the unfused fallback path.
 """
 import copy
 import importlib
 import inspect
 import linecache
 import numbers
+import operator
 import types
 import warnings
 import weakref
@@ -106,6 +141,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .modules import BatchNormAct1d, BatchNormAct2d, BatchNormAct3d, _BatchNormAct
 
@@ -121,7 +157,9 @@ class Fusion(NamedTuple):
            (``"torch.nn.functional.relu"``, ``"Tensor.relu_"``) called in forward
     owner: qualified name of the Sequential or of the module whose forward changed
            (``""`` is the model itself)
-    kind:  ``"sequential"`` or ``"graph"``
+    kind:  ``"sequential"``, ``"graph"`` (direct pair in a traced forward) or
+           ``"residual"`` (``act(bn(x) + z)`` in a traced forward; ``act`` is the
+           activation after the add)
     """
     name: str
     activation: str
@@ -186,6 +224,48 @@ for _name, (_fn, _, _) in _FUNCTIONS.items():
     _FUNCTION_NAMES.setdefault(_fn, _name)
 _METHODS = {"relu": "relu", "relu_": "relu"}
 _ACT_MODULES = (nn.ReLU, nn.LeakyReLU, nn.ELU)
+
+# The adds of the residual form ``act(bn(x) + z)``: stable name -> (graph op, target).
+# Only two-operand calls without kwargs match (no ``alpha``, no ``out``).
+_ADDS = {
+    "operator.add": ("call_function", operator.add),
+    "operator.iadd": ("call_function", operator.iadd),
+    "torch.add": ("call_function", torch.add),
+    "Tensor.add": ("call_method", "add"),
+    "Tensor.add_": ("call_method", "add_"),
+}
+_ADD_NAMES = {(op, t): name for name, (op, t) in _ADDS.items()}
+# These write into their first operand: fused only when that is the BN output
+# (a fresh tensor nobody else sees), never when it is the residual.
+_IN_PLACE_ADDS = ("operator.iadd", "Tensor.add_")
+
+
+def _residual_call(bn, x, z, add, bn_first):
+    """What a residual fusion's graph node calls: ``act(bn(x) + z)`` as one fused
+    kernel when ``z`` is a tensor of ``x``'s shape, dtype, device and layout (what
+    the kernel supports), else the unfused original: the BatchNorm forward of
+    ``nn.BatchNorm`` (same running-stat update, once), the original add with its
+    operand order (same broadcasting, type promotion and errors), the activation.
+    Shapes are unknown at trace time, so the choice is made here, per call.
+
+    bn: the fused module; add: a name in ``_ADDS``; bn_first: whether the BN
+    output was the add's first operand.
+    """
+    # Under torch.fx tracing (a converted module traced again, by convert or a
+    # user) record this call as one node instead of tracing into one branch.
+    for a in (x, z):
+        if isinstance(a, torch.fx.Proxy):
+            return a.tracer.create_proxy("call_function", _residual_call,
+                                         (bn, x, z, add, bn_first), {})
+    if (isinstance(z, torch.Tensor) and z.shape == x.shape and z.dtype == x.dtype
+            and z.device == x.device and z.layout == x.layout == torch.strided):
+        return bn(x, residual=z)
+    y = _BatchNorm.forward(bn, x)
+    a, b = (y, z) if bn_first else (z, y)
+    op, target = _ADDS[add]
+    s = target(a, b) if op == "call_function" else getattr(a, target)(b)
+    fn, args = _functional_for(bn, s)
+    return fn(*args)
 
 
 def _has_hooks(m):
@@ -556,22 +636,81 @@ def _container_path(root, target):
 
 
 def _graph_candidates(owner, graph):
-    """{bn node: (act node, config, desc, spec)} for the fusable-looking pairs in one graph."""
+    """{bn node: (act node, config, desc, spec, add)} for the fusable-looking pairs in
+    one graph; add is None for a direct pair, (add node, add name, bn_first) for
+    the residual form act(bn(x) + z)."""
     out = {}
     for node in graph.nodes:
         match = _match_activation(node, owner)
         if match is None:
             continue
         act, slope, alpha, desc, spec, inp = match
-        if not isinstance(inp, torch.fx.Node) or inp.op != "call_module":
+        rest = list(node.args[1:]) + list(node.kwargs.values())
+        if not isinstance(inp, torch.fx.Node) or any(isinstance(a, torch.fx.Node) for a in rest):
             continue
+        add = None
+        if inp.op != "call_module":
+            residual = _match_residual(owner, inp)
+            if residual is None:
+                continue
+            inp, add = residual
         if len(inp.users) != 1 or len(inp.args) != 1 or inp.kwargs:
             continue  # the BN output has other users (or an unusual call)
-        rest = list(node.args[1:]) + list(node.kwargs.values())
-        if any(isinstance(a, torch.fx.Node) for a in rest):
-            continue
-        out[inp] = (node, (act, slope, alpha), desc, spec)
+        out[inp] = (node, (act, slope, alpha), desc, spec, add)
     return out
+
+
+def _match_residual(owner, add):
+    """(bn node, (add, add name, bn_first)) when ``add`` is ``bn(x) + z`` whose result
+    goes only to the activation, else None. When both operands qualify, the first
+    one's BatchNorm is fused."""
+    key = (add.op, add.target) if add.op in ("call_function", "call_method") else None
+    name = _ADD_NAMES.get(key) if key is not None and _hashable(add.target) else None
+    if name is None or len(add.args) != 2 or add.kwargs or len(add.users) != 1:
+        return None
+    for i in ((0,) if name in _IN_PLACE_ADDS else (0, 1)):
+        bn, z = add.args[i], add.args[1 - i]
+        # z must be a value of the graph (a constant or scalar operand is a bias,
+        # not a residual); the runtime guard in _residual_call checks its shape.
+        if (isinstance(bn, torch.fx.Node) and isinstance(z, torch.fx.Node) and z is not bn
+                and _is_bn_call(owner, bn) and _can_move_to(bn, add)):
+            return bn, (add, name, i == 0)
+    return None
+
+
+def _is_bn_call(owner, node):
+    if node.op != "call_module" or len(node.users) != 1 or len(node.args) != 1 or node.kwargs:
+        return False
+    try:
+        return _is_plain_bn(owner.module.get_submodule(node.target))
+    except AttributeError:
+        return False
+
+
+def _can_move_to(bn, add):
+    """Whether the BN call may run at the add's place instead of its own.
+
+    The fused call stands where the add was, so that the residual is read when
+    eager reads it (e.g. torchvision's Bottleneck computes the downsample
+    shortcut between bn3 and the add). The BN then reads its input and updates
+    its running stats later; that is only safe when nothing in between can see
+    either: the input must be a fresh value used by the BN alone, and nothing in
+    between may read the BN's tensors (get_attr).
+    """
+    between = []
+    node = bn.next
+    while node is not add:
+        between.append(node)
+        node = node.next
+    if not between:
+        return True
+    x = bn.args[0]
+    if not (isinstance(x, torch.fx.Node) and x.op in ("call_module", "call_function", "call_method")
+            and len(x.users) == 1):
+        return False
+    prefix = bn.target + "."
+    return not any(n.op == "get_attr" and (n.target == bn.target or n.target.startswith(prefix))
+                   for n in between)
 
 
 def _subtree_has_bn(m):
@@ -667,7 +806,8 @@ def _convert(model, trace, exclude):
                     break
                 found.append((index, node) + candidates[index][node])
             else:
-                configs = {f[3] for f in found}
+                # One fused module for all variants: same activation and form in each.
+                configs = {(f[3], f[6] and f[6][1:]) for f in found}
                 if len(configs) == 1:
                     chosen[target] = found
         if not chosen:
@@ -684,14 +824,21 @@ def _rewrite(owner, chosen, fusions):
     m = owner.module
     for target, found in sorted(chosen.items()):
         bn = m.get_submodule(target)
-        (activation, slope, alpha), desc, spec = found[0][3:]
-        for index, bn_node, act_node, *_ in found:
-            act_node.replace_all_uses_with(bn_node)
-            owner.variants[index][1].erase_node(act_node)
-        fused = _to_fused(bn, activation, slope, alpha, {"kind": "graph", "act": spec})
+        (activation, slope, alpha), desc, spec, add = found[0][3:]
+        for index, bn_node, act_node, *_, add_info in found:
+            graph = owner.variants[index][1]
+            if add_info is None:
+                act_node.replace_all_uses_with(bn_node)
+                graph.erase_node(act_node)
+            else:
+                _fuse_residual(graph, target, bn_node, act_node, *add_info)
+        mark = {"kind": "graph", "act": spec}
+        if add is not None:
+            mark = {"kind": "residual", "act": spec, "add": add[1:]}
+        fused = _to_fused(bn, activation, slope, alpha, mark)
         _set_submodule(m, target, fused)
         fusions.append(Fusion(_qual(owner.name, target), activation, slope, alpha, desc,
-                              owner.name, "graph"))
+                              owner.name, mark["kind"]))
     for _, graph in owner.variants:
         graph.lint()
     if owner.graph_module:
@@ -706,6 +853,19 @@ def _rewrite(owner, chosen, fusions):
     m.__class__ = _converted_class(_original_class(m), code)
     m.__dict__[_OWNED] = owned
     m.__dict__[_CONSTANTS] = constants
+
+
+def _fuse_residual(graph, target, bn_node, act_node, add_node, add, bn_first):
+    # Operands are read now, not at analysis time: rewriting another pair may
+    # have replaced one of them (e.g. the residual was that pair's activation).
+    x = bn_node.args[0]
+    z = add_node.args[1 if bn_first else 0]
+    with graph.inserting_before(add_node):
+        module = graph.get_attr(target)
+        new = graph.call_function(_residual_call, (module, x, z, add, bn_first))
+    act_node.replace_all_uses_with(new)
+    for node in (act_node, add_node, bn_node):
+        graph.erase_node(node)
 
 
 # ---------------------------------------------------------------- public API
@@ -749,7 +909,8 @@ def unconvert(model, inplace=True, *, report=False):
             for target in m.__dict__.pop(_OWNED, ()):
                 fused = m.get_submodule(target)
                 if isinstance(fused, _BatchNormAct) and _MARK in fused.__dict__:
-                    undone.append(_undo_record(fused, _qual(name, target), name, "graph"))
+                    undone.append(_undo_record(fused, _qual(name, target), name,
+                                               fused.__dict__[_MARK]["kind"]))
                     _set_submodule(m, target, _to_bn(fused))
                     handled.add(id(fused))
             for k in m.__dict__.pop(_CONSTANTS, ()):
@@ -791,34 +952,59 @@ def _unconvert_graph_module(name, gm, undone, handled):
     graph = gm.graph
     changed = False
     for node in list(graph.nodes):
-        if node.op != "call_module":
+        if node.op == "call_module":
+            target = node.target
+        elif (node.op == "call_function" and node.target is _residual_call
+              and isinstance(node.args[0], torch.fx.Node) and node.args[0].op == "get_attr"):
+            target = node.args[0].target
+        else:
             continue
         try:
-            fused = gm.get_submodule(node.target)
+            fused = gm.get_submodule(target)
         except AttributeError:
             continue
         mark = fused.__dict__.get(_MARK) if isinstance(fused, _BatchNormAct) else None
-        if not mark or mark["kind"] != "graph" or id(fused) in handled:
+        if not mark or id(fused) in handled:
             continue
-        op, target, rest, kwargs = mark["act"]
-        with graph.inserting_after(node):
-            if op == "call_module" and _has_plain_act(gm, target):
-                new = graph.call_module(target, (node,))
-            elif op == "call_method":
-                new = graph.call_method(target, (node,) + tuple(rest), dict(kwargs))
-            elif op == "call_function":
-                new = graph.call_function(_FUNCTIONS[target][0], (node,) + tuple(rest),
-                                          dict(kwargs))
-            else:  # the activation module was deleted from the GraphModule since
-                new = graph.call_function(*_functional_for(fused, node))
-        node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
-        undone.append(_undo_record(fused, _qual(name, node.target), name, "graph"))
-        _set_submodule(gm, node.target, _to_bn(fused))
+        if node.op == "call_module" and mark["kind"] == "graph":
+            with graph.inserting_after(node):
+                new = _act_node(gm, graph, fused, mark["act"], node)
+            node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+        elif node.op == "call_function" and mark["kind"] == "residual":
+            # Back to bn(x), the original add (operand order kept), the activation.
+            module, x, z, add, bn_first = node.args
+            with graph.inserting_before(node):
+                bn_node = graph.call_module(target, (x,))
+                op, add_target = _ADDS[add]
+                add_node = graph.create_node(op, add_target,
+                                             (bn_node, z) if bn_first else (z, bn_node))
+                new = _act_node(gm, graph, fused, mark["act"], add_node)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            if not module.users:
+                graph.erase_node(module)
+        else:
+            continue
+        undone.append(_undo_record(fused, _qual(name, target), name, mark["kind"]))
+        _set_submodule(gm, target, _to_bn(fused))
         handled.add(id(fused))
         changed = True
     if changed:
         graph.lint()
         gm.recompile()
+
+
+def _act_node(gm, graph, fused, spec, inp):
+    """The activation node that ``convert`` removed, re-created on ``inp``."""
+    op, target, rest, kwargs = spec
+    if op == "call_module" and _has_plain_act(gm, target):
+        return graph.call_module(target, (inp,))
+    if op == "call_method":
+        return graph.call_method(target, (inp,) + tuple(rest), dict(kwargs))
+    if op == "call_function":
+        return graph.call_function(_FUNCTIONS[target][0], (inp,) + tuple(rest), dict(kwargs))
+    # the activation module was deleted from the GraphModule since
+    return graph.call_function(*_functional_for(fused, inp))
 
 
 def _has_plain_act(gm, target):

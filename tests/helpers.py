@@ -167,7 +167,8 @@ def max_err(a, b):
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
-def assert_close(actual, expected, ref64=None, name="", compute_dtype=None, abs_floor=1e-6):
+def assert_close(actual, expected, ref64=None, name="", compute_dtype=None, abs_floor=1e-6,
+                 vs64=False):
     """The suite's single tolerance rule, chosen by the computation's dtype
     (``compute_dtype``, the input's; by default ``actual``'s).
 
@@ -179,6 +180,9 @@ def assert_close(actual, expected, ref64=None, name="", compute_dtype=None, abs_
     grad_weight or running stats of a float32 module fed bf16 input) may in
     addition be off by float32's own tight tolerance (rtol 1e-5 of the
     largest value): eager can be exact there by luck.
+    vs64: judge float32/float64 by the low-precision rule too -- for sums over
+    thousands of values, where eager's own float32 error is far above the tight
+    tolerance (its channels-last grad_weight is off by 0.3 at 16400 values).
     """
     if actual is None or expected is None:
         assert actual is None and expected is None, f"{name}: {actual} vs {expected}"
@@ -186,7 +190,7 @@ def assert_close(actual, expected, ref64=None, name="", compute_dtype=None, abs_
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} vs {expected.shape}"
     assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} vs {expected.dtype}"
     compute_dtype = compute_dtype or actual.dtype
-    if compute_dtype in TIGHT:
+    if compute_dtype in TIGHT and not vs64:
         torch.testing.assert_close(actual.detach(), expected.detach(), **TIGHT[actual.dtype],
                                    equal_nan=True, msg=lambda m: f"{name}: {m}")
         return
@@ -229,7 +233,7 @@ def step(mod, x, grad_out, training):
 
 
 def compare_steps(fused, ref, ref64, x, training,
-                  names=("out", "grad_input", "grad_weight", "grad_bias")):
+                  names=("out", "grad_input", "grad_weight", "grad_bias"), vs64=False):
     """Run one step on fusedbn, eager (same dtypes) and the float64 eager
     reference, and compare outputs, gradients and the running statistics.
     The references first take fused's current buffers, so that each step is
@@ -243,8 +247,8 @@ def compare_steps(fused, ref, ref64, x, training,
     res_e = step(ref, x, g, training)
     res_64 = step(ref64, x.double(), g.double(), training)
     for name, a, e, r in zip(names, res_f, res_e, res_64):
-        assert_close(a, e, r, name=name, compute_dtype=x.dtype)
-    compare_buffers(fused, ref, ref64, x.dtype)
+        assert_close(a, e, r, name=name, compute_dtype=x.dtype, vs64=vs64)
+    compare_buffers(fused, ref, ref64, x.dtype, vs64)
     return res_f, res_e
 
 
@@ -290,14 +294,14 @@ def sync_buffers(fused, *refs):
                 getattr(bn_of(r), name).copy_(t)
 
 
-def compare_buffers(fused, ref, ref64, compute_dtype=None):
+def compare_buffers(fused, ref, ref64, compute_dtype=None, vs64=False):
     bn, bn64 = bn_of(ref), bn_of(ref64)
     for name in ("running_mean", "running_var"):
         a, e = getattr(fused, name), getattr(bn, name)
         if a is None or e is None:
             assert a is None and e is None, name
             continue
-        assert_close(a, e, getattr(bn64, name), name=name, compute_dtype=compute_dtype)
+        assert_close(a, e, getattr(bn64, name), name=name, compute_dtype=compute_dtype, vs64=vs64)
     a, e = fused.num_batches_tracked, bn.num_batches_tracked
     assert (a is None) == (e is None)
     if a is not None:

@@ -10,6 +10,7 @@ import io
 import os
 import sys
 import warnings
+from collections import Counter
 
 import pytest
 import torch
@@ -47,7 +48,7 @@ class BasicBlock(nn.Module):
         out = self.bn1(out)
         out = self.relu(out)          # fused
         out = self.conv2(out)
-        out = self.bn2(out)           # BN -> add -> ReLU: left alone
+        out = self.bn2(out)           # BN -> add -> ReLU: residual fusion
         out += identity
         out = self.relu(out)
         return out
@@ -71,7 +72,7 @@ class Bottleneck(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))           # fused (F.relu)
         out = self.bn2(self.conv2(out)).relu()          # fused (Tensor.relu)
-        out = self.bn3(self.conv3(out))                 # left alone (add follows)
+        out = self.bn3(self.conv3(out))                 # residual fusion (add, torch.relu)
         return torch.relu(out + self.downsample(x))
 
 
@@ -110,10 +111,12 @@ class ResNetish(nn.Module):
         return self.fc(F.leaky_relu(self.bn_head(x), 0.2))    # fused (leaky_relu 0.2, 1d)
 
 
-# stem, layer1.{0,1}.bn1, layer2.0.bn{1,2}, elu.bn, bn_out, bn_head
+# stem, layer1.{0,1}.bn1, layer2.0.bn{1,2}, elu.bn, bn_out, bn_head; residual form:
+# layer1.{0,1}.bn2, layer2.0.bn3. The downsample BN has no activation.
+RESNET_RESIDUAL = {"layer1.0.bn2", "layer1.1.bn2", "layer2.0.bn3"}
 RESNET_FUSED = {"stem.1", "layer1.0.bn1", "layer1.1.bn1", "layer2.0.bn1", "layer2.0.bn2",
-                "elu.bn", "bn_out", "bn_head"}
-RESNET_PLAIN = {"layer1.0.bn2", "layer1.1.bn2", "layer2.0.bn3", "layer2.0.downsample.1"}
+                "elu.bn", "bn_out", "bn_head"} | RESNET_RESIDUAL
+RESNET_PLAIN = {"layer2.0.downsample.1"}
 
 
 class SharedOutput(nn.Module):
@@ -336,7 +339,8 @@ def test_resnet_pairs_found_and_others_left():
     assert out is model
     assert fused_names(model) == RESNET_FUSED
     assert plain_bn_names(model) == RESNET_PLAIN
-    assert len(fusions) == len(RESNET_FUSED) == 8
+    assert len(fusions) == len(RESNET_FUSED) == 11
+    assert {f.name for f in fusions if f.kind == "residual"} == RESNET_RESIDUAL
     by_name = {f.name: f for f in fusions}
     assert by_name["stem.1"] == Fusion("stem.1", "relu", 0.01, 1.0, "stem.2", "stem", "sequential")
     assert by_name["bn_head"].activation == "leaky_relu"
@@ -359,7 +363,7 @@ def test_resnet_pairs_found_and_others_left():
 def test_resnet_outputs_and_gradients_match():
     ref = make(ResNetish)
     model = convert(copy.deepcopy(ref))
-    assert len(fused_names(model)) == 8
+    assert len(fused_names(model)) == 11
     assert_same(model, ref, image())
 
 
@@ -408,7 +412,8 @@ def test_unconvert_round_trip():
     x = image()
     assert_same(model, ref, x, steps=1)
     model, undone = unconvert(model, report=True)
-    assert len(undone) == 8
+    assert len(undone) == 11
+    assert {f.name for f in undone if f.kind == "residual"} == RESNET_RESIDUAL
     assert not fused_names(model)
     assert plain_bn_names(model) == RESNET_FUSED | RESNET_PLAIN
     assert type(model) is ResNetish and type(model.layer2[0]) is Bottleneck
@@ -429,7 +434,7 @@ def test_unconverted_state_dict_loads_into_converted():
 def test_convert_is_idempotent_and_not_inplace_option():
     ref = make(ResNetish)
     copy_ = convert(ref, inplace=False)
-    assert copy_ is not ref and not fused_names(ref) and len(fused_names(copy_)) == 8
+    assert copy_ is not ref and not fused_names(ref) and len(fused_names(copy_)) == 11
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, again = convert(copy_, report=True)
@@ -651,7 +656,8 @@ def test_sequential_element_called_from_forward_not_fused():
 
 def test_exclude_and_trace_false():
     model, fusions = convert(make(ResNetish), report=True, exclude=["layer1", "bn_head"])
-    assert {f.name for f in fusions} == RESNET_FUSED - {"layer1.0.bn1", "layer1.1.bn1", "bn_head"}
+    assert {f.name for f in fusions} == RESNET_FUSED - {"layer1.0.bn1", "layer1.1.bn1",
+                                                        "layer1.0.bn2", "layer1.1.bn2", "bn_head"}
     model, fusions = convert(make(ResNetish), report=True, trace=False)
     assert {f.name for f in fusions} == {"stem.1"}
 
@@ -699,3 +705,234 @@ def test_hooked_bn_not_fused():
     ref[0].register_forward_hook(lambda m, i, o: seen.append(o.min().item()))
     model, fusions = convert(ref, report=True)
     assert fusions == []
+
+
+# ------------------------------------------------------------ residual form
+class ResBlock(nn.Module):
+    """BasicBlock whose residual add is spelled one of FORMS; with a downsample
+    shortcut computed between bn2 and the add, as torchvision does."""
+    FORMS = ["iadd", "add", "torch_add_swapped", "f_relu", "method_inplace", "method_swapped",
+             "leaky"]
+
+    def __init__(self, form, downsample, c=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.downsample = (nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+                           if downsample else None)
+        self.form = form
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        if self.form == "iadd":
+            out += identity
+            out = self.relu(out)
+        elif self.form == "add":
+            out = out + identity
+            out = self.relu(out)
+        elif self.form == "torch_add_swapped":      # BN output second
+            out = torch.relu(torch.add(identity, out))
+        elif self.form == "f_relu":
+            out = F.relu(out + identity)
+        elif self.form == "method_inplace":         # Tensor.add_ into the BN output, relu_
+            out = out.add_(identity).relu_()
+        elif self.form == "method_swapped":         # Tensor.add on the shortcut
+            out = identity.add(out).relu()
+        else:
+            out = F.leaky_relu(out + identity, 0.2)
+        return out
+
+
+def small_image(c=8, seed=2):
+    return image(n=2, c=c, h=6, w=6, seed=seed)
+
+
+def residual_calls(fused):
+    """Record, per call of the fused module, whether it got a residual (the
+    fused kernel); the unfused fallback does not call the module."""
+    calls = []
+    handle = fused.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs.get("residual") is not None),
+        with_kwargs=True)
+    return calls, handle
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+@pytest.mark.parametrize("form", ResBlock.FORMS)
+def test_residual_forms(form, downsample):
+    ref = make(ResBlock, form, downsample)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert {f.name: f.kind for f in fusions} == {"bn1": "graph", "bn2": "residual"}
+    res = next(f for f in fusions if f.kind == "residual")
+    act = {"iadd": "relu", "add": "relu", "torch_add_swapped": "torch.relu",
+           "f_relu": "torch.nn.functional.relu", "method_inplace": "Tensor.relu_",
+           "method_swapped": "Tensor.relu", "leaky": "torch.nn.functional.leaky_relu"}[form]
+    assert res == Fusion("bn2", "leaky_relu" if form == "leaky" else "relu",
+                         0.2 if form == "leaky" else 0.01, 1.0, act, "", "residual")
+    assert fused_names(model) == {"bn1", "bn2"}
+    assert plain_bn_names(model) == ({"downsample.1"} if downsample else set())
+    assert type(model.relu) is nn.ReLU           # still used after bn1
+    calls, handle = residual_calls(model.bn2)
+    x = small_image()
+    assert_same(model, ref, x)                   # 2 train steps, then eval
+    assert calls == [True] * 3                   # the fused kernel each time
+    handle.remove()
+    make(ResBlock, form, downsample, seed=3).load_state_dict(model.state_dict(), strict=True)
+    # Converting again traces the rewritten forward (downsample.1 is still a
+    # plain BN): nothing new, no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert convert(model, report=True)[1] == []
+    back, undone = unconvert(model, report=True)
+    assert sorted(undone) == sorted(fusions)
+    assert type(back) is ResBlock and repr(back) == repr(ref) and not fused_names(back)
+    assert_same(back, ref, x, steps=1)
+    ref.load_state_dict(back.state_dict(), strict=True)
+
+
+def test_residual_bottleneck_with_downsample():
+    ref = make(Bottleneck, 8, 4, 8, 1)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert {f.name: f.kind for f in fusions} == {"bn1": "graph", "bn2": "graph",
+                                                 "bn3": "residual"}
+    assert type(model.downsample[1]) is nn.BatchNorm2d    # no activation of its own
+    calls, _ = residual_calls(model.bn3)
+    assert_same(model, ref, small_image())
+    assert calls == [True] * 3
+    assert repr(unconvert(model)) == repr(ref)
+    assert_same(model, ref, small_image(), steps=1)
+
+
+@pytest.mark.parametrize("form", ["iadd", "torch_add_swapped", "method_inplace",
+                                  "method_swapped"])
+def test_residual_graph_module(form):
+    def ops(gm):
+        return Counter((n.op, n.target) for n in gm.graph.nodes)
+
+    ref = make(ResBlock, form, True)
+    gm = torch.fx.symbolic_trace(copy.deepcopy(ref))
+    before = ops(gm)
+    gm, fusions = convert(gm, report=True)
+    # Fully traced, the downsample BN is a graph node too: with the shortcut as
+    # first operand, its BN is the one fused (the first operand's).
+    fused_bn = "downsample.1" if form in ("torch_add_swapped", "method_swapped") else "bn2"
+    assert {f.name: f.kind for f in fusions} == {"bn1": "graph", fused_bn: "residual"}
+    assert not any(n.op == "call_module" and n.target == fused_bn for n in gm.graph.nodes)
+    assert_same(gm, ref, small_image(), steps=1)
+    gm, undone = unconvert(gm, report=True)
+    assert sorted(undone) == sorted(fusions)
+    assert not fused_names(gm)
+    assert ops(gm) == before                  # BN call, add and activation are back
+    assert_same(gm, ref, small_image(), steps=1)
+    ref.load_state_dict(gm.state_dict(), strict=True)
+
+
+class NotResidual(nn.Module):
+    """Residual-looking forms that must not be fused."""
+    CASES = ["add_reused", "bn_reused", "inplace_act_shared", "scalar", "alpha_function",
+             "alpha_method", "into_residual", "input_shared_between", "stats_read_between",
+             "mode_dependent"]
+
+    def __init__(self, case):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU()
+        self.case = case
+
+    def forward(self, x):
+        c = self.case
+        if c == "add_reused":
+            s = self.bn(x) + x
+            return self.relu(s) + s
+        if c == "bn_reused":
+            y = self.bn(x)
+            return self.relu(y + x) * y
+        if c == "inplace_act_shared":
+            s = self.bn(x) + x
+            F.relu_(s)
+            return s * 2
+        if c == "scalar":
+            return self.relu(self.bn(x) + 1.5)
+        if c == "alpha_function":
+            return self.relu(torch.add(self.bn(x), x, alpha=2))
+        if c == "alpha_method":
+            return self.bn(x).add(x, alpha=2).relu()
+        if c == "into_residual":                   # writes into the shortcut, used later
+            z = self.conv(x)
+            return F.relu(z.add_(self.bn(x))) + z
+        if c == "input_shared_between":            # the BN input is used by the conv in between
+            y = self.bn(x)
+            return F.relu(y + self.conv(x))
+        if c == "stats_read_between":              # reads the updated running mean
+            y = self.bn(self.conv(x))
+            # (a parameter proxy makes fx record the buffer as a get_attr node)
+            r = (self.conv.weight.sum() * 0 + self.bn.running_mean).view(1, -1, 1, 1)
+            return F.relu(y + x) + r
+        # mode_dependent: residual form in training, a direct pair in eval
+        if self.training:
+            return F.relu(self.bn(x) + x)
+        return F.relu(self.bn(x))
+
+
+@pytest.mark.parametrize("case", NotResidual.CASES)
+def test_residual_not_fused(case):
+    ref = make(NotResidual, case)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert fusions == [] and not fused_names(model)
+    assert_same(model, ref, small_image(c=4))
+
+
+class ResidualArg(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, z):
+        return F.relu(self.bn(x) + z)
+
+
+class FeedsResidual(nn.Module):
+    """Passes self.z (set per test) as the residual of the inner block."""
+
+    def __init__(self, expand=False):
+        super().__init__()
+        self.inner = ResidualArg()
+        self.expand = expand
+
+    def forward(self, x):
+        z = self.z.expand_as(x) if self.expand else self.z
+        return self.inner(x, z)
+
+
+@pytest.mark.parametrize("kind", ["same", "expanded", "broadcast", "scalar_tensor", "float32",
+                                  "number"])
+def test_residual_runtime_fallback(kind):
+    """The residual's shape/dtype is only known per call: anything the fused
+    kernel does not take goes through the unfused path, with eager's results,
+    gradients (to the residual too) and running stats. A stride-0 expanded
+    residual of the right shape takes the kernel."""
+    ref = make(FeedsResidual, expand=kind == "expanded")
+    torch.manual_seed(4)
+    ref.z = {"same": lambda: nn.Parameter(torch.randn(2, 4, 6, 6, dtype=DTYPE)),
+             "expanded": lambda: nn.Parameter(torch.randn(4, 1, 1, dtype=DTYPE)),
+             "broadcast": lambda: nn.Parameter(torch.randn(4, 1, 1, dtype=DTYPE)),
+             "scalar_tensor": lambda: nn.Parameter(torch.tensor(0.3, dtype=DTYPE)),
+             "float32": lambda: nn.Parameter(torch.randn(2, 4, 6, 6)),
+             "number": lambda: 0.25}[kind]()
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert [(f.name, f.kind) for f in fusions] == [("inner.bn", "residual")]
+    calls, _ = residual_calls(model.inner.bn)
+    assert_same(model, ref, small_image(c=4))
+    assert calls == ([True] * 3 if kind in ("same", "expanded") else [])
+    if isinstance(ref.z, nn.Parameter):
+        assert model.z.grad is not None

@@ -306,3 +306,24 @@ def test_bias_gradient_without_weight():
                            activation="identity").sum().backward()
     assert b.grad is not None, "bias.grad is None: the bias gradient was not computed"
     torch.testing.assert_close(b.grad, torch.full((3,), 8.0))
+
+
+# The CPU kernels walk a channel in blocks of 4096 values: short planes are
+# grouped several to a block (and normalized in memory order), planes of
+# 2048+ values are a block of their own, longer ones are cut. One shape per
+# regime, plus a run tail that is not a multiple of the 32 vector lanes.
+# Judged against float64: at these sizes eager's float32 sums are the less
+# accurate ones.
+BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=["x".join(map(str, s)) for s in BLOCK_SHAPES])
+def test_block_regimes(shape, dtype, layout):
+    seed("blocks", shape, dtype, layout)
+    activation, kwargs = ACTIVATIONS[2]
+    fused = make_fused(4, shape[1], activation, kwargs, dtype=dtype)
+    ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
+    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), True, vs64=True)
+    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), False, vs64=True)
