@@ -22,11 +22,11 @@ using torch::autograd::variable_list;
 using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
-    double, double);
+    double, double, c10::string_view, const OptTensor&);
 using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const Tensor&, const Tensor&, bool, c10::string_view, double, double, std::array<bool, 4>,
-    bool);
+    bool, c10::string_view);
 
 const c10::TypedOperatorHandle<ForwardSig>& forward_op(bool inplace) {
   static auto op = c10::Dispatcher::singleton()
@@ -59,7 +59,8 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
                                const OptTensor& bias, const OptTensor& running_mean,
                                const OptTensor& running_var, const OptTensor& nbt, bool training,
                                std::optional<double> momentum, double eps,
-                               c10::string_view activation, double negative_slope, double alpha) {
+                               c10::string_view activation, double negative_slope, double alpha,
+                               c10::string_view order, const OptTensor& activity) {
     bool from_output = Inplace;
     Tensor input_copy;
     if (Inplace && weight.has_value() && weight->defined() && weight->eq(0).any().item<bool>()) {
@@ -71,7 +72,8 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, mean, invstd) =
           forward_op(Inplace).call(input, residual, weight, bias, running_mean, running_var, nbt,
-                                   training, momentum, eps, activation, negative_slope, alpha);
+                                   training, momentum, eps, activation, negative_slope, alpha,
+                                   order, activity);
     }
     if (Inplace) ctx->mark_dirty({input});
     // One full-size tensor is kept (two with a residual): the input, or in
@@ -85,6 +87,7 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["alpha"] = alpha;
+    ctx->saved_data["order"] = std::string(order);
     ctx->mark_non_differentiable({mean, invstd});
     return {out, mean, invstd};
   }
@@ -105,8 +108,8 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
         saved[5],
         ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef(),
         ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["alpha"].toDouble(), mask,
-        ctx->saved_data["from_output"].toBool());
-    variable_list result(13);
+        ctx->saved_data["from_output"].toBool(), ctx->saved_data["order"].toStringRef());
+    variable_list result(15);  // one per argument of forward
     result[0] = or_undefined(gi);
     result[1] = or_undefined(gz);
     result[2] = or_undefined(gw);
@@ -120,14 +123,16 @@ std::tuple<Tensor, Tensor, Tensor> forward_autograd(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha) {
-  auto out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean, running_var, nbt, training,
-                                      momentum, eps, activation, negative_slope, alpha);
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity) {
+  auto out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean,
+                                               running_var, nbt, training, momentum, eps,
+                                               activation, negative_slope, alpha, order, activity);
   // What ADInplaceOrView would do for the buffers mutated below autograd.
   if (training) {
     for (const OptTensor* t : {&running_mean, &running_var, &nbt})
       if (t->has_value() && (*t)->defined()) torch::autograd::impl::bump_version(**t);
   }
+  if (activity.has_value() && activity->defined()) torch::autograd::impl::bump_version(*activity);
   return {out[0], out[1], out[2]};
 }
 

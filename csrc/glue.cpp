@@ -21,8 +21,11 @@ DType to_dtype(at::ScalarType s) {
 
 at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-ActParams parse_activation(const std::string& name, double negative_slope, double alpha) {
+ActParams parse_activation(const std::string& name, double negative_slope, double alpha,
+                           const std::string& order) {
   ActParams a;
+  TORCH_CHECK_VALUE(order == "bn_act" || order == "act_bn", "fusedbn: unknown order '", order,
+                    "'; expected 'bn_act' (act(bn(x))) or 'act_bn' (bn(act(x)))");
   a.negative_slope = negative_slope;
   a.alpha = alpha;
   if (name == "identity") a.kind = Activation::Identity;
@@ -32,6 +35,8 @@ ActParams parse_activation(const std::string& name, double negative_slope, doubl
   else
     TORCH_CHECK_VALUE(false, "fusedbn: unknown activation '", name,
                       "'; expected one of 'identity', 'relu', 'leaky_relu', 'elu'");
+  // With the identity both orders are the same BatchNorm.
+  if (order == "act_bn" && a.kind != Activation::Identity) a.order = Order::ActBn;
   return a;
 }
 
@@ -83,6 +88,32 @@ void check_per_channel(const OptTensor& t, const char* name, const Tensor& input
 }
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// What order="act_bn" cannot be combined with, and what CUDA does not do yet.
+void check_mode(const ActParams& act, const Tensor& input, const OptTensor& residual,
+                bool inplace, bool counts_activity) {
+  if (act.order == Order::ActBn) {
+    TORCH_CHECK_VALUE(!defined(residual),
+                      "fusedbn: order='act_bn' (bn(act(x))) takes no residual; the residual form "
+                      "is act(bn(x) + residual)");
+    TORCH_CHECK_VALUE(!inplace, "fusedbn: inplace=True is not supported with order='act_bn'");
+  }
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      !input.is_cuda() || (act.order == Order::BnAct && !counts_activity),
+      "fusedbn: order='act_bn' and activity tracking are implemented on CPU only so far");
+}
+
+void check_activity(const OptTensor& activity, const Tensor& input) {
+  if (!defined(activity)) return;
+  TORCH_CHECK(activity->device() == input.device(), "fusedbn: activity is on ",
+              activity->device(), " but input is on ", input.device());
+  TORCH_CHECK_TYPE(at::isFloatingType(activity->scalar_type()),
+                   "fusedbn: activity must be a floating-point tensor, got ",
+                   activity->scalar_type());
+  TORCH_CHECK_VALUE(activity->dim() == 1 && activity->numel() == input.size(1),
+                    "fusedbn: activity must have shape [", input.size(1),
+                    "] (one value per channel), got shape ", size_str(*activity));
+}
 
 void check_residual(const OptTensor& z, const Tensor& input) {
   if (!defined(z)) return;
@@ -190,12 +221,14 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    bool inplace, ForwardKernel kernel) {
+    const std::string& order, const OptTensor& activity, bool inplace, ForwardKernel kernel) {
   // Every check comes before any buffer is touched.
-  const ActParams act = parse_activation(activation, negative_slope, alpha);
+  const ActParams act = parse_activation(activation, negative_slope, alpha, order);
   if (inplace) check_invertible(act);
+  check_mode(act, input, residual, inplace, defined(activity));
   check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps);
+  check_activity(activity, input);
 
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const View v = view_of(input);
@@ -220,6 +253,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   p.bias = ptr_or_null(b);
   p.eps = eps;
   p.num_threads = at::get_num_threads();
+  Tensor active_count;
+  if (defined(activity)) {
+    active_count = at::zeros({C}, input.options().dtype(at::kLong));
+    p.active_count = active_count.data_ptr<int64_t>();
+  }
 
   const bool update = training && defined(running_mean);
   if (training) {
@@ -256,6 +294,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     kernel(p, false);
   }
   if (!v.native) out.copy_(y);
+  // The fraction of active values per channel (0/0 = nan for an empty batch).
+  if (defined(activity))
+    activity->copy_(active_count.to(at::kDouble) / double(v.shape.count()));
   return {out, mean, invstd};
 }
 
@@ -264,9 +305,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
     const Tensor& save_invstd, bool training, const std::string& activation,
     double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    BackwardKernel kernel) {
-  const ActParams act = parse_activation(activation, negative_slope, alpha);
+    const std::string& order, BackwardKernel kernel) {
+  const ActParams act = parse_activation(activation, negative_slope, alpha, order);
   if (from_output) check_invertible(act);
+  check_mode(act, input, residual, from_output, false);
   check_input(input);
   check_residual(residual, input);
   check_per_channel(weight, "weight", input);

@@ -24,14 +24,14 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    bool inplace, ForwardKernel kernel);
+    const std::string& order, const OptTensor& activity, bool inplace, ForwardKernel kernel);
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
     const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
     const Tensor& save_invstd, bool training, const std::string& activation,
     double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    BackwardKernel kernel);
+    const std::string& order, BackwardKernel kernel);
 
 // The operator entry points with a device's kernels plugged in; each
 // backend registers these (see csrc/cpu, csrc/cuda). Guard is constructed from
@@ -45,10 +45,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_op(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha) {
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity) {
   const Guard guard(input.device());
   return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
-                      momentum, eps, std::string(activation), negative_slope, alpha, Inplace, K);
+                      momentum, eps, std::string(activation), negative_slope, alpha,
+                      std::string(order), activity, Inplace, K);
 }
 
 template <typename Guard, BackwardKernel K>
@@ -56,10 +57,11 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_op(
     const Tensor& grad_out, const Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
     c10::string_view activation, double negative_slope, double alpha,
-    std::array<bool, 4> output_mask, bool from_output) {
+    std::array<bool, 4> output_mask, bool from_output, c10::string_view order) {
   const Guard guard(input.device());
   return backward_impl(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                       std::string(activation), negative_slope, alpha, output_mask, from_output, K);
+                       std::string(activation), negative_slope, alpha, output_mask, from_output,
+                       std::string(order), K);
 }
 
 }  // namespace fusedbn

@@ -16,12 +16,15 @@ TORCH_LIBRARY(fusedbn, m) {
   // (momentum=None: cumulative average). Eval: the running statistics.
   // Returns (output, save_mean, save_invstd), the statistics in float32
   // (float64 for float64 input).
+  // order="act_bn": y = batchnorm(act(input)) instead (no residual).
+  // activity: when given, set to the fraction of each channel's values whose
+  // activation input is positive (counted in the same pass).
   m.def(
       "forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
-      "float? momentum, float eps, str activation, float negative_slope, float alpha) "
-      "-> (Tensor, Tensor, Tensor)");
+      "float? momentum, float eps, str activation, float negative_slope, float alpha, "
+      "str order=\"bn_act\", Tensor(d!)? activity=None) -> (Tensor, Tensor, Tensor)");
   // forward writing its output over `input` (returned). Only for invertible
   // activations (identity, leaky_relu, elu): the backward then takes the
   // output in place of the input (from_output=True).
@@ -29,7 +32,8 @@ TORCH_LIBRARY(fusedbn, m) {
       "forward_(Tensor(a!) input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
       "bool training, float? momentum, float eps, str activation, float negative_slope, "
-      "float alpha) -> (Tensor(a!), Tensor, Tensor)");
+      "float alpha, str order=\"bn_act\", Tensor(e!)? activity=None) "
+      "-> (Tensor(a!), Tensor, Tensor)");
   // Gradients of forward for input, weight, bias and residual, each only
   // when its output_mask entry is set (and the tensor exists); the
   // activation's derivative is recomputed from input, residual and the saved
@@ -38,6 +42,6 @@ TORCH_LIBRARY(fusedbn, m) {
   m.def(
       "backward(Tensor grad_out, Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, str activation, "
-      "float negative_slope, float alpha, bool[4] output_mask, bool from_output=False) "
-      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
+      "float negative_slope, float alpha, bool[4] output_mask, bool from_output=False, "
+      "str order=\"bn_act\") -> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

@@ -5,6 +5,7 @@ import numbers
 import torch
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
+ORDERS = ("bn_act", "act_bn")
 
 
 def check_activation(activation):
@@ -17,6 +18,13 @@ def check_activation(activation):
         raise ValueError(f"fusedbn: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
+def check_order(order):
+    """Raise ValueError unless ``order`` is ``"bn_act"`` or ``"act_bn"``."""
+    if order not in ORDERS:
+        raise ValueError(f"fusedbn: unknown order {order!r}; expected 'bn_act' (act(bn(x))) "
+                         "or 'act_bn' (bn(act(x)))")
+
+
 def _check_number(name, value, allow_none=False):
     if value is None and allow_none:
         return
@@ -27,7 +35,8 @@ def _check_number(name, value, allow_none=False):
 
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
                    momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.01, alpha=1.0,
-                   *, residual=None, inplace=False, num_batches_tracked=None):
+                   *, residual=None, inplace=False, num_batches_tracked=None, order="bn_act",
+                   activity=None):
     """BatchNorm followed by an activation, in one fused kernel.
 
     Same semantics as ``F.batch_norm(...)`` followed by the activation:
@@ -52,8 +61,19 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     copy of the input instead. Precision: in bfloat16/float16, and for ELU
     outputs close to -alpha, the recovered input is less accurate than the
     saved one.
+
+    order: ``"bn_act"`` (the default) computes ``act(bn(input))``;
+    ``"act_bn"`` computes ``bn(act(input))``, the activation before the
+    normalization, in the same passes (no residual, no in-place mode).
+
+    activity: optional floating tensor of shape ``[C]``, set to the fraction
+    of each channel's values whose activation input is positive -- i.e. not
+    zeroed by relu, not in the negative branch of leaky_relu / elu. Counted in
+    the pass that writes the output, so it costs no memory traffic. With
+    ``order="act_bn"`` the activation input is ``input`` itself.
     """
     check_activation(activation)
+    check_order(order)
     _check_number("momentum", momentum, allow_none=True)
     _check_number("eps", eps)
     _check_number("negative_slope", negative_slope)
@@ -62,5 +82,5 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     out, _, _ = op.default(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
         None if momentum is None else float(momentum), float(eps), activation,
-        float(negative_slope), float(alpha))
+        float(negative_slope), float(alpha), order, activity)
     return out

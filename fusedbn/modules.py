@@ -2,18 +2,43 @@
 
 Parameters, buffers and state_dict keys are those of ``nn.BatchNormNd`` (the
 classes derive from its base), so a state_dict saved from ``nn.BatchNorm2d``
-loads as is.
+loads as is. The activity buffers of ``track_activity=True`` are not part of
+the state_dict.
 """
+import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import batch_norm_act, check_activation
+from .functional import batch_norm_act, check_activation, check_order
 
 
 class _BatchNormAct(_BatchNorm):
+    """Keyword-only options beyond ``nn.BatchNormNd``'s:
+
+    inplace: write the output over the input (invertible activations only;
+    see ``batch_norm_act``).
+    order: ``"bn_act"`` -> ``act(bn(x))`` (default), ``"act_bn"`` -> ``bn(act(x))``.
+    bias_init: the initial shift beta (``reset_parameters`` sets the bias to
+    it; default 0 as in PyTorch). A small positive value such as 0.01 is a
+    common recommendation for units that feed a ReLU: it starts more of them
+    in the active branch.
+    track_activity: in every forward (training and eval) the kernel also
+    counts, per channel, the values whose activation input is positive (not
+    zeroed by relu, not in the negative branch of leaky_relu / elu). Buffers
+    (not in the state_dict): ``active_fraction`` (last batch),
+    ``active_fraction_avg`` (exponential average, factor
+    ``activity_momentum``, starting from the first batch), ``inactive_steps``
+    (per channel, how many forwards in a row it had no active value) and
+    ``activity_batches``. ``fusedbn.diagnostics.report(model)`` tabulates them.
+    """
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation="relu", negative_slope=0.01, alpha=1.0,
-                 device=None, dtype=None, *, bias=True, inplace=False):
+                 device=None, dtype=None, *, bias=True, inplace=False, order="bn_act",
+                 bias_init=0.0, track_activity=False, activity_momentum=0.1):
         check_activation(activation)
+        check_order(order)
+        if inplace and order == "act_bn":
+            raise ValueError("fusedbn: inplace=True is not supported with order='act_bn'")
         if inplace and not (activation == "identity"
                             or (activation == "leaky_relu" and negative_slope > 0)
                             or (activation == "elu" and alpha > 0)):
@@ -21,13 +46,44 @@ class _BatchNormAct(_BatchNorm):
                 "fusedbn: inplace=True needs an invertible activation ('identity', 'leaky_relu' "
                 "with negative_slope > 0, 'elu' with alpha > 0): in-place mode keeps only the "
                 "output and recovers the input from it, and ReLU maps every negative input to 0.")
+        self.bias_init = float(bias_init)  # read by reset_parameters, called below
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device, dtype, bias=bias)
         self.activation = activation
         self.negative_slope = negative_slope
         self.alpha = alpha
         self.inplace = inplace
+        self.order = order
+        self.track_activity = track_activity
+        self.activity_momentum = activity_momentum
+        if track_activity:
+            f32 = dict(device=device, dtype=torch.float32)
+            self.register_buffer("active_fraction", torch.zeros(num_features, **f32),
+                                 persistent=False)
+            self.register_buffer("active_fraction_avg", torch.zeros(num_features, **f32),
+                                 persistent=False)
+            self.register_buffer("inactive_steps",
+                                 torch.zeros(num_features, dtype=torch.long, device=device),
+                                 persistent=False)
+            self.register_buffer("activity_batches",
+                                 torch.zeros((), dtype=torch.long, device=device),
+                                 persistent=False)
 
+    def reset_parameters(self):
+        super().reset_parameters()
+        if self.affine and self.bias is not None and getattr(self, "bias_init", 0.0):
+            with torch.no_grad():
+                self.bias.fill_(self.bias_init)
+
+    @torch.no_grad()
+    def _update_activity(self):
+        frac = self.active_fraction
+        first = self.activity_batches == 0
+        avg = self.active_fraction_avg
+        avg.copy_(torch.where(first, frac, avg + self.activity_momentum * (frac - avg)))
+        self.inactive_steps.copy_(torch.where(frac == 0, self.inactive_steps + 1,
+                                              torch.zeros_like(self.inactive_steps)))
+        self.activity_batches.add_(1)
     def forward(self, input, residual=None):
         """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
         self._check_input_dim(input)
@@ -36,14 +92,18 @@ class _BatchNormAct(_BatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         pass_buffers = not self.training or self.track_running_stats
         counts = self.training and self.track_running_stats
-        return batch_norm_act(
+        out = batch_norm_act(
             input,
             self.running_mean if pass_buffers else None,
             self.running_var if pass_buffers else None,
             self.weight, self.bias, use_batch_stats, self.momentum, self.eps,
             self.activation, self.negative_slope, self.alpha,
             residual=residual, inplace=self.inplace,
-            num_batches_tracked=self.num_batches_tracked if counts else None)
+            num_batches_tracked=self.num_batches_tracked if counts else None,
+            order=self.order, activity=self.active_fraction if self.track_activity else None)
+        if self.track_activity:
+            self._update_activity()
+        return out
 
     def extra_repr(self):
         s = super().extra_repr() + f", activation={self.activation}"
@@ -53,6 +113,12 @@ class _BatchNormAct(_BatchNorm):
             s += f", alpha={self.alpha}"
         if self.inplace:
             s += ", inplace=True"
+        if self.order != "bn_act":
+            s += f", order={self.order}"
+        if self.bias_init:
+            s += f", bias_init={self.bias_init}"
+        if self.track_activity:
+            s += ", track_activity=True"
         return s
 
 
@@ -85,9 +151,9 @@ def _relu_variant(base, doc):
         __doc__ = doc
 
         def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                     track_running_stats=True, device=None, dtype=None, *, bias=True):
+                     track_running_stats=True, device=None, dtype=None, *, bias=True, **options):
             super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                             "relu", device=device, dtype=dtype, bias=bias)
+                             "relu", device=device, dtype=dtype, bias=bias, **options)
     return _Cls
 
 

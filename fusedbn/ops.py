@@ -21,9 +21,11 @@ def _check_same_device(input, **others):
 
 @torch.library.register_fake("fusedbn::forward")
 def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                  training, momentum, eps, activation, negative_slope, alpha):
+                  training, momentum, eps, activation, negative_slope, alpha, order="bn_act",
+                  activity=None):
     _check_same_device(input, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
-                       running_var=running_var, num_batches_tracked=num_batches_tracked)
+                       running_var=running_var, num_batches_tracked=num_batches_tracked,
+                       activity=activity)
     torch._check(input.dim() >= 2, lambda: f"fusedbn: expected input of rank 2 to 5, got {input.dim()}D")
     channels = input.shape[1]
     acc = _acc_dtype(input.dtype)
@@ -32,14 +34,15 @@ def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_
 
 
 @torch.library.register_fake("fusedbn::forward_")
-def _forward_inplace_fake(input, *args):
-    _out, mean, invstd = _forward_fake(input, *args)
+def _forward_inplace_fake(input, *args, **kwargs):
+    _out, mean, invstd = _forward_fake(input, *args, **kwargs)
     return input, mean, invstd
 
 
 @torch.library.register_fake("fusedbn::backward")
 def _backward_fake(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                   activation, negative_slope, alpha, output_mask, from_output=False):
+                   activation, negative_slope, alpha, output_mask, from_output=False,
+                   order="bn_act"):
     _check_same_device(input, grad_out=grad_out, residual=residual, weight=weight, bias=bias,
                        save_mean=save_mean, save_invstd=save_invstd)
     if not (output_mask[0] or (output_mask[1] and weight is not None)
@@ -64,8 +67,18 @@ def _activation_grad(dy, y, activation, negative_slope, alpha):
     return dy
 
 
+def _activation(x, activation, negative_slope, alpha):
+    if activation == "relu":
+        return torch.relu(x)
+    if activation == "leaky_relu":
+        return torch.nn.functional.leaky_relu(x, negative_slope)
+    if activation == "elu":
+        return torch.nn.functional.elu(x, alpha)
+    return x
+
+
 def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                       activation, negative_slope, alpha):
+                       activation, negative_slope, alpha, order="bn_act"):
     """fusedbn::backward written with differentiable torch ops.
 
     Used as the backward op's own autograd formula (double backward). In
@@ -76,7 +89,13 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     acc = _acc_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
     per_channel = [1, -1] + [1] * (input.dim() - 2)
-    x, dy = input.to(acc), grad_out.to(acc)
+    x_in, dy = input.to(acc), grad_out.to(acc)
+    act_bn = order == "act_bn" and activation != "identity"
+    order_activation = activation
+    # act_bn: the BatchNorm (with no activation after it) of a = act(x).
+    x = _activation(x_in, activation, negative_slope, alpha) if act_bn else x_in
+    if act_bn:
+        activation = "identity"
     count = max(x.numel() // max(x.shape[1], 1), 1)
     w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
     b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
@@ -100,6 +119,8 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
                               - xhat * (grad_weight / count).reshape(per_channel))
     else:
         grad_input = g * scale
+    if act_bn:
+        grad_input = _activation_grad(grad_input, x_in, order_activation, negative_slope, alpha)
     return (grad_input.to(input.dtype),
             None if weight is None else grad_weight.to(weight.dtype),
             None if bias is None else grad_bias.to(bias.dtype),
@@ -108,9 +129,11 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
 
 def _backward_setup_context(ctx, inputs, output):
     (grad_out, input, residual, weight, bias, save_mean, save_invstd, training, activation,
-     negative_slope, alpha, _mask, *from_output) = inputs
+     negative_slope, alpha, _mask, *rest) = inputs
+    from_output = bool(rest[0]) if rest else False
+    order = rest[1] if len(rest) > 1 else "bn_act"
     ctx.save_for_backward(grad_out, input, residual, weight, bias, save_mean, save_invstd)
-    ctx.config = (training, activation, negative_slope, alpha, bool(from_output and from_output[0]))
+    ctx.config = (training, activation, negative_slope, alpha, from_output, order)
 
 
 def _backward_backward(ctx, *cotangents):
@@ -121,13 +144,14 @@ def _backward_backward(ctx, *cotangents):
                            "use inplace=False for higher-order gradients")
     saved = ctx.saved_tensors
     wanted = [i for i in range(5) if ctx.needs_input_grad[i] and saved[i] is not None]
-    grads = [None] * 13
+    grads = [None] * 14
     if not wanted:
         return tuple(grads)
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
                   for i, t in enumerate(saved[:5])]
-        outs = backward_reference(*leaves, saved[5], saved[6], *ctx.config[:4])
+        outs = backward_reference(*leaves, saved[5], saved[6], *ctx.config[:4],
+                                  order=ctx.config[5])
         pairs = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None]
         if pairs:
             found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted],

@@ -151,7 +151,7 @@ FUSEDBN_INLINE void narrow(const float* src, fp16_t* dst, int64_t n) {
 
 // The values x[0..n) as acc_t<T>: x itself, or widened into buf.
 template <typename T>
-FUSEDBN_INLINE const acc_t<T>* as_acc(const T* x, int64_t n, float* buf) {
+FUSEDBN_INLINE const acc_t<T>* as_acc(const T* x, int64_t n, acc_t<T>* buf) {
   if constexpr (is_16bit<T>) {
     widen(x, buf, n);
     return buf;
@@ -159,9 +159,39 @@ FUSEDBN_INLINE const acc_t<T>* as_acc(const T* x, int64_t n, float* buf) {
     return x;
   }
 }
+template <typename F>
+struct IsIdentity : std::false_type {};
+template <typename A>
+struct IsIdentity<IdentityAct<A>> : std::true_type {};
+
+// The kernels' input a = pre(x): with order ActBn the activation `pre` is
+// applied as x is loaded (BnAct passes IdentityAct), so everything after the
+// load is the plain BatchNorm of a. The values go through an L1 buffer when
+// they are 16-bit or transformed.
+template <typename T, typename Pre>
+constexpr bool buffered = is_16bit<T> || !IsIdentity<Pre>::value;
+
+template <typename T, typename Pre>
+FUSEDBN_INLINE const acc_t<T>* load_input(const T* x, int64_t n, acc_t<T>* buf, const Pre& pre) {
+  const acc_t<T>* v = as_acc(x, n, buf);
+  if constexpr (IsIdentity<Pre>::value) {
+    return v;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = pre.fwd(v[i]);
+    return buf;
+  }
+}
+
+// With order ActBn, turns the n gradients d(bn)/da in g into dL/dx = g * pre'(x).
+template <typename T, typename Pre>
+FUSEDBN_INLINE void chain_input_grad(acc_t<T>* g, const T* x, int64_t n, const Pre& pre) {
+  if constexpr (!IsIdentity<Pre>::value)
+    for (int64_t i = 0; i < n; ++i) g[i] = pre.grad(g[i], acc_t<T>(load(x[i])));
+}
+
 // Where to compute n outputs destined for y: y itself, or buf (then narrow_to).
 template <typename T>
-FUSEDBN_INLINE acc_t<T>* out_acc(T* y, float* buf) {
+FUSEDBN_INLINE acc_t<T>* out_acc(T* y, acc_t<T>* buf) {
   if constexpr (is_16bit<T>) return buf;
   else return y;
 }
@@ -172,7 +202,7 @@ FUSEDBN_INLINE void narrow_to(const acc_t<T>* src, T* y, int64_t n) {
 
 // The residual values z[off..off+n) as acc_t<T>, or null without a residual.
 template <bool Res, typename T>
-FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, float* buf) {
+FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, acc_t<T>* buf) {
   if constexpr (Res) return as_acc(z + off, n, buf);
   else return nullptr;
 }
@@ -233,14 +263,28 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
 // |mean| >> std; the backward recomputes the pre-activation with this same
 // expression, so the branch it takes matches the forward bit for bit.
 // Res: a residual z is added before the activation (z is null otherwise).
-template <bool Res, typename A, typename Act>
-FUSEDBN_INLINE void run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale, A shift,
-                                  Act act) {
+// Whether a value counts as active: its activation input is positive. That
+// input is the normalized v (order BnAct) or, with order ActBn (Pre not the
+// identity), x itself, seen here as the loaded a = pre(x): a > 0 exactly
+// when x > 0 for relu, elu (alpha >= 0) and leaky_relu (slope >= 0).
+template <typename Pre, typename A>
+FUSEDBN_INLINE int active_input(A a, A v) {
+  return (IsIdentity<Pre>::value ? v : a) > A(0);
+}
+
+// Track: returns how many values were active (an integer reduction, which
+// the compiler vectorizes freely); 0 otherwise.
+template <bool Res, bool Track, typename Pre, typename A, typename Act>
+FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale,
+                                     A shift, Act act) {
+  int32_t active = 0;  // n <= kBlock
   for (int64_t i = 0; i < n; ++i) {
     A pre = (x[i] - mean) * scale + shift;
     if constexpr (Res) pre += z[i];
+    if constexpr (Track) active += active_input<Pre>(x[i], pre);
     y[i] = act.fwd(pre);
   }
+  return active;
 }
 
 // Per-channel constants of the backward, in the accumulation type.
@@ -310,9 +354,14 @@ FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, in
 }
 
 // ---------------------------------------------------------------- forward
+//
+// Template switches of the forward: Res (a residual is added before the
+// activation), Track (count positive activation inputs per channel into
+// p.active_count), Act (the activation after the normalization) and Pre (the
+// activation applied to the input, order ActBn; one of Act/Pre is identity).
 
-template <typename T, bool Res, typename Act>
-void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
+template <typename T, bool Res, bool Track, typename Act, typename Pre>
+void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
@@ -323,31 +372,30 @@ void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
   A* mean_out = static_cast<A*>(p.mean);
   A* invstd_out = static_cast<A*>(p.invstd);
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
-#pragma omp parallel num_threads(nt) firstprivate(act)
+#pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
-    const size_t nb = is_16bit<T> ? kBlock : 0;
-    std::vector<float> buf(nb), zbuf(nb), obuf(nb);
+    const size_t nb = buffered<T, Pre> ? kBlock : 0;
+    std::vector<A> buf(nb), zbuf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
       const int64_t base = c * s.S, stride = s.C * s.S;
       Moments mo;
       for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-        // 16-bit planes are widened side by side into one buffer first.
+        prefetch_next_block(s, x + base, n0, n1, len);
+        // Buffered planes are loaded side by side into one buffer first.
         const A* run;
         int64_t rstride = stride;
-        if constexpr (is_16bit<T>) {
+        if constexpr (buffered<T, Pre>) {
           for (int64_t pl = n0; pl < n1; ++pl)
-            widen(x + pl * stride + base + off, buf.data() + (pl - n0) * len, len);
+            load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
           run = buf.data();
           rstride = len;
         } else {
           run = x + n0 * stride + base + off;
         }
-        prefetch_next_block(s, x + base, n0, n1, len);
-        const int64_t n = (n1 - n0) * len;
         A bm, bm2;
         block_moments(run, rstride, n1 - n0, len, bm, bm2);
-        mo.merge(double(n), bm, bm2);
+        mo.merge(double((n1 - n0) * len), bm, bm2);
       });
       const A mean = A(mo.mean);
       const A v = A(mo.m2 / mo.n);
@@ -355,17 +403,20 @@ void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
       mean_out[c] = mean;
       invstd_out[c] = invstd;
       var[c] = v;
-      if (short_planes(s)) continue;  // normalized below, in memory order
+      if (short_planes(s)) continue;  // normalized afterwards, in memory order
       const A scale = (w ? w[c] : A(1)) * invstd;
       const A shift = b ? b[c] : A(0);
+      int64_t active = 0;
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
           A* out = out_acc(y + o, obuf.data());
-          run_normalize<Res>(as_acc(x + o, len, buf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
-                             out, len, mean, scale, shift, act);
+          active += run_normalize<Res, Track, Pre>(load_input(x + o, len, buf.data(), pre),
+                                              residual_acc<Res>(z, o, len, zbuf.data()), out, len,
+                                              mean, scale, shift, act);
           narrow_to<T>(out, y + o, len);
         }
+      if constexpr (Track) p.active_count[c] = active;
     }
   }
 }
@@ -374,15 +425,15 @@ void forward_train_ncs(const ForwardParams& p, Act act, acc_t<T>* var) {
 // kBlock values), widened as a whole for 16-bit types.
 inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(8, kBlock / std::max<int64_t>(C, 1)); }
 
-template <typename T>
-void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
+template <typename T, typename Pre>
+void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
   using A = acc_t<T>;
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
   const int nt = threads_for(M * C, p.num_threads, M);
   const int64_t R = rows_per_block(C);
   std::vector<double> tmean(size_t(nt) * C, 0.0), tm2(size_t(nt) * C, 0.0), tn(nt, 0.0);
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) firstprivate(pre)
   {
     const int t = omp_get_thread_num();
     const int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;
@@ -390,10 +441,10 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
     double* pm2 = &tm2[size_t(t) * C];
     double n = 0;
     std::vector<A> bmean(C), bs1(C), bm2(C);
-    std::vector<float> buf(is_16bit<T> ? R * C : 0);
+    std::vector<A> buf(buffered<T, Pre> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
-      const A* xb = as_acc(x + r * C, rr * C, buf.data());
+      const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
       // Corrected two-pass per channel, as in block_moments.
       std::fill(bmean.begin(), bmean.end(), A(0));
       std::fill(bs1.begin(), bs1.end(), A(0));
@@ -431,9 +482,10 @@ void moments_nsc(const ForwardParams& p, acc_t<T>* var) {
   }
 }
 
-// Normalize + activate with per-channel statistics already in p.mean/p.invstd.
-template <typename T, bool Res, typename Act>
-void normalize(const ForwardParams& p, Act act) {
+// Normalize + activate in memory order, with per-channel statistics already
+// in p.mean/p.invstd.
+template <typename T, bool Res, bool Track, typename Act, typename Pre>
+void normalize(const ForwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const int64_t C = s.C;
@@ -449,52 +501,57 @@ void normalize(const ForwardParams& p, Act act) {
     scale[c] = (w ? w[c] : A(1)) * invstd[c];
     shift[c] = b ? b[c] : A(0);
   }
-  if (s.layout == Layout::NCS) {
-    const int64_t planes = s.N * C;
-    const int nt = threads_for(planes * s.S, p.num_threads, planes);
-#pragma omp parallel num_threads(nt) firstprivate(act)
-    {
-      const size_t nb = is_16bit<T> ? kBlock : 0;
-      std::vector<float> buf(nb), zbuf(nb), obuf(nb);
+  const bool ncs = s.layout == Layout::NCS;
+  const int64_t M = s.count(), R = rows_per_block(C);
+  // Work items: planes (NCS) or blocks of R rows (NSC).
+  const int64_t items = ncs ? s.N * C : (M + R - 1) / R;
+  const int nt = threads_for(s.N * C * s.S, p.num_threads, items);
+  // Per-thread active counts, summed at the end.
+  std::vector<int64_t> counts(Track ? size_t(nt) * C : 0, 0);
+  const A* mp = m;
+  const A* sc = scale.data();
+  const A* sh = shift.data();
+#pragma omp parallel num_threads(nt) firstprivate(act, pre)
+  {
+    int64_t* cnt = Track ? &counts[size_t(omp_get_thread_num()) * C] : nullptr;
+    const int64_t len_max = ncs ? kBlock : R * C;
+    std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(is_16bit<T> ? len_max : 0),
+        obuf(is_16bit<T> ? len_max : 0);
 #pragma omp for schedule(static)
-      for (int64_t pl = 0; pl < planes; ++pl) {
-        const int64_t c = pl % C;
+    for (int64_t it = 0; it < items; ++it) {
+      if (ncs) {
+        const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
-          const int64_t len = std::min(kBlock, s.S - off), o = pl * s.S + off;
+          const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
           A* out = out_acc(y + o, obuf.data());
-          run_normalize<Res>(as_acc(x + o, len, buf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
-                             out, len, m[c], scale[c], shift[c], act);
+          const int64_t a = run_normalize<Res, Track, Pre>(
+              load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
+              out, len, mp[c], sc[c], sh[c], act);
+          if constexpr (Track) cnt[c] += a;
           narrow_to<T>(out, y + o, len);
         }
-      }
-    }
-  } else {
-    const int64_t M = s.count(), R = rows_per_block(C);
-    const int64_t blocks = (M + R - 1) / R;
-    const int nt = threads_for(M * C, p.num_threads, blocks);
-    const A* mp = m;
-    const A* sc = scale.data();
-    const A* sh = shift.data();
-#pragma omp parallel num_threads(nt) firstprivate(act)
-    {
-      const size_t nb = is_16bit<T> ? R * C : 0;
-      std::vector<float> buf(nb), zbuf(nb), obuf(nb);
-#pragma omp for schedule(static)
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t r = blk * R, rr = std::min(R, M - r);
-        const A* xb = as_acc(x + r * C, rr * C, buf.data());
+      } else {
+        const int64_t r = it * R, rr = std::min(R, M - r);
+        const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
         const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
         A* yb = out_acc(y + r * C, obuf.data());
         for (int64_t i = 0; i < rr; ++i)
           for (int64_t c = 0; c < C; ++c) {
-            A pre = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
-            if constexpr (Res) pre += zb[i * C + c];
-            yb[i * C + c] = act.fwd(pre);
+            A v = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
+            if constexpr (Res) v += zb[i * C + c];
+            if constexpr (Track) cnt[c] += active_input<Pre>(xb[i * C + c], v);
+            yb[i * C + c] = act.fwd(v);
           }
         narrow_to<T>(yb, y + r * C, rr * C);
       }
     }
   }
+  if constexpr (Track)
+    for (int64_t c = 0; c < C; ++c) {
+      int64_t total = 0;
+      for (int t = 0; t < nt; ++t) total += counts[size_t(t) * C + c];
+      p.active_count[c] = total;
+    }
 }
 
 template <typename P, typename A>
@@ -508,17 +565,17 @@ void update_running_stats(P* rm, P* rv, const A* mean, const A* var, int64_t C, 
   }
 }
 
-template <typename T, bool Res, typename Act>
-void forward_typed(const ForwardParams& p, bool training, Act act) {
+template <typename T, bool Res, bool Track, typename Act, typename Pre>
+void forward_typed(const ForwardParams& p, bool training, Act act, Pre pre) {
   using A = acc_t<T>;
-  if (!training) return normalize<T, Res>(p, act);
+  if (!training) return normalize<T, Res, Track>(p, act, pre);
   std::vector<A> var(p.shape.C);
   if (p.shape.layout == Layout::NCS) {
-    forward_train_ncs<T, Res>(p, act, var.data());
-    if (short_planes(p.shape)) normalize<T, Res>(p, act);
+    forward_train_ncs<T, Res, Track>(p, act, pre, var.data());
+    if (short_planes(p.shape)) normalize<T, Res, Track>(p, act, pre);
   } else {
-    moments_nsc<T>(p, var.data());
-    normalize<T, Res>(p, act);
+    moments_nsc<T>(p, pre, var.data());
+    normalize<T, Res, Track>(p, act, pre);
   }
   if (p.running_mean) {
     const A* mean = static_cast<const A*>(p.mean);
@@ -537,7 +594,6 @@ void forward_typed(const ForwardParams& p, bool training, Act act) {
   }
 }
 
-// --------------------------------------------------------------- backward
 //
 // With g = dy * act'(y) and xc = x - mean:
 //   grad_bias = sum(g), grad_weight = invstd * sum(g * xc)
@@ -566,8 +622,8 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
   return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd, A(1) / scale};
 }
 
-template <typename T, bool Res, bool FromOut, typename Act>
-void backward_ncs(const BackwardParams& p, Act act) {
+template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
+void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
   const Shape s = p.shape;
   const T* x = static_cast<const T*>(p.x);
@@ -580,19 +636,22 @@ void backward_ncs(const BackwardParams& p, Act act) {
   const double count = double(s.count());
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
   std::vector<A> k_xc(s.C), k_const(s.C);
-#pragma omp parallel num_threads(nt) firstprivate(act)
+#pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const size_t nb = is_16bit<T> ? kBlock : 0;
-    std::vector<float> xbuf(nb), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
+    std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
     // dx (and dz) of the len values at offset o, which belong to one channel.
     auto dx_run = [&](int64_t o, int64_t len, const BackwardCoef<A>& k, A kx, A kc) {
-      const A* xa = as_acc(x + o, len, xbuf.data());
+      const A* xa = load_input(x + o, len, xbuf.data(), pre);
       const A* za = residual_acc<Res>(z, o, len, zbuf.data());
       const A* dya = as_acc(dy + o, len, dybuf.data());
       A* out = dx ? out_acc(dx + o, obuf.data()) : nullptr;
       A* dzo = dz ? out_acc(dz + o, dzbuf.data()) : nullptr;
       run_dx<Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
-      if (dx) narrow_to<T>(out, dx + o, len);
+      if (dx) {
+        chain_input_grad(out, x + o, len, pre);
+        narrow_to<T>(out, dx + o, len);
+      }
       if (dz) narrow_to<T>(dzo, dz + o, len);
     };
 #pragma omp for schedule(static)
@@ -608,7 +667,7 @@ void backward_ncs(const BackwardParams& p, Act act) {
         Lanes<A> bg, bgx;
         for (int64_t n = n0; n < n1; ++n) {
           const int64_t o = n * stride + base + off;
-          run_reduce<Res, FromOut>(as_acc(x + o, len, xbuf.data()), residual_acc<Res>(z, o, len, zbuf.data()),
+          run_reduce<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
                           as_acc(dy + o, len, dybuf.data()), len, k, act, bg, bgx);
         }
         sg += double(bg.sum());
@@ -633,8 +692,8 @@ void backward_ncs(const BackwardParams& p, Act act) {
   }
 }
 
-template <typename T, bool Res, bool FromOut, typename Act>
-void backward_nsc(const BackwardParams& p, Act act) {
+template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
+void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
@@ -662,18 +721,18 @@ void backward_nsc(const BackwardParams& p, Act act) {
   std::vector<A> k_xc(C), k_const(C);
   const A* kx = k_xc.data();
   const A* kc = k_const.data();
-#pragma omp parallel num_threads(nt) firstprivate(act)
+#pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const int t = omp_get_thread_num();
     std::vector<A> bg(C), bgx(C);
     const size_t nb = is_16bit<T> ? R * C : 0;
-    std::vector<float> xbuf(nb), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
+    std::vector<A> xbuf(buffered<T, Pre> ? R * C : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t r = blk * R, rr = std::min(R, M - r);
-      const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+      const A* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
       const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
       const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
       std::fill(bg.begin(), bg.end(), A(0));
@@ -712,7 +771,7 @@ void backward_nsc(const BackwardParams& p, Act act) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r = blk * R, rr = std::min(R, M - r);
-        const A* xb = as_acc(x + r * C, rr * C, xbuf.data());
+        const A* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
         const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
         const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
         A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
@@ -725,7 +784,10 @@ void backward_nsc(const BackwardParams& p, Act act) {
             if (out) out[i * C + c] = g * sc[c] + xc * kx[c] + kc[c];
             if (Res && dzo) dzo[i * C + c] = g;
           }
-        if (dx) narrow_to<T>(out, dx + r * C, rr * C);
+        if (dx) {
+          chain_input_grad(out, x + r * C, rr * C, pre);
+          narrow_to<T>(out, dx + r * C, rr * C);
+        }
         if (dz) narrow_to<T>(dzo, dz + r * C, rr * C);
       }
     }
@@ -747,11 +809,18 @@ void dispatch_dtype(DType d, F&& f) {
 void forward(const ForwardParams& p, bool training) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    using Id = IdentityAct<acc_t<T>>;
     dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
-      if (p.residual)
-        forward_typed<T, true>(p, training, act);
-      else
-        forward_typed<T, false>(p, training, act);
+      auto run = [&](auto track) {
+        constexpr bool Track = decltype(track)::value;
+        // (The glue sends ActBn without residual, and identity as BnAct.)
+        if constexpr (!IsIdentity<decltype(act)>::value) {
+          if (p.act.order == Order::ActBn) return forward_typed<T, false, Track>(p, training, Id{}, act);
+        }
+        if (p.residual) forward_typed<T, true, Track>(p, training, act, Id{});
+        else forward_typed<T, false, Track>(p, training, act, Id{});
+      };
+      p.active_count ? run(std::true_type{}) : run(std::false_type{});
     });
   });
 }
@@ -759,20 +828,24 @@ void forward(const ForwardParams& p, bool training) {
 void backward(const BackwardParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
+    using Id = IdentityAct<acc_t<T>>;
     dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
       using Act = decltype(act);
       const bool ncs = p.shape.layout == Layout::NCS;
-      auto run = [&](auto res, auto from_out) {
+      auto run = [&](auto res, auto from_out, auto post, auto pre) {
         constexpr bool R = decltype(res)::value, F = decltype(from_out)::value;
-        ncs ? backward_ncs<T, R, F>(p, act) : backward_nsc<T, R, F>(p, act);
+        ncs ? backward_ncs<T, R, F>(p, post, pre) : backward_nsc<T, R, F>(p, post, pre);
       };
       using Yes = std::true_type;
       using No = std::false_type;
+      if constexpr (!IsIdentity<Act>::value) {
+        if (p.act.order == Order::ActBn) return run(No{}, No{}, Id{}, act);
+      }
       if constexpr (Act::invertible) {
-        if (p.from_output) return p.residual ? run(Yes{}, Yes{}) : run(No{}, Yes{});
+        if (p.from_output) return p.residual ? run(Yes{}, Yes{}, act, Id{}) : run(No{}, Yes{}, act, Id{});
       }
       // (The glue refuses in-place mode for activations that cannot be inverted.)
-      p.residual ? run(Yes{}, No{}) : run(No{}, No{});
+      p.residual ? run(Yes{}, No{}, act, Id{}) : run(No{}, No{}, act, Id{});
     });
   });
 }

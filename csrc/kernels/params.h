@@ -19,8 +19,13 @@ struct Shape {
   int64_t count() const { return N * S; }  // elements per channel
 };
 
+// BnAct: y = act(bn(x) [+ z]).  ActBn: y = bn(act(x)), the activation before
+// the normalization (no residual, no in-place mode).
+enum class Order : int { BnAct = 0, ActBn = 1 };
+
 struct ActParams {
   Activation kind = Activation::ReLU;
+  Order order = Order::BnAct;
   double negative_slope = 0.01;
   double alpha = 1.0;
 };
@@ -48,6 +53,10 @@ struct ForwardParams {
   DType running_dtype = DType::Float32;
   double momentum = 0.1;  // the exponential-average factor, already resolved
   double eps = 1e-5;
+  // int64[C] or null: set to how many of the channel's values have a
+  // positive activation input (BnAct: the pre-activation; ActBn: x), counted
+  // in the pass that writes y.
+  int64_t* active_count = nullptr;
   int num_threads = 1;
 };
 
