@@ -22,7 +22,7 @@ using torch::autograd::variable_list;
 using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
-    double, double, c10::string_view, const OptTensor&);
+    double, double, c10::string_view, const OptTensor&, double);
 using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const Tensor&, const Tensor&, bool, c10::string_view, double, double, std::array<bool, 4>,
@@ -60,7 +60,8 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
                                const OptTensor& running_var, const OptTensor& nbt, bool training,
                                std::optional<double> momentum, double eps,
                                c10::string_view activation, double negative_slope, double alpha,
-                               c10::string_view order, const OptTensor& activity) {
+                               c10::string_view order, const OptTensor& activity,
+                               double activity_momentum) {
     bool from_output = Inplace;
     Tensor input_copy;
     if (Inplace && weight.has_value() && weight->defined() && weight->eq(0).any().item<bool>()) {
@@ -73,7 +74,7 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
       std::tie(out, mean, invstd) =
           forward_op(Inplace).call(input, residual, weight, bias, running_mean, running_var, nbt,
                                    training, momentum, eps, activation, negative_slope, alpha,
-                                   order, activity);
+                                   order, activity, activity_momentum);
     }
     if (Inplace) ctx->mark_dirty({input});
     // One full-size tensor is kept (two with a residual): the input, or in
@@ -109,7 +110,7 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
         ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef(),
         ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["alpha"].toDouble(), mask,
         ctx->saved_data["from_output"].toBool(), ctx->saved_data["order"].toStringRef());
-    variable_list result(15);  // one per argument of forward
+    variable_list result(16);  // one per argument of forward
     result[0] = or_undefined(gi);
     result[1] = or_undefined(gz);
     result[2] = or_undefined(gw);
@@ -123,10 +124,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_autograd(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity) {
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
+    double activity_momentum) {
   auto out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean,
                                                running_var, nbt, training, momentum, eps,
-                                               activation, negative_slope, alpha, order, activity);
+                                               activation, negative_slope, alpha, order, activity,
+                                               activity_momentum);
   // What ADInplaceOrView would do for the buffers mutated below autograd.
   if (training) {
     for (const OptTensor* t : {&running_mean, &running_var, &nbt})

@@ -103,16 +103,41 @@ void check_mode(const ActParams& act, const Tensor& input, const OptTensor& resi
       "fusedbn: order='act_bn' and activity tracking are implemented on CPU only so far");
 }
 
-void check_activity(const OptTensor& activity, const Tensor& input) {
+void check_activity(const OptTensor& activity, const Tensor& input, double momentum) {
   if (!defined(activity)) return;
+  const int64_t C = input.size(1);
   TORCH_CHECK(activity->device() == input.device(), "fusedbn: activity is on ",
               activity->device(), " but input is on ", input.device());
+  // Any floating dtype (module.to(dtype) converts buffers); kept in float32 best.
   TORCH_CHECK_TYPE(at::isFloatingType(activity->scalar_type()),
                    "fusedbn: activity must be a floating-point tensor, got ",
                    activity->scalar_type());
-  TORCH_CHECK_VALUE(activity->dim() == 1 && activity->numel() == input.size(1),
-                    "fusedbn: activity must have shape [", input.size(1),
-                    "] (one value per channel), got shape ", size_str(*activity));
+  TORCH_CHECK_VALUE((activity->dim() == 1 && activity->size(0) == C) ||
+                        (activity->dim() == 2 && activity->size(0) == 3 && activity->size(1) == C),
+                    "fusedbn: activity must have shape [", C, "] or [3, ", C,
+                    "] (per channel: fraction active, running average, inactive streak), got "
+                    "shape ", size_str(*activity));
+  TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1,
+                    "fusedbn: activity_momentum must be in [0, 1], got ", momentum);
+}
+
+// activity[0] = fraction of active values; with 3 rows also the running
+// average (row 1, NaN until the first batch) and the number of calls in a row
+// with no active value (row 2). A C-long loop, no tensor ops: the counting is
+// meant to cost nothing measurable even on small layers.
+void update_activity(Tensor& activity, const int64_t* counts, int64_t per_channel,
+                     double momentum) {
+  const int64_t C = activity.size(-1);
+  float* a = activity.data_ptr<float>();
+  for (int64_t c = 0; c < C; ++c) {
+    const float frac = float(double(counts[c]) / double(per_channel));  // 0/0: NaN
+    a[c] = frac;
+    if (activity.dim() == 2) {
+      float& avg = a[C + c];
+      avg = std::isnan(avg) ? frac : avg + float(momentum) * (frac - avg);
+      a[2 * C + c] = counts[c] == 0 ? a[2 * C + c] + 1.0f : 0.0f;
+    }
+  }
 }
 
 void check_residual(const OptTensor& z, const Tensor& input) {
@@ -221,14 +246,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    const std::string& order, const OptTensor& activity, bool inplace, ForwardKernel kernel) {
+    const std::string& order, const OptTensor& activity, double activity_momentum, bool inplace,
+    ForwardKernel kernel) {
   // Every check comes before any buffer is touched.
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
   if (inplace) check_invertible(act);
   check_mode(act, input, residual, inplace, defined(activity));
   check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps);
-  check_activity(activity, input);
+  check_activity(activity, input, activity_momentum);
 
   const at::ScalarType acc = acc_dtype(input.scalar_type());
   const View v = view_of(input);
@@ -253,10 +279,11 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   p.bias = ptr_or_null(b);
   p.eps = eps;
   p.num_threads = at::get_num_threads();
-  Tensor active_count;
+  // Host memory: activity tracking runs on CPU only so far (check_mode).
+  std::vector<int64_t> active_count;
   if (defined(activity)) {
-    active_count = at::zeros({C}, input.options().dtype(at::kLong));
-    p.active_count = active_count.data_ptr<int64_t>();
+    active_count.assign(C, 0);
+    p.active_count = active_count.data();
   }
 
   const bool update = training && defined(running_mean);
@@ -294,9 +321,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     kernel(p, false);
   }
   if (!v.native) out.copy_(y);
-  // The fraction of active values per channel (0/0 = nan for an empty batch).
-  if (defined(activity))
-    activity->copy_(active_count.to(at::kDouble) / double(v.shape.count()));
+  if (defined(activity)) {
+    const bool direct = activity->scalar_type() == at::kFloat && activity->is_contiguous();
+    Tensor a = direct ? *activity : activity->to(at::kFloat).contiguous();
+    update_activity(a, active_count.data(), v.shape.count(), activity_momentum);
+    if (!direct) activity->copy_(a);
+  }
   return {out, mean, invstd};
 }
 

@@ -24,7 +24,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
-    const std::string& order, const OptTensor& activity, bool inplace, ForwardKernel kernel);
+    const std::string& order, const OptTensor& activity, double activity_momentum, bool inplace,
+    ForwardKernel kernel);
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
@@ -45,11 +46,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_op(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity) {
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
+    double activity_momentum) {
   const Guard guard(input.device());
   return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
                       momentum, eps, std::string(activation), negative_slope, alpha,
-                      std::string(order), activity, Inplace, K);
+                      std::string(order), activity, activity_momentum, Inplace, K);
 }
 
 template <typename Guard, BackwardKernel K>

@@ -17,14 +17,18 @@ TORCH_LIBRARY(fusedbn, m) {
   // Returns (output, save_mean, save_invstd), the statistics in float32
   // (float64 for float64 input).
   // order="act_bn": y = batchnorm(act(input)) instead (no residual).
-  // activity: when given, set to the fraction of each channel's values whose
-  // activation input is positive (counted in the same pass).
+  // activity: when given (float32, [C] or [3, C]), row 0 is set to the
+  // fraction of each channel's values whose activation input is positive
+  // (counted in the same pass); with 3 rows, row 1 is its running average
+  // (factor activity_momentum; NaN = no batch yet) and row 2 counts the calls
+  // in a row in which the channel had no active value.
   m.def(
       "forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
       "float? momentum, float eps, str activation, float negative_slope, float alpha, "
-      "str order=\"bn_act\", Tensor(d!)? activity=None) -> (Tensor, Tensor, Tensor)");
+      "str order=\"bn_act\", Tensor(d!)? activity=None, float activity_momentum=0.1) "
+      "-> (Tensor, Tensor, Tensor)");
   // forward writing its output over `input` (returned). Only for invertible
   // activations (identity, leaky_relu, elu): the backward then takes the
   // output in place of the input (from_output=True).
@@ -32,7 +36,8 @@ TORCH_LIBRARY(fusedbn, m) {
       "forward_(Tensor(a!) input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
       "bool training, float? momentum, float eps, str activation, float negative_slope, "
-      "float alpha, str order=\"bn_act\", Tensor(e!)? activity=None) "
+      "float alpha, str order=\"bn_act\", Tensor(e!)? activity=None, "
+      "float activity_momentum=0.1) "
       "-> (Tensor(a!), Tensor, Tensor)");
   // Gradients of forward for input, weight, bias and residual, each only
   // when its output_mask entry is set (and the tensor exists); the

@@ -9,9 +9,10 @@ import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from . import _C  # noqa: F401  (registers the torch.ops.fusedbn operators)
 from . import ops  # noqa: F401  (fake kernels and autograd for them)
+from . import diagnostics  # noqa: F401
 from .convert import Fusion, convert, unconvert
 from .distributed import SyncBatchNormAct
-from .functional import ACTIVATIONS, batch_norm_act
+from .functional import ACTIVATIONS, ORDERS, batch_norm_act
 from .modules import (
     BatchNormAct1d,
     BatchNormAct2d,
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "ORDERS",
+    "diagnostics",
     "batch_norm_act",
     "BatchNormAct1d",
     "BatchNormAct2d",

@@ -15,6 +15,9 @@ The run, in order (everything on stdout is markdown; progress goes to stderr):
    BatchNorm shapes x layouts x dtypes x activations x modes. Contenders:
 
    * ``fusedbn``:     ``fusedbn.BatchNormAct2d``;
+   * ``fusedbn+activity``: the same with ``track_activity=True`` (dead-unit
+     counting in the kernel; ``--no-activity`` drops it); the table's
+     ``activity cost`` column is its time over plain fusedbn's;
    * ``eager``:       ``nn.BatchNorm2d`` + ``nn.ReLU(inplace=True)`` /
      ``nn.LeakyReLU(inplace=True)``, as torchvision builds it;
    * ``compile``:     ``torch.compile`` of that eager module (``--no-compile``
@@ -131,7 +134,9 @@ DTYPE_NAMES = {
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 NEGATIVE_SLOPE = 0.01
 ALPHA = 1.0
-CONTENDERS = ("fusedbn", "eager", "compile", "inplace_abn")
+# "fusedbn+activity": the fused module with track_activity=True (dead-unit
+# counting in the kernel, plus the module's few per-channel buffer updates).
+CONTENDERS = ("fusedbn", "fusedbn+activity", "eager", "compile", "inplace_abn")
 OTHERS = ("eager", "compile", "inplace_abn")
 
 # Comparison tolerances: elementwise |got - ref| <= ATOL * max|ref| + RTOL * |ref|;
@@ -255,9 +260,9 @@ def eager_module(C, activation, inplace=True):
     return nn.Sequential(nn.BatchNorm2d(C), eager_activation(activation, inplace))
 
 
-def fused_module(C, activation):
+def fused_module(C, activation, track_activity=False):
     return fusedbn.BatchNormAct2d(C, activation=activation, negative_slope=NEGATIVE_SLOPE,
-                                  alpha=ALPHA)
+                                  alpha=ALPHA, track_activity=track_activity)
 
 
 def reference_state(C, dtype, device, seed):
@@ -675,11 +680,19 @@ def inplace_abn_module():
         return None
 
 
-def build_contenders(C, dtype, device, activation, use_compile, fused_ok, notes):
+def build_contenders(C, dtype, device, activation, use_compile, fused_ok, notes,
+                     activity=False):
     cs = {}
     if fused_ok:
         m = fused_module(C, activation).to(device=device, dtype=dtype)
         cs["fusedbn"] = Contender("fusedbn", m, m)
+        if activity:
+            try:
+                m = fused_module(C, activation, track_activity=True).to(device=device, dtype=dtype)
+                cs["fusedbn+activity"] = Contender("fusedbn+activity", m, m)
+            except Exception as exc:  # noqa: BLE001  (e.g. not implemented on CUDA yet)
+                notes.add(f"fusedbn+activity unavailable on {device}: "
+                          f"{type(exc).__name__}: {exc}")
     e = eager_module(C, activation).to(device=device, dtype=dtype)
     cs["eager"] = Contender("eager", e, e[0])
     if use_compile:
@@ -793,6 +806,9 @@ def bench_case(device, shape, dtype, layout, activation, mode, cs, pool, state, 
             if o in cont:
                 res["speedup"][o] = cont[o]["median_s"] / cont["fusedbn"]["median_s"]
         res["fusedbn_pct_copy"] = 100 * cont["fusedbn"]["GBps"] / cont["copy"]["GBps"]
+        if "fusedbn+activity" in cont:
+            res["activity_cost"] = (cont["fusedbn+activity"]["median_s"]
+                                    / cont["fusedbn"]["median_s"])
     res["spread"] = max((v["q3_s"] - v["q1_s"]) / v["median_s"] for k, v in cont.items()
                         if k != "copy")
     return res
@@ -820,7 +836,7 @@ def run_benchmark(args, devices, fused_available, notes):
                             if use_compile:
                                 torch._dynamo.reset()
                             cs = build_contenders(shape[1], dtype, device, activation,
-                                                  use_compile, fused_ok, notes)
+                                                  use_compile, fused_ok, notes, args.activity)
                             for mode in args.modes:
                                 i += 1
                                 label = (f"{device} {shape_str(shape)} {layout} "
@@ -865,6 +881,7 @@ def table(results):
     cols = (["device", "shape", "layout", "dtype", "act", "mode"]
             + [f"{c} ms" for c in present]
             + [f"fusedbn vs {o}" for o in vs]
+            + (["activity cost"] if any("activity_cost" in r for r in results) else [])
             + ["fusedbn GB/s", "copy GB/s", "% of copy", "spread"])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in results:
@@ -873,6 +890,8 @@ def table(results):
                r["mode"]]
         row += [fmt_ms(cont[c]["median_s"]) if c in cont else "-" for c in present]
         row += [f"{r['speedup'][o]:.2f}x" if o in r["speedup"] else "-" for o in vs]
+        if "activity cost" in cols:
+            row += [f"{r['activity_cost']:.2f}x" if "activity_cost" in r else "-"]
         row += [f"{cont['fusedbn']['GBps']:.1f}" if "fusedbn" in cont else "-",
                 f"{cont['copy']['GBps']:.1f}",
                 f"{r['fusedbn_pct_copy']:.0f}%" if "fusedbn_pct_copy" in r else "-",
@@ -1194,6 +1213,10 @@ def build_parser():
     p.add_argument("--no-check", action="store_true", help="skip the self-check (not advised)")
     p.add_argument("--check-only", action="store_true", help="run the self-check and stop")
     p.add_argument("--no-memory", action="store_true", help="skip the memory report")
+    p.add_argument("--no-activity", dest="activity", action="store_false",
+                   help="leave out the fusedbn+activity contender (track_activity=True: "
+                        "the dead-unit counting's cost, shown as 'activity cost', its time "
+                        "over plain fusedbn's)")
     p.add_argument("--_memory-child", dest="memory_child", help=argparse.SUPPRESS)
     return p
 

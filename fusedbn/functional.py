@@ -36,7 +36,7 @@ def _check_number(name, value, allow_none=False):
 def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
                    momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.01, alpha=1.0,
                    *, residual=None, inplace=False, num_batches_tracked=None, order="bn_act",
-                   activity=None):
+                   activity=None, activity_momentum=0.1):
     """BatchNorm followed by an activation, in one fused kernel.
 
     Same semantics as ``F.batch_norm(...)`` followed by the activation:
@@ -66,11 +66,15 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     ``"act_bn"`` computes ``bn(act(input))``, the activation before the
     normalization, in the same passes (no residual, no in-place mode).
 
-    activity: optional floating tensor of shape ``[C]``, set to the fraction
-    of each channel's values whose activation input is positive -- i.e. not
-    zeroed by relu, not in the negative branch of leaky_relu / elu. Counted in
-    the pass that writes the output, so it costs no memory traffic. With
-    ``order="act_bn"`` the activation input is ``input`` itself.
+    activity: optional floating tensor (float32 preferably) of shape ``[C]``
+    or ``[3, C]`` (CPU only so far). Row 0 is set to the fraction of each channel's values whose
+    activation input is positive -- not zeroed by relu, not in the negative
+    branch of leaky_relu / elu; with ``order="act_bn"`` the activation input is
+    ``input`` itself. Counted in the pass that writes the output, so it costs
+    no memory traffic. With 3 rows, row 1 is updated to the running average
+    of row 0 (``avg += activity_momentum * (frac - avg)``; a NaN average takes
+    the first fraction as is) and row 2 to the number of calls in a row in
+    which the channel had no active value (reset to 0 otherwise).
     """
     check_activation(activation)
     check_order(order)
@@ -82,5 +86,5 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     out, _, _ = op.default(
         input, residual, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
         None if momentum is None else float(momentum), float(eps), activation,
-        float(negative_slope), float(alpha), order, activity)
+        float(negative_slope), float(alpha), order, activity, float(activity_momentum))
     return out

@@ -23,12 +23,13 @@ class _BatchNormAct(_BatchNorm):
     in the active branch.
     track_activity: in every forward (training and eval) the kernel also
     counts, per channel, the values whose activation input is positive (not
-    zeroed by relu, not in the negative branch of leaky_relu / elu). Buffers
-    (not in the state_dict): ``active_fraction`` (last batch),
+    zeroed by relu, not in the negative branch of leaky_relu / elu), CPU only
+    so far. Kept in the buffer ``activity`` (float32 [3, C], not in the
+    state_dict), read through ``active_fraction`` (last batch),
     ``active_fraction_avg`` (exponential average, factor
-    ``activity_momentum``, starting from the first batch), ``inactive_steps``
-    (per channel, how many forwards in a row it had no active value) and
-    ``activity_batches``. ``fusedbn.diagnostics.report(model)`` tabulates them.
+    ``activity_momentum``, starting from the first batch; NaN before it) and
+    ``inactive_steps`` (per channel, how many forwards in a row it had no
+    active value). ``fusedbn.diagnostics.report(model)`` tabulates them.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
@@ -57,17 +58,24 @@ class _BatchNormAct(_BatchNorm):
         self.track_activity = track_activity
         self.activity_momentum = activity_momentum
         if track_activity:
-            f32 = dict(device=device, dtype=torch.float32)
-            self.register_buffer("active_fraction", torch.zeros(num_features, **f32),
-                                 persistent=False)
-            self.register_buffer("active_fraction_avg", torch.zeros(num_features, **f32),
-                                 persistent=False)
-            self.register_buffer("inactive_steps",
-                                 torch.zeros(num_features, dtype=torch.long, device=device),
-                                 persistent=False)
-            self.register_buffer("activity_batches",
-                                 torch.zeros((), dtype=torch.long, device=device),
-                                 persistent=False)
+            self._register_activity_buffers(device)
+
+    def _register_activity_buffers(self, device=None):
+        activity = torch.zeros(3, self.num_features, dtype=torch.float32, device=device)
+        activity[1] = float("nan")  # no batch seen yet
+        self.register_buffer("activity", activity, persistent=False)
+
+    @property
+    def active_fraction(self):
+        return self.activity[0]
+
+    @property
+    def active_fraction_avg(self):
+        return self.activity[1]
+
+    @property
+    def inactive_steps(self):
+        return self.activity[2].long()
 
     def reset_parameters(self):
         super().reset_parameters()
@@ -75,15 +83,6 @@ class _BatchNormAct(_BatchNorm):
             with torch.no_grad():
                 self.bias.fill_(self.bias_init)
 
-    @torch.no_grad()
-    def _update_activity(self):
-        frac = self.active_fraction
-        first = self.activity_batches == 0
-        avg = self.active_fraction_avg
-        avg.copy_(torch.where(first, frac, avg + self.activity_momentum * (frac - avg)))
-        self.inactive_steps.copy_(torch.where(frac == 0, self.inactive_steps + 1,
-                                              torch.zeros_like(self.inactive_steps)))
-        self.activity_batches.add_(1)
     def forward(self, input, residual=None):
         """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
         self._check_input_dim(input)
@@ -100,9 +99,8 @@ class _BatchNormAct(_BatchNorm):
             self.activation, self.negative_slope, self.alpha,
             residual=residual, inplace=self.inplace,
             num_batches_tracked=self.num_batches_tracked if counts else None,
-            order=self.order, activity=self.active_fraction if self.track_activity else None)
-        if self.track_activity:
-            self._update_activity()
+            order=self.order, activity=self.activity if self.track_activity else None,
+            activity_momentum=self.activity_momentum)
         return out
 
     def extra_repr(self):

@@ -22,7 +22,7 @@ def _check_same_device(input, **others):
 @torch.library.register_fake("fusedbn::forward")
 def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                   training, momentum, eps, activation, negative_slope, alpha, order="bn_act",
-                  activity=None):
+                  activity=None, activity_momentum=0.1):
     _check_same_device(input, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
                        running_var=running_var, num_batches_tracked=num_batches_tracked,
                        activity=activity)
