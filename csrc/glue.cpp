@@ -4,6 +4,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <limits>
 #include <sstream>
 
 namespace fusedbn {
@@ -35,8 +36,9 @@ ActParams parse_activation(const std::string& name, double negative_slope, doubl
   else
     TORCH_CHECK_VALUE(false, "fusedbn: unknown activation '", name,
                       "'; expected one of 'identity', 'relu', 'leaky_relu', 'elu'");
-  // With the identity both orders are the same BatchNorm.
-  if (order == "act_bn" && a.kind != Activation::Identity) a.order = Order::ActBn;
+  // (With the identity both orders compute the same; they differ in what
+  // activity tracking counts: bn(x) > 0 or x > 0.)
+  if (order == "act_bn") a.order = Order::ActBn;
   return a;
 }
 
@@ -129,8 +131,14 @@ void update_activity(Tensor& activity, const int64_t* counts, int64_t per_channe
                      double momentum) {
   const int64_t C = activity.size(-1);
   float* a = activity.data_ptr<float>();
+  if (per_channel == 0) {
+    // An empty batch has no fraction; the average and streak stay as they
+    // are, as the running statistics do.
+    for (int64_t c = 0; c < C; ++c) a[c] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
-    const float frac = float(double(counts[c]) / double(per_channel));  // 0/0: NaN
+    const float frac = float(double(counts[c]) / double(per_channel));
     a[c] = frac;
     if (activity.dim() == 2) {
       float& avg = a[C + c];
@@ -250,8 +258,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     ForwardKernel kernel) {
   // Every check comes before any buffer is touched.
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
-  if (inplace) check_invertible(act);
   check_mode(act, input, residual, inplace, defined(activity));
+  if (inplace) check_invertible(act);
   check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps);
   check_activity(activity, input, activity_momentum);
@@ -337,8 +345,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
     const std::string& order, BackwardKernel kernel) {
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
-  if (from_output) check_invertible(act);
   check_mode(act, input, residual, from_output, false);
+  if (from_output) check_invertible(act);
   check_input(input);
   check_residual(residual, input);
   check_per_channel(weight, "weight", input);

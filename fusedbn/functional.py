@@ -70,14 +70,16 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     or ``[3, C]`` (CPU only so far). Row 0 is set to the fraction of each channel's values whose
     activation input is positive -- not zeroed by relu, not in the negative
     branch of leaky_relu / elu; with ``order="act_bn"`` the activation input is
-    ``input`` itself. Counted in the pass that writes the output, so it costs
-    no memory traffic. With 3 rows, row 1 is updated to the running average
+    ``input`` itself (also with the identity, where both orders give the same
+    output). Counted in the pass that writes the output, so it costs no
+    memory traffic; an empty batch sets row 0 to NaN and leaves the others. With 3 rows, row 1 is updated to the running average
     of row 0 (``avg += activity_momentum * (frac - avg)``; a NaN average takes
     the first fraction as is) and row 2 to the number of calls in a row in
     which the channel had no active value (reset to 0 otherwise).
     """
     check_activation(activation)
     check_order(order)
+    _check_number("activity_momentum", activity_momentum)
     _check_number("momentum", momentum, allow_none=True)
     _check_number("eps", eps)
     _check_number("negative_slope", negative_slope)

@@ -8,7 +8,7 @@ the state_dict.
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import batch_norm_act, check_activation, check_order
+from .functional import _check_number, batch_norm_act, check_activation, check_order
 
 
 class _BatchNormAct(_BatchNorm):
@@ -38,6 +38,9 @@ class _BatchNormAct(_BatchNorm):
                  bias_init=0.0, track_activity=False, activity_momentum=0.1):
         check_activation(activation)
         check_order(order)
+        _check_number("activity_momentum", activity_momentum)
+        if not 0 <= activity_momentum <= 1:
+            raise ValueError(f"fusedbn: activity_momentum must be in [0, 1], got {activity_momentum}")
         if inplace and order == "act_bn":
             raise ValueError("fusedbn: inplace=True is not supported with order='act_bn'")
         if inplace and not (activation == "identity"
@@ -64,6 +67,15 @@ class _BatchNormAct(_BatchNorm):
         activity = torch.zeros(3, self.num_features, dtype=torch.float32, device=device)
         activity[1] = float("nan")  # no batch seen yet
         self.register_buffer("activity", activity, persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        # module.to(bfloat16) & co. would convert the activity counters too;
+        # they stay float32 (a bfloat16 streak stops counting at 256).
+        super()._apply(fn, *args, **kwargs)
+        a = getattr(self, "activity", None)
+        if a is not None and a.dtype != torch.float32:
+            self.activity = a.float()
+        return self
 
     @property
     def active_fraction(self):

@@ -263,25 +263,30 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
 // |mean| >> std; the backward recomputes the pre-activation with this same
 // expression, so the branch it takes matches the forward bit for bit.
 // Res: a residual z is added before the activation (z is null otherwise).
-// Whether a value counts as active: its activation input is positive. That
-// input is the normalized v (order BnAct) or, with order ActBn (Pre not the
-// identity), x itself, seen here as the loaded a = pre(x): a > 0 exactly
-// when x > 0 for relu, elu (alpha >= 0) and leaky_relu (slope >= 0).
-template <typename Pre, typename A>
-FUSEDBN_INLINE int active_input(A a, A v) {
-  return (IsIdentity<Pre>::value ? v : a) > A(0);
+// Activity counting (p.active_count): a value is active when its activation
+// input is positive -- the pre-activation for order BnAct (kCountPre), the
+// input x itself for order ActBn (kCountInput).
+enum Count : int { kCountNone = 0, kCountPre = 1, kCountInput = 2 };
+
+// How many of x[0..n) are positive (an integer reduction, which the
+// compiler vectorizes freely).
+template <typename T>
+FUSEDBN_INLINE int64_t count_positive(const T* x, int64_t n) {
+  int32_t active = 0;  // n <= kBlock
+  for (int64_t i = 0; i < n; ++i) active += acc_t<T>(load(x[i])) > acc_t<T>(0);
+  return active;
 }
 
-// Track: returns how many values were active (an integer reduction, which
-// the compiler vectorizes freely); 0 otherwise.
-template <bool Res, bool Track, typename Pre, typename A, typename Act>
+// Count == kCountPre: returns how many pre-activations were positive; 0
+// otherwise.
+template <bool Res, int Count, typename A, typename Act>
 FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale,
                                      A shift, Act act) {
   int32_t active = 0;  // n <= kBlock
   for (int64_t i = 0; i < n; ++i) {
     A pre = (x[i] - mean) * scale + shift;
     if constexpr (Res) pre += z[i];
-    if constexpr (Track) active += active_input<Pre>(x[i], pre);
+    if constexpr (Count == kCountPre) active += pre > A(0);
     y[i] = act.fwd(pre);
   }
   return active;
@@ -356,11 +361,11 @@ FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, in
 // ---------------------------------------------------------------- forward
 //
 // Template switches of the forward: Res (a residual is added before the
-// activation), Track (count positive activation inputs per channel into
-// p.active_count), Act (the activation after the normalization) and Pre (the
-// activation applied to the input, order ActBn; one of Act/Pre is identity).
+// activation), Count (what activity counting counts, if anything), Act (the
+// activation after the normalization) and Pre (the activation applied to the
+// input, order ActBn; one of Act/Pre is identity).
 
-template <typename T, bool Res, bool Track, typename Act, typename Pre>
+template <typename T, bool Res, int Count, typename Act, typename Pre>
 void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) {
   using A = acc_t<T>;
   const Shape s = p.shape;
@@ -411,12 +416,13 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
           A* out = out_acc(y + o, obuf.data());
-          active += run_normalize<Res, Track, Pre>(load_input(x + o, len, buf.data(), pre),
+          active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
                                               mean, scale, shift, act);
+          if constexpr (Count == kCountInput) active += count_positive(x + o, len);
           narrow_to<T>(out, y + o, len);
         }
-      if constexpr (Track) p.active_count[c] = active;
+      if constexpr (Count != kCountNone) p.active_count[c] = active;
     }
   }
 }
@@ -486,7 +492,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
 
 // Normalize + activate in memory order, with per-channel statistics already
 // in p.mean/p.invstd.
-template <typename T, bool Res, bool Track, typename Act, typename Pre>
+template <typename T, bool Res, int Count, typename Act, typename Pre>
 void normalize(const ForwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
   const Shape s = p.shape;
@@ -509,6 +515,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
   const int64_t items = ncs ? s.N * C : (M + R - 1) / R;
   const int nt = threads_for(s.N * C * s.S, p.num_threads, items);
   // Per-thread active counts, summed at the end.
+  constexpr bool Track = Count != kCountNone;
   std::vector<int64_t> counts(Track ? size_t(nt) * C : 0, 0);
   const A* mp = m;
   const A* sc = scale.data();
@@ -526,10 +533,11 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
           A* out = out_acc(y + o, obuf.data());
-          const int64_t a = run_normalize<Res, Track, Pre>(
+          const int64_t a = run_normalize<Res, Count>(
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
               out, len, mp[c], sc[c], sh[c], act);
           if constexpr (Track) cnt[c] += a;
+          if constexpr (Count == kCountInput) cnt[c] += count_positive(x + o, len);
           narrow_to<T>(out, y + o, len);
         }
       } else {
@@ -541,7 +549,8 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
           for (int64_t c = 0; c < C; ++c) {
             A v = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
             if constexpr (Res) v += zb[i * C + c];
-            if constexpr (Track) cnt[c] += active_input<Pre>(xb[i * C + c], v);
+            if constexpr (Count == kCountPre) cnt[c] += v > A(0);
+            if constexpr (Count == kCountInput) cnt[c] += A(load(x[(r + i) * C + c])) > A(0);
             yb[i * C + c] = act.fwd(v);
           }
         narrow_to<T>(yb, y + r * C, rr * C);
@@ -567,17 +576,17 @@ void update_running_stats(P* rm, P* rv, const A* mean, const A* var, int64_t C, 
   }
 }
 
-template <typename T, bool Res, bool Track, typename Act, typename Pre>
+template <typename T, bool Res, int Count, typename Act, typename Pre>
 void forward_typed(const ForwardParams& p, bool training, Act act, Pre pre) {
   using A = acc_t<T>;
-  if (!training) return normalize<T, Res, Track>(p, act, pre);
+  if (!training) return normalize<T, Res, Count>(p, act, pre);
   std::vector<A> var(p.shape.C);
   if (p.shape.layout == Layout::NCS) {
-    forward_train_ncs<T, Res, Track>(p, act, pre, var.data());
-    if (short_planes(p.shape)) normalize<T, Res, Track>(p, act, pre);
+    forward_train_ncs<T, Res, Count>(p, act, pre, var.data());
+    if (short_planes(p.shape)) normalize<T, Res, Count>(p, act, pre);
   } else {
     moments_nsc<T>(p, pre, var.data());
-    normalize<T, Res, Track>(p, act, pre);
+    normalize<T, Res, Count>(p, act, pre);
   }
   if (p.running_mean) {
     const A* mean = static_cast<const A*>(p.mean);
@@ -813,16 +822,20 @@ void forward(const ForwardParams& p, bool training) {
     using T = decltype(tag);
     using Id = IdentityAct<acc_t<T>>;
     dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
-      auto run = [&](auto track) {
-        constexpr bool Track = decltype(track)::value;
-        // (The glue sends ActBn without residual, and identity as BnAct.)
-        if constexpr (!IsIdentity<decltype(act)>::value) {
-          if (p.act.order == Order::ActBn) return forward_typed<T, false, Track>(p, training, Id{}, act);
-        }
-        if (p.residual) forward_typed<T, true, Track>(p, training, act, Id{});
-        else forward_typed<T, false, Track>(p, training, act, Id{});
+      // (The glue sends ActBn without a residual.)
+      if (p.act.order == Order::ActBn) {
+        // With the identity, ActBn is BnAct except for what activity counts.
+        if (p.active_count) return forward_typed<T, false, kCountInput>(p, training, Id{}, act);
+        return forward_typed<T, false, kCountNone>(p, training, Id{}, act);
+      }
+      auto run = [&](auto count) {
+        constexpr int Count = decltype(count)::value;
+        if (p.residual) forward_typed<T, true, Count>(p, training, act, Id{});
+        else forward_typed<T, false, Count>(p, training, act, Id{});
       };
-      p.active_count ? run(std::true_type{}) : run(std::false_type{});
+      using None = std::integral_constant<int, kCountNone>;
+      using Pre = std::integral_constant<int, kCountPre>;
+      p.active_count ? run(Pre{}) : run(None{});
     });
   });
 }
