@@ -1,0 +1,138 @@
+// Times the torch-free CPU kernels (the AVX-512 copy) against memcpy, without
+// torch or Python in the way: what the kernels themselves reach, as a
+// percentage of the copy bandwidth under the pass model (forward-train 3
+// passes, eval 2, backward 5; see fusedbn/bench.py).
+//
+//   g++ -O3 -std=c++17 -fopenmp -Icsrc/kernels benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
+//   /tmp/kernel_bench [threads]
+//
+// Best of 5 rounds of ~0.15 s each, wall time; the machine must be quiet.
+// Each call takes the next input of a pool of at least 64 MB (twice this
+// machine's L3), as fusedbn.bench does, so no input is still cached.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "activations.h"
+#include "cpu_types.h"
+#include "params.h"
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
+#define FUSEDBN_CPU_F16C 1
+#define FUSEDBN_CPU_ISA avx512
+#include "cpu_kernels.h"
+#pragma GCC pop_options
+
+using namespace fusedbn;
+
+template <class F>
+double best_ms(F f) {
+  f();
+  double best = 1e30;
+  for (int r = 0; r < 5; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    int it = 0;
+    double s;
+    do {
+      f();
+      ++it;
+      s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    } while (s < 0.15);
+    best = std::min(best, s / it);
+  }
+  return best * 1e3;
+}
+
+template <typename T>
+void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* name, int nt) {
+  const size_t n = size_t(N * C * S), bytes = n * sizeof(T);
+  auto alloc = [&] { return static_cast<T*>(aligned_alloc(64, (bytes + 63) / 64 * 64)); };
+  const size_t pool = std::max<size_t>(2, (size_t(64) << 20) / bytes + 1);
+  std::vector<T*> xs(pool), dys(pool);
+  for (size_t k = 0; k < pool; ++k) {
+    xs[k] = alloc();
+    dys[k] = alloc();
+    for (size_t i = 0; i < n; ++i) {
+      xs[k][i] = store<T>(float((i * 2654435761u + k) % 1000) / 500.f - 1.f);
+      dys[k][i] = store<T>(float((i * 40503u + k) % 1000) / 500.f - 1.f);
+    }
+  }
+  size_t next = 0;
+  auto rotate = [&] { next = (next + 1) % pool; return next; };
+  T *x = xs[0], *y = alloc(), *dx = alloc();
+  std::vector<float> w(C, 1.5f), b(C, 0.1f), mean(C), invstd(C), rm(C, 0), rv(C, 1), gw(C), gb(C);
+  const double copy = best_ms([&] {
+    const T* src = xs[rotate()];
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t k = 0; k < 64; ++k) {
+      const size_t a = n * k / 64, e = n * (k + 1) / 64;
+      std::memcpy(y + a, src + a, (e - a) * sizeof(T));
+    }
+  });
+  ForwardParams p;
+  p.shape = {N, C, S, layout};
+  p.dtype = dt;
+  p.x = x;
+  p.y = y;
+  p.weight = w.data();
+  p.bias = b.data();
+  p.mean = mean.data();
+  p.invstd = invstd.data();
+  p.running_mean = rm.data();
+  p.running_var = rv.data();
+  p.num_threads = nt;
+  const double train = best_ms([&] { p.x = xs[rotate()]; avx512::forward(p, true); });
+  const double eval = best_ms([&] { p.x = xs[rotate()]; avx512::forward(p, false); });
+  BackwardParams q;
+  q.shape = p.shape;
+  q.dtype = dt;
+  q.x = x;
+  q.dx = dx;
+  q.weight = w.data();
+  q.bias = b.data();
+  q.mean = mean.data();
+  q.invstd = invstd.data();
+  q.grad_weight = gw.data();
+  q.grad_bias = gb.data();
+  q.num_threads = nt;
+  const double bwd = best_ms([&] {
+    const size_t k = rotate();
+    q.x = xs[k];
+    q.dy = dys[k];
+    avx512::backward(q);
+  });
+  const double copy_gbs = 2.0 * bytes / copy / 1e6;
+  auto pct = [&](double passes, double ms) { return passes * bytes / ms / 1e6 / copy_gbs * 100; };
+  std::printf("| %s | %ldx%ldx%ld | %s | %.3f | %.3f (%.0f%%) | %.3f (%.0f%%) | %.3f (%.0f%%) |\n",
+              name, long(N), long(C), long(S), layout == Layout::NCS ? "NCS" : "NSC", copy, train,
+              pct(3, train), eval, pct(2, eval), bwd, pct(5, bwd));
+  for (size_t k = 0; k < pool; ++k) {
+    free(xs[k]);
+    free(dys[k]);
+  }
+  free(y);
+  free(dx);
+}
+
+int main(int argc, char** argv) {
+  const int nt = argc > 1 ? std::atoi(argv[1]) : 2;
+  std::printf("threads %d; ms, (%% of copy bandwidth under the 3/2/5-pass model)\n\n", nt);
+  std::printf("| dtype | NxCxS | layout | copy | forward-train | eval | backward |\n");
+  std::printf("|---|---|---|---|---|---|---|\n");
+  for (Layout L : {Layout::NCS, Layout::NSC}) {
+    run<float>(32, 64, 3136, L, DType::Float32, "float32", nt);
+    run<float>(64, 256, 196, L, DType::Float32, "float32", nt);
+    run<float>(8, 512, 49, L, DType::Float32, "float32", nt);
+    run<bf16_t>(32, 64, 3136, L, DType::BFloat16, "bfloat16", nt);
+    run<bf16_t>(64, 256, 196, L, DType::BFloat16, "bfloat16", nt);
+  }
+}
