@@ -523,6 +523,10 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     int64_t* cnt = Track ? &counts[size_t(omp_get_thread_num()) * C] : nullptr;
+    // Channels-last: a block's counts (at most R <= kBlock per channel, exact)
+    // in the accumulation type, so the counting vectorizes with the rest of
+    // the float loop instead of mixing in integer lanes.
+    std::vector<A> bcnt(Track && !ncs ? C : 0);
     const int64_t len_max = ncs ? kBlock : R * C;
     std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(is_16bit<T> ? len_max : 0),
         obuf(is_16bit<T> ? len_max : 0);
@@ -545,14 +549,20 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
         const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
         A* yb = out_acc(y + r * C, obuf.data());
+        A* bc = bcnt.data();
+        if constexpr (Track) std::fill(bcnt.begin(), bcnt.end(), A(0));
         for (int64_t i = 0; i < rr; ++i)
+#pragma GCC ivdep
           for (int64_t c = 0; c < C; ++c) {
             A v = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
             if constexpr (Res) v += zb[i * C + c];
-            if constexpr (Count == kCountPre) cnt[c] += v > A(0);
-            if constexpr (Count == kCountInput) cnt[c] += A(load(x[(r + i) * C + c])) > A(0);
+            if constexpr (Count == kCountPre) bc[c] += v > A(0) ? A(1) : A(0);
+            if constexpr (Count == kCountInput)
+              bc[c] += A(load(x[(r + i) * C + c])) > A(0) ? A(1) : A(0);
             yb[i * C + c] = act.fwd(v);
           }
+        if constexpr (Track)
+          for (int64_t c = 0; c < C; ++c) cnt[c] += int64_t(bc[c]);
         narrow_to<T>(yb, y + r * C, rr * C);
       }
     }
