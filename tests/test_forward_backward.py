@@ -327,3 +327,24 @@ def test_block_regimes(shape, dtype, layout):
     ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
     compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), True, vs64=True)
     compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), False, vs64=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(256, 8, 4, 4), (64, 8, 5, 5)], ids=["4x4", "5x5"])
+def test_statistics_of_tiny_planes_within_ulps(shape, layout):
+    """Planes shorter than the 32 vector lanes are all 'tail': their sums
+    must still be spread over lanes, not added one by one into a scalar
+    (that cost ~10 ulps of invstd at 256x64x4x4)."""
+    seed("tiny-planes", shape, layout)
+    x = make_input(shape, torch.float32, layout) * 1.3 + 0.4
+    C = shape[1]
+    _, mean, invstd = torch.ops.fusedbn.forward.default(
+        x, None, None, None, None, None, None, True, 0.1, 1e-5, "identity", 0.01, 1.0)
+    xd = x.double()
+    m64 = xd.mean((0, 2, 3))
+    is64 = 1 / torch.sqrt(xd.var((0, 2, 3), unbiased=False) + 1e-5)
+    eps = torch.finfo(torch.float32).eps
+    scale = xd.abs().mean((0, 2, 3))  # what the mean's rounding is relative to
+    assert ((mean.double() - m64).abs() / (eps * scale)).max() <= 3, (mean, m64)
+    assert ((invstd.double() - is64).abs() / (eps * is64)).max() <= 3, (invstd, is64)
+    assert C == mean.numel()
