@@ -1,5 +1,6 @@
 """Shared helpers for the fusedbn tests: the eager reference, one tolerance
 rule, and sample-input generators."""
+import copy
 import os
 import zlib
 import sys
@@ -332,3 +333,46 @@ def output_mask(op, input=True, weight=True, bias=True):
     then False for any further gradient the schema returns)."""
     n = len(op._schema.returns)
     return [input, weight, bias] + [False] * (n - 3)
+
+
+class CompileNet(nn.Module):
+    """conv -> BatchNormAct2d -> conv, for the torch.compile tests."""
+
+    def __init__(self, activation="relu", **kwargs):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = fusedbn.BatchNormAct2d(4, activation=activation, **kwargs)
+        self.conv2 = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.bn(self.conv1(x)))
+
+
+class EagerCompileNet(nn.Module):
+    """The same network with nn.BatchNorm2d + activation (before the BatchNorm
+    for order="act_bn")."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.conv1 = copy.deepcopy(net.conv1)
+        self.bn = nn.BatchNorm2d(4)
+        self.bn.load_state_dict(net.bn.state_dict())
+        self.conv2 = copy.deepcopy(net.conv2)
+        self.act = (net.bn.activation, net.bn.negative_slope, net.bn.alpha)
+        self.act_first = net.bn.order == "act_bn"
+
+    def forward(self, x):
+        h = self.conv1(x)
+        if self.act_first:
+            return self.conv2(self.bn(apply_activation(h, *self.act)))
+        return self.conv2(apply_activation(self.bn(h), *self.act))
+
+
+def run_step(model, x, g):
+    """One forward + backward; (output, input grad, {parameter name: grad})."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    out.backward(g)
+    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), xi.grad, grads

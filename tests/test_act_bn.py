@@ -14,9 +14,10 @@ from torch.autograd import gradcheck, gradgradcheck
 from torch.library import opcheck
 
 import fusedbn
-from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, LOW_DTYPES, SHAPES, EagerBNAct,
-                     apply_activation, assert_close, clone_layout, compare_buffers, eager_like,
-                     make_fused, make_input, op_args, output_mask, seed, step, sync_buffers)
+from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, LOW_DTYPES, SHAPES, CompileNet,
+                     EagerBNAct, EagerCompileNet, apply_activation, assert_close, clone_layout, compare_buffers, eager_like,
+                     make_fused, make_input, op_args, output_mask, run_step, seed, step,
+                     sync_buffers)
 
 FORWARD = torch.ops.fusedbn.forward.default
 BACKWARD = torch.ops.fusedbn.backward.default
@@ -412,43 +413,11 @@ def test_opcheck_backward(case, requires_grad):
 
 # ------------------------------------------------------- torch.compile
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = fusedbn.BatchNormAct2d(4, activation="elu", alpha=0.7, order="act_bn")
-        self.conv2 = nn.Conv2d(4, 2, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(self.bn(self.conv1(x)))
-
-
-class EagerNet(nn.Module):
-    def __init__(self, net):
-        super().__init__()
-        self.conv1 = copy.deepcopy(net.conv1)
-        self.bn = nn.BatchNorm2d(4)
-        self.bn.load_state_dict(net.bn.state_dict())
-        self.conv2 = copy.deepcopy(net.conv2)
-
-    def forward(self, x):
-        return self.conv2(self.bn(F.elu(self.conv1(x), 0.7)))
-
-
-def _run(model, x, g):
-    model.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_()
-    out = model(xi)
-    out.backward(g)
-    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
-    return out.detach(), xi.grad, grads
-
-
 def test_compile_fullgraph_train_step_matches_eager():
     torch._dynamo.reset()
     seed("act_bn-compile")
-    net = Net()
-    eager_fused, eager_nn = copy.deepcopy(net), EagerNet(net)
+    net = CompileNet("elu", alpha=0.7, order="act_bn")
+    eager_fused, eager_nn = copy.deepcopy(net), EagerCompileNet(net)
     compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="aot_eager")
     x = (torch.randn(2, 3, 6, 6) + 0.3).contiguous(memory_format=torch.channels_last)
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -457,9 +426,9 @@ def test_compile_fullgraph_train_step_matches_eager():
             for m in (compiled, eager_fused, eager_nn):
                 m.train(training)
             g = torch.randn(2, 2, 6, 6)
-            res_c = _run(compiled, x + i, g)
-            for other, what in ((_run(eager_fused, x + i, g), "eager fusedbn"),
-                                (_run(eager_nn, x + i, g), "eager nn")):
+            res_c = run_step(compiled, x + i, g)
+            for other, what in ((run_step(eager_fused, x + i, g), "eager fusedbn"),
+                                (run_step(eager_nn, x + i, g), "eager nn")):
                 torch.testing.assert_close(res_c[0], other[0], **tol, msg=f"{i} out vs {what}")
                 torch.testing.assert_close(res_c[1], other[1], **tol, msg=f"{i} gx vs {what}")
                 assert res_c[2].keys() == other[2].keys()

@@ -4,45 +4,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 
-import fusedbn
-from helpers import apply_activation, seed
-
-
-class Net(nn.Module):
-    def __init__(self, activation="relu", **kwargs):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
-        self.bn = fusedbn.BatchNormAct2d(4, activation=activation, **kwargs)
-        self.conv2 = nn.Conv2d(4, 2, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv2(self.bn(self.conv1(x)))
-
-
-class EagerNet(nn.Module):
-    """The same network with nn.BatchNorm2d + activation."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.conv1 = copy.deepcopy(net.conv1)
-        self.bn = nn.BatchNorm2d(4)
-        self.bn.load_state_dict(net.bn.state_dict())
-        self.conv2 = copy.deepcopy(net.conv2)
-        self.act = (net.bn.activation, net.bn.negative_slope, net.bn.alpha)
-
-    def forward(self, x):
-        return self.conv2(apply_activation(self.bn(self.conv1(x)), *self.act))
-
-
-def _run(model, x, g):
-    model.zero_grad(set_to_none=True)
-    xi = x.clone().requires_grad_()
-    out = model(xi)
-    out.backward(g)
-    grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
-    return out.detach(), xi.grad, grads
+from helpers import CompileNet, EagerCompileNet, run_step, seed
 
 
 def _check(a, b, what):
@@ -69,9 +32,9 @@ def test_compile_fullgraph_matches_eager(act, channels_last):
     activation, kwargs = act
     torch._dynamo.reset()
     seed("compile", activation, channels_last)
-    net = Net(activation, **kwargs)
+    net = CompileNet(activation, **kwargs)
     eager_fused = copy.deepcopy(net)
-    eager_nn = EagerNet(net)
+    eager_nn = EagerCompileNet(net)
     compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="inductor")
     x = torch.randn(2, 3, 8, 8) + 0.5
     if channels_last:
@@ -81,9 +44,9 @@ def test_compile_fullgraph_matches_eager(act, channels_last):
             for m in (compiled, eager_fused, eager_nn):
                 m.train(training)
             g = torch.randn(2, 2, 8, 8)
-            res_c = _run(compiled, x + step, g)
-            res_f = _run(eager_fused, x + step, g)
-            res_n = _run(eager_nn, x + step, g)
+            res_c = run_step(compiled, x + step, g)
+            res_f = run_step(eager_fused, x + step, g)
+            res_n = run_step(eager_nn, x + step, g)
             _check(res_c, res_f, f"step {step}: compiled vs eager fusedbn")
             _check(res_c, res_n, f"step {step}: compiled vs eager nn.BatchNorm2d")
             _check_buffers(compiled.bn, eager_fused.bn, f"step {step}: compiled vs eager fusedbn")
@@ -96,7 +59,7 @@ def test_compile_fullgraph_matches_eager(act, channels_last):
 def test_dynamo_explain_no_graph_break():
     torch._dynamo.reset()
     seed("explain")
-    net = Net("leaky_relu", negative_slope=0.1).train()
+    net = CompileNet("leaky_relu", negative_slope=0.1).train()
     x = torch.randn(2, 3, 8, 8)
     try:
         explanation = torch._dynamo.explain(net)(x)
