@@ -90,12 +90,10 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     dims = [0] + list(range(2, input.dim()))
     per_channel = [1, -1] + [1] * (input.dim() - 2)
     x_in, dy = input.to(acc), grad_out.to(acc)
-    act_bn = order == "act_bn" and activation != "identity"
-    order_activation = activation
     # act_bn: the BatchNorm (with no activation after it) of a = act(x).
+    act_bn = order == "act_bn" and activation != "identity"
     x = _activation(x_in, activation, negative_slope, alpha) if act_bn else x_in
-    if act_bn:
-        activation = "identity"
+    post = "identity" if act_bn else activation  # the activation after the BatchNorm
     count = max(x.numel() // max(x.shape[1], 1), 1)
     w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
     b = bias.to(acc) if bias is not None else torch.zeros_like(save_mean)
@@ -110,7 +108,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     y = xhat * w.reshape(per_channel) + b.reshape(per_channel)
     if residual is not None:
         y = y + residual.to(acc)
-    g = _activation_grad(dy, y, activation, negative_slope, alpha)
+    g = _activation_grad(dy, y, post, negative_slope, alpha)
     grad_bias = g.sum(dims)
     grad_weight = (g * xhat).sum(dims)
     scale = (w * invstd).reshape(per_channel)
@@ -120,7 +118,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     else:
         grad_input = g * scale
     if act_bn:
-        grad_input = _activation_grad(grad_input, x_in, order_activation, negative_slope, alpha)
+        grad_input = _activation_grad(grad_input, x_in, activation, negative_slope, alpha)
     return (grad_input.to(input.dtype),
             None if weight is None else grad_weight.to(weight.dtype),
             None if bias is None else grad_bias.to(bias.dtype),

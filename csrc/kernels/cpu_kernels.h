@@ -81,11 +81,17 @@ struct Moments {
   }
 };
 
+// Channels whose planes are short get their statistics per channel but their
+// elementwise pass in memory order (as eval does): writing short planes one
+// channel at a time is as slow as reading them that way.
+// Short planes are also grouped several to a block (for_each_block).
+inline bool short_planes(const Shape& s) { return s.S < kBlock / 2; }
+
 // Calls f(n0, n1, off, len) for blocks of channel c: planes n0..n1-1, values
 // off..off+len-1 of each plane, about kBlock values per block (NCS layout).
 template <typename F>
 FUSEDBN_INLINE void for_each_block(const Shape& s, F f) {
-  if (s.S >= kBlock / 2) {
+  if (!short_planes(s)) {
     for (int64_t n = 0; n < s.N; ++n)
       for (int64_t off = 0; off < s.S; off += kBlock) f(n, n + 1, off, std::min(kBlock, s.S - off));
   } else {
@@ -107,11 +113,6 @@ FUSEDBN_INLINE void prefetch_next_block(const Shape& s, const T* chan, int64_t n
     for (int64_t b = 0; b < int64_t(len * sizeof(T)); b += 64) __builtin_prefetch(q + b);
   }
 }
-
-// Channels whose planes are short get their statistics per channel but their
-// elementwise pass in memory order (as eval does): writing short planes one
-// channel at a time is as slow as reading them that way.
-inline bool short_planes(const Shape& s) { return s.S < kBlock / 2; }
 
 // ------------------------------------------------- 16-bit <-> float blocks
 //
