@@ -4,7 +4,10 @@
 // passes, eval 2, backward 5; see fusedbn/bench.py).
 //
 //   g++ -O3 -std=c++17 -fopenmp -Icsrc/kernels benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
-//   /tmp/kernel_bench [threads]
+//   /tmp/kernel_bench [threads] [filter]
+//
+// filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
+// "bfloat16 64x256x196 NSC" (handy under perf record).
 //
 // Best of 5 rounds of ~0.15 s each, wall time; the machine must be quiet.
 // Each call takes the next input of a pool of at least 64 MB (twice this
@@ -44,8 +47,14 @@ double best_ms(F f) {
   return best * 1e3;
 }
 
+static const char* g_filter = "";
+
 template <typename T>
 void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* name, int nt) {
+  char label[96];
+  std::snprintf(label, sizeof label, "%s %ldx%ldx%ld %s", name, long(N), long(C), long(S),
+                layout == Layout::NCS ? "NCS" : "NSC");
+  if (!std::strstr(label, g_filter)) return;
   const size_t n = size_t(N * C * S), bytes = n * sizeof(T);
   auto alloc = [&] { return static_cast<T*>(aligned_alloc(64, (bytes + 63) / 64 * 64)); };
   const size_t pool = std::max<size_t>(2, (size_t(64) << 20) / bytes + 1);
@@ -117,6 +126,7 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
 
 int main(int argc, char** argv) {
   const int nt = argc > 1 ? std::atoi(argv[1]) : 2;
+  if (argc > 2) g_filter = argv[2];
   std::printf("threads %d; ms, (%% of copy bandwidth under the 3/2/5-pass model)\n\n", nt);
   std::printf("| dtype | NxCxS | layout | copy | forward-train | eval | backward |\n");
   std::printf("|---|---|---|---|---|---|---|\n");

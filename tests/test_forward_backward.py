@@ -312,9 +312,11 @@ def test_bias_gradient_without_weight():
 # grouped several to a block (and normalized in memory order), planes of
 # 2048+ values are a block of their own, longer ones are cut. One shape per
 # regime, plus a run tail that is not a multiple of the 32 vector lanes.
+# 3x83x9x9: planes of 64..2047 values get their backward sums plane by plane
+# in memory order; channels-last runs 83 channels as chunks of 64, 16 and 1.
 # Judged against float64: at these sizes eager's float32 sums are the less
 # accurate ones.
-BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200)]
+BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

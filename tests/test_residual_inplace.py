@@ -9,11 +9,14 @@ from helpers import ACTIVATIONS, EAGER_MODULES, FUSED_MODULES, apply_activation,
 import fusedbn
 
 INVERTIBLE = [(a, kw) for a, kw in ACTIVATIONS if a != "relu"]
-SHAPES = {2: (6, 3), 4: (3, 4, 5, 3)}
+# "wide": 83 channels (the channels-last loops' chunks of 64, 16 and 1) and
+# planes of 81 values (the contiguous backward's plane-by-plane sums).
+SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9)}
 
 
 def _pair(rank, activation, kw, dtype, inplace=False):
     C = SHAPES[rank][1]
+    rank = len(SHAPES[rank])
     ref = EAGER_MODULES[rank](C).to(dtype)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)
@@ -37,7 +40,7 @@ def _tol(dtype):
     return dict(atol=1e-10, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
 
 
-CASES = [(rank, cl) for rank in (2, 4) for cl in ((False, True) if rank == 4 else (False,))]
+CASES = [(rank, cl) for rank in (2, 4, "wide") for cl in ((False,) if rank == 2 else (False, True))]
 
 
 @pytest.mark.parametrize("activation,kw", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])

@@ -10,12 +10,14 @@
 #include <vector>
 
 #include "activations.h"
+#include "cpu_bf16_avx512.h"
 #include "cpu_types.h"
 #include "params.h"
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,prefer-vector-width=512")
 #define FUSEDBN_CPU_F16C 1
+#define FUSEDBN_CPU_AVX512 1
 #define FUSEDBN_CPU_ISA avx512
 #include "cpu_kernels.h"
 #pragma GCC pop_options

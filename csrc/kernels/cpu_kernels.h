@@ -43,6 +43,9 @@ namespace FUSEDBN_CPU_ISA {
 #ifndef FUSEDBN_CPU_F16C
 #define FUSEDBN_CPU_F16C 0
 #endif
+#ifndef FUSEDBN_CPU_AVX512
+#define FUSEDBN_CPU_AVX512 0
+#endif
 
 // 32 independent accumulators: enough vector registers in flight to hide the
 // add latency (GCC turns 16 lanes into a slow scalar-ish loop: measured 5 GB/s
@@ -86,6 +89,14 @@ struct Moments {
 // channel at a time is as slow as reading them that way.
 // Short planes are also grouped several to a block (for_each_block).
 inline bool short_planes(const Shape& s) { return s.S < kBlock / 2; }
+// Short planes of at least 64 values also get their backward sums in memory
+// order, plane by plane (stream_planes): a channel's planes lie C*S values
+// apart, and walking them per channel is latency-bound even with prefetching
+// (64x256x14x14 backward: 1.4x slower). Below 64 values a plane's sums cost
+// more than the plane. (The statistics' per-plane two-pass is latency-bound
+// on such planes -- a chain of two passes and three lane sums per plane, 2 G
+// values/s per core at 14x14 -- so they keep the grouped walk.)
+inline bool stream_planes(const Shape& s) { return short_planes(s) && s.S >= 64; }
 
 // Calls f(n0, n1, off, len) for blocks of channel c: planes n0..n1-1, values
 // off..off+len-1 of each plane, about kBlock values per block (NCS layout).
@@ -147,6 +158,16 @@ FUSEDBN_INLINE void narrow(const float* src, fp16_t* dst, int64_t n) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
   for (; i < n; ++i) dst[i] = store<fp16_t>(src[i]);
+}
+#endif
+#if FUSEDBN_CPU_AVX512
+template <>
+FUSEDBN_INLINE void widen(const bf16_t* src, float* dst, int64_t n) {
+  bf16_widen_avx512(src, dst, n);
+}
+template <>
+FUSEDBN_INLINE void narrow(const float* src, bf16_t* dst, int64_t n) {
+  bf16_narrow_avx512(src, dst, n);
 }
 #endif
 
@@ -431,9 +452,43 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   }
 }
 
+// Asks for the n values at p (none when n <= 0) to be brought into cache.
+template <typename T>
+FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
+  const char* q = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(q + b);
+}
+
 // Rows of the channels-last layout are processed in blocks of R rows (about
 // kBlock values), widened as a whole for 16-bit types.
 inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(8, kBlock / std::max<int64_t>(C, 1)); }
+// The reductions (for_each_chunk below) only need a chunk's rows in L1, not
+// the whole block: longer blocks there make the per-block merge of C
+// channels' sums rarer (it cost as much as the sums at 16 rows of C = 256).
+inline int64_t rows_per_reduce_block(int64_t C) {
+  return std::clamp<int64_t>(4 * kBlock / std::max<int64_t>(C, 1), 8, 64);
+}
+
+// The channels-last row loops run over chunks of W channels, f(c0, W), whose
+// accumulators and per-channel constants stay in registers for all the rows
+// of a block. Indexing arrays of C accumulators in the row loop instead costs
+// a load and a store per accumulator and vector: the statistics of a block in
+// L1 ran 2.6x (C = 256) to 5.6x (C = 64) slower that way. W = 64 for the bulk
+// (GCC 12 keeps 16-wide chunks out of registers, again), 16 and 1 for the
+// rest. Each channel's sums run over the rows in the same order whatever W,
+// so the results do not depend on C's chunking.
+//
+// A chunk walks the block column by column, an order the hardware prefetcher
+// does not follow, so the next block is asked for explicitly (prefetch_values).
+template <int W>
+using Width = std::integral_constant<int, W>;
+template <typename F>
+FUSEDBN_INLINE void for_each_chunk(int64_t C, F f) {
+  int64_t c0 = 0;
+  for (; c0 + 64 <= C; c0 += 64) f(c0, Width<64>{});
+  for (; c0 + 16 <= C; c0 += 16) f(c0, Width<16>{});
+  for (; c0 < C; ++c0) f(c0, Width<1>{});
+}
 
 template <typename T, typename Pre>
 void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
@@ -441,7 +496,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
   const int nt = threads_for(M * C, p.num_threads, M);
-  const int64_t R = rows_per_block(C);
+  const int64_t R = rows_per_reduce_block(C);
   std::vector<double> tmean(size_t(nt) * C, 0.0), tm2(size_t(nt) * C, 0.0), tn(nt, 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(pre)
   {
@@ -454,21 +509,28 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     std::vector<A> buf(buffered<T, Pre> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
+      prefetch_values(x + (r + rr) * C, std::min(R, r1 - r - rr) * C);
       const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
       // Corrected two-pass per channel, as in block_moments.
-      std::fill(bmean.begin(), bmean.end(), A(0));
-      std::fill(bs1.begin(), bs1.end(), A(0));
-      std::fill(bm2.begin(), bm2.end(), A(0));
-      for (int64_t i = 0; i < rr; ++i)
-        for (int64_t c = 0; c < C; ++c) bmean[c] += xb[i * C + c];
       const A inv = A(1) / A(rr);
-      for (int64_t c = 0; c < C; ++c) bmean[c] *= inv;
-      for (int64_t i = 0; i < rr; ++i)
-        for (int64_t c = 0; c < C; ++c) {
-          const A d = xb[i * C + c] - bmean[c];
-          bs1[c] += d;
-          bm2[c] += d * d;
+      for_each_chunk(C, [&](int64_t c0, auto width) {
+        constexpr int W = decltype(width)::value;
+        A m[W] = {}, s1[W] = {}, s2[W] = {};
+        for (int64_t i = 0; i < rr; ++i)
+          for (int j = 0; j < W; ++j) m[j] += xb[i * C + c0 + j];
+        for (int j = 0; j < W; ++j) m[j] *= inv;
+        for (int64_t i = 0; i < rr; ++i)
+          for (int j = 0; j < W; ++j) {
+            const A d = xb[i * C + c0 + j] - m[j];
+            s1[j] += d;
+            s2[j] += d * d;
+          }
+        for (int j = 0; j < W; ++j) {
+          bmean[c0 + j] = m[j];
+          bs1[c0 + j] = s1[j];
+          bm2[c0 + j] = s2[j];
         }
+      });
       // Chan's merge of the block into the thread's moments; divisions
       // hoisted out of the channel loop (at C = 256 they cost a third of it).
       const double nb = double(rr), tot = n + nb, fa = nb / tot, fb = n * nb / tot, inb = 1.0 / nb;
@@ -659,8 +721,12 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
   const double count = double(s.count());
-  const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
+  const bool stream = stream_planes(s);
+  const int nt = threads_for(s.N * s.C * s.S, p.num_threads, stream ? s.N * s.C : s.C);
   std::vector<A> k_xc(s.C), k_const(s.C);
+  std::vector<BackwardCoef<A>> coef(s.C);
+  for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
+  std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const size_t nb = is_16bit<T> ? kBlock : 0;
@@ -679,9 +745,35 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       }
       if (dz) narrow_to<T>(dzo, dz + o, len);
     };
+    if (stream) {
+      // Sums per plane in memory order, per thread, then per channel.
+      double* sg = &tsg[size_t(omp_get_thread_num()) * s.C];
+      double* sgx = &tsgx[size_t(omp_get_thread_num()) * s.C];
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < s.C; ++c) {
-      const BackwardCoef<A> k = backward_coef<A>(p, c);
+      for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
+        const int64_t c = pl % s.C, o = pl * s.S;
+        Lanes<A> bg, bgx;
+        run_reduce<Res, FromOut>(load_input(x + o, s.S, xbuf.data(), pre),
+                                 residual_acc<Res>(z, o, s.S, zbuf.data()),
+                                 as_acc(dy + o, s.S, dybuf.data()), s.S, coef[c], act, bg, bgx);
+        sg[c] += double(bg.sum());
+        sgx[c] += double(bgx.sum());
+      }
+#pragma omp single
+      for (int64_t c = 0; c < s.C; ++c) {
+        double s1 = 0, s2 = 0;
+        for (int u = 0; u < nt; ++u) {
+          s1 += tsg[size_t(u) * s.C + c];
+          s2 += tsgx[size_t(u) * s.C + c];
+        }
+        gb[c] = A(s1);
+        gw[c] = A(s2 * double(coef[c].invstd));
+        dx_coefficients(p.training, coef[c], s1, s2, count, k_xc[c], k_const[c]);
+      }  // implicit barrier: every thread sees the coefficients
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < (stream ? 0 : s.C); ++c) {
+      const BackwardCoef<A> k = coef[c];
       const int64_t base = c * s.S, stride = s.C * s.S;
       double sg = 0, sgx = 0;
       // Sums per block of about kBlock values, added in double.
@@ -711,7 +803,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp for schedule(static)
       for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
         const int64_t c = pl % s.C;
-        dx_run(pl * s.S, s.S, backward_coef<A>(p, c), k_xc[c], k_const[c]);
+        dx_run(pl * s.S, s.S, coef[c], k_xc[c], k_const[c]);
       }
     }
   }
@@ -726,9 +818,11 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   T* dz = static_cast<T*>(p.grad_residual);
-  const int64_t R = rows_per_block(C);
-  const int64_t blocks = (M + R - 1) / R;
-  const int nt = threads_for(M * C, p.num_threads, blocks);
+  // Blocks of R rows for dx, of RR rows for the reductions (16-bit types
+  // keep R there too: their x and dy are widened a whole block at a time).
+  const int64_t R = rows_per_block(C), RR = is_16bit<T> ? R : rows_per_reduce_block(C);
+  const int64_t blocks = (M + R - 1) / R, rblocks = (M + RR - 1) / RR;
+  const int nt = threads_for(M * C, p.num_threads, rblocks);
   std::vector<A> mean(C), scale(C), shift(C), invstd(C), inv_scale(C);
   for (int64_t c = 0; c < C; ++c) {
     const BackwardCoef<A> k = backward_coef<A>(p, c);
@@ -749,31 +843,42 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const int t = omp_get_thread_num();
-    std::vector<A> bg(C), bgx(C);
-    const size_t nb = is_16bit<T> ? R * C : 0;
-    std::vector<A> xbuf(buffered<T, Pre> ? R * C : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
+    const size_t len_max = size_t(std::max(R, RR) * C), nb = is_16bit<T> ? len_max : 0;
+    std::vector<A> xbuf(buffered<T, Pre> ? len_max : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t r = blk * R, rr = std::min(R, M - r);
+    for (int64_t blk = 0; blk < rblocks; ++blk) {
+      const int64_t r = blk * RR, rr = std::min(RR, M - r), next = std::min(RR, M - r - rr) * C;
+      prefetch_values(x + (r + rr) * C, next);
+      prefetch_values(dy + (r + rr) * C, next);
+      if constexpr (Res) prefetch_values(z + (r + rr) * C, next);
       const A* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
       const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
       const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
-      std::fill(bg.begin(), bg.end(), A(0));
-      std::fill(bgx.begin(), bgx.end(), A(0));
-      for (int64_t i = 0; i < rr; ++i)
-        for (int64_t c = 0; c < C; ++c) {
-          A xc;
-          const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c),
-                                             dyb[i * C + c], mp[c], sc[c], sh[c], is[c], act, xc);
-          bg[c] += g;
-          bgx[c] += g * xc;
+      for_each_chunk(C, [&](int64_t c0, auto width) {
+        constexpr int W = decltype(width)::value;
+        A m[W], k[W], h[W], ik[W], g1[W] = {}, g2[W] = {};
+        for (int j = 0; j < W; ++j) {
+          m[j] = mp[c0 + j];
+          k[j] = sc[c0 + j];
+          h[j] = sh[c0 + j];
+          ik[j] = is[c0 + j];
         }
-      for (int64_t c = 0; c < C; ++c) {
-        sg[c] += double(bg[c]);
-        sgx[c] += double(bgx[c]);
-      }
+        for (int64_t i = 0; i < rr; ++i)
+          for (int j = 0; j < W; ++j) {
+            const int64_t e = i * C + c0 + j;
+            A xc;
+            const A g = grad_pre<Res, FromOut>(xb[e], z_at<Res>(zb, e), dyb[e], m[j], k[j], h[j],
+                                               ik[j], act, xc);
+            g1[j] += g;
+            g2[j] += g * xc;
+          }
+        for (int j = 0; j < W; ++j) {
+          sg[c0 + j] += double(g1[j]);
+          sgx[c0 + j] += double(g2[j]);
+        }
+      });
     }
 #pragma omp barrier
 #pragma omp single
