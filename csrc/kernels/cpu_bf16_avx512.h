@@ -38,17 +38,23 @@ FUSEDBN_AVX512_INLINE __m256i bf16_round(__m512 v) {
 }
 
 // vcvtneps2bf16 (AVX512-BF16) rounds and quiets NaN as bf16_round does but
-// flushes denormal inputs to zero: vectors holding one take bf16_round, so
-// the result is bf16_round's bit for bit, at a fraction of the instructions.
+// flushes denormal inputs to zero: when the run holds one, it is narrowed
+// again by bf16_round, so the result is bf16_round's bit for bit. (Testing
+// each vector and branching instead cost a third of the speed.)
 __attribute__((target(FUSEDBN_AVX512 ",avx512bf16"), noinline)) inline void bf16_narrow_native(
     const float* src, bf16_t* dst, int64_t n) {
+  __mmask16 denormal = 0;
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = bf16_tail_mask(n - i);
     const __m512 v = _mm512_maskz_loadu_ps(m, src + i);
-    const __m256i h = _mm512_fpclass_ps_mask(v, 0x20) ? bf16_round(v)  // 0x20: denormal
-                                                       : __m256i(_mm512_cvtneps_pbh(v));
-    _mm256_mask_storeu_epi16(dst + i, m, h);
+    denormal |= _mm512_fpclass_ps_mask(v, 0x20);
+    _mm256_mask_storeu_epi16(dst + i, m, __m256i(_mm512_cvtneps_pbh(v)));
   }
+  if (denormal)
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = bf16_tail_mask(n - i);
+      _mm256_mask_storeu_epi16(dst + i, m, bf16_round(_mm512_maskz_loadu_ps(m, src + i)));
+    }
 }
 
 inline bool cpu_has_avx512_bf16() {
