@@ -461,11 +461,20 @@ FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
 
 // Rows of the channels-last layout are processed in blocks of R rows (about
 // kBlock values), widened as a whole for 16-bit types.
-inline int64_t rows_per_block(int64_t C) { return std::max<int64_t>(8, kBlock / std::max<int64_t>(C, 1)); }
+// 16-bit types take a quarter of that: their rows are widened into float
+// buffers (x, dy, the output) that must fit in L1 together (backward at
+// 32x64x56x56 channels-last: 1.7x faster than with full-size blocks).
+template <typename T>
+inline int64_t rows_per_block(int64_t C) {
+  return std::max<int64_t>(8, (is_16bit<T> ? kBlock / 4 : kBlock) / std::max<int64_t>(C, 1));
+}
 // The reductions (for_each_chunk below) only need a chunk's rows in L1, not
 // the whole block: longer blocks there make the per-block merge of C
 // channels' sums rarer (it cost as much as the sums at 16 rows of C = 256).
+// 16-bit types keep rows_per_block: their whole block is widened into L1.
+template <typename T>
 inline int64_t rows_per_reduce_block(int64_t C) {
+  if (is_16bit<T>) return rows_per_block<T>(C);
   return std::clamp<int64_t>(4 * kBlock / std::max<int64_t>(C, 1), 8, 64);
 }
 
@@ -496,7 +505,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
   const int nt = threads_for(M * C, p.num_threads, M);
-  const int64_t R = rows_per_reduce_block(C);
+  const int64_t R = rows_per_reduce_block<T>(C);
   std::vector<double> tmean(size_t(nt) * C, 0.0), tm2(size_t(nt) * C, 0.0), tn(nt, 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(pre)
   {
@@ -576,7 +585,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     shift[c] = b ? b[c] : A(0);
   }
   const bool ncs = s.layout == Layout::NCS;
-  const int64_t M = s.count(), R = rows_per_block(C);
+  const int64_t M = s.count(), R = rows_per_block<T>(C);
   // Work items: planes (NCS) or blocks of R rows (NSC).
   const int64_t items = ncs ? s.N * C : (M + R - 1) / R;
   const int nt = threads_for(s.N * C * s.S, p.num_threads, items);
@@ -818,9 +827,8 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   T* dz = static_cast<T*>(p.grad_residual);
-  // Blocks of R rows for dx, of RR rows for the reductions (16-bit types
-  // keep R there too: their x and dy are widened a whole block at a time).
-  const int64_t R = rows_per_block(C), RR = is_16bit<T> ? R : rows_per_reduce_block(C);
+  // Blocks of R rows for dx, of RR rows for the reductions.
+  const int64_t R = rows_per_block<T>(C), RR = rows_per_reduce_block<T>(C);
   const int64_t blocks = (M + R - 1) / R, rblocks = (M + RR - 1) / RR;
   const int nt = threads_for(M * C, p.num_threads, rblocks);
   std::vector<A> mean(C), scale(C), shift(C), invstd(C), inv_scale(C);
