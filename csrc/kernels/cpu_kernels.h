@@ -111,6 +111,13 @@ FUSEDBN_INLINE void for_each_block(const Shape& s, F f) {
   }
 }
 
+// Asks for the n values at p (none when n <= 0) to be brought into cache.
+template <typename T>
+FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
+  const char* q = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(q + b);
+}
+
 // Short planes (the blocks above that span several) are short streams which
 // the hardware prefetcher barely starts on before they end: ask for the
 // planes of the next block while this one is worked on.
@@ -119,10 +126,7 @@ FUSEDBN_INLINE void prefetch_next_block(const Shape& s, const T* chan, int64_t n
                                         int64_t len) {
   if (n1 - n0 < 2 || chan == nullptr) return;
   const int64_t stride = s.C * s.S, end = std::min(s.N, n1 + (n1 - n0));
-  for (int64_t pl = n1; pl < end; ++pl) {
-    const char* q = reinterpret_cast<const char*>(chan + pl * stride);
-    for (int64_t b = 0; b < int64_t(len * sizeof(T)); b += 64) __builtin_prefetch(q + b);
-  }
+  for (int64_t pl = n1; pl < end; ++pl) prefetch_values(chan + pl * stride, len);
 }
 
 // ------------------------------------------------- 16-bit <-> float blocks
@@ -452,13 +456,6 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   }
 }
 
-// Asks for the n values at p (none when n <= 0) to be brought into cache.
-template <typename T>
-FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
-  const char* q = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(q + b);
-}
-
 // Rows of the channels-last layout are processed in blocks of R rows (about
 // kBlock values), widened as a whole for 16-bit types.
 // 16-bit types take a quarter of that: their rows are widened into float
@@ -718,6 +715,26 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
   return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd, A(1) / scale};
 }
 
+// Adds up per-thread sums tsg/tsgx ([nt][C], in thread order) into
+// grad_bias, grad_weight and each channel's dx coefficients.
+template <typename A>
+void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx, int nt,
+                 const BackwardCoef<A>* coef, A* k_xc, A* k_const) {
+  const int64_t C = p.shape.C;
+  A* gw = static_cast<A*>(p.grad_weight);
+  A* gb = static_cast<A*>(p.grad_bias);
+  for (int64_t c = 0; c < C; ++c) {
+    double s1 = 0, s2 = 0;
+    for (int u = 0; u < nt; ++u) {
+      s1 += tsg[size_t(u) * C + c];
+      s2 += tsgx[size_t(u) * C + c];
+    }
+    gb[c] = A(s1);
+    gw[c] = A(s2 * double(coef[c].invstd));
+    dx_coefficients(p.training, coef[c], s1, s2, double(p.shape.count()), k_xc[c], k_const[c]);
+  }
+}
+
 template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
 void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
@@ -769,16 +786,8 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
         sgx[c] += double(bgx.sum());
       }
 #pragma omp single
-      for (int64_t c = 0; c < s.C; ++c) {
-        double s1 = 0, s2 = 0;
-        for (int u = 0; u < nt; ++u) {
-          s1 += tsg[size_t(u) * s.C + c];
-          s2 += tsgx[size_t(u) * s.C + c];
-        }
-        gb[c] = A(s1);
-        gw[c] = A(s2 * double(coef[c].invstd));
-        dx_coefficients(p.training, coef[c], s1, s2, count, k_xc[c], k_const[c]);
-      }  // implicit barrier: every thread sees the coefficients
+      finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xc.data(), k_const.data());
+      // implicit barrier: every thread sees the coefficients
     }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < (stream ? 0 : s.C); ++c) {
@@ -831,14 +840,15 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const int64_t R = rows_per_block<T>(C), RR = rows_per_reduce_block<T>(C);
   const int64_t blocks = (M + R - 1) / R, rblocks = (M + RR - 1) / RR;
   const int nt = threads_for(M * C, p.num_threads, rblocks);
-  std::vector<A> mean(C), scale(C), shift(C), invstd(C), inv_scale(C);
+  // The constants as flat arrays too, for the vectorized row loops.
+  std::vector<BackwardCoef<A>> coef(C);
+  std::vector<A> mean(C), scale(C), shift(C), inv_scale(C);
   for (int64_t c = 0; c < C; ++c) {
-    const BackwardCoef<A> k = backward_coef<A>(p, c);
-    mean[c] = k.mean;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
-    invstd[c] = k.invstd;
-    inv_scale[c] = k.inv_scale;
+    coef[c] = backward_coef<A>(p, c);
+    mean[c] = coef[c].mean;
+    scale[c] = coef[c].scale;
+    shift[c] = coef[c].shift;
+    inv_scale[c] = coef[c].inv_scale;
   }
   const A* mp = mean.data();
   const A* sc = scale.data();
@@ -890,21 +900,8 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
     }
 #pragma omp barrier
 #pragma omp single
-    {
-      A* gw = static_cast<A*>(p.grad_weight);
-      A* gb = static_cast<A*>(p.grad_bias);
-      for (int64_t c = 0; c < C; ++c) {
-        double s1 = 0, s2 = 0;
-        for (int u = 0; u < nt; ++u) {
-          s1 += tsg[size_t(u) * C + c];
-          s2 += tsgx[size_t(u) * C + c];
-        }
-        gb[c] = A(s1);
-        gw[c] = A(s2 * double(invstd[c]));
-        dx_coefficients(p.training, BackwardCoef<A>{mean[c], scale[c], shift[c], invstd[c], is[c]},
-                        s1, s2, double(M), k_xc[c], k_const[c]);
-      }
-    }  // implicit barrier: every thread sees the coefficients
+    finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xc.data(), k_const.data());
+    // implicit barrier: every thread sees the coefficients
     if (dx || dz) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
