@@ -10,6 +10,8 @@
 #include <torch/library.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/TypeTraits.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 
 namespace fusedbn {
 namespace {
@@ -23,74 +25,73 @@ using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
     double, double, c10::string_view, const OptTensor&, double);
+using ForwardInplaceSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
+    double, double, c10::string_view, const OptTensor&, double);
 using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
     const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
     const Tensor&, const Tensor&, bool, c10::string_view, double, double, std::array<bool, 4>,
-    bool, c10::string_view);
+    bool, c10::string_view, const OptTensor&, const OptTensor&);
 
-const c10::TypedOperatorHandle<ForwardSig>& forward_op(bool inplace) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedbn::forward", "")
-                       .typed<ForwardSig>();
-  static auto op_ = c10::Dispatcher::singleton()
-                        .findSchemaOrThrow("fusedbn::forward_", "")
-                        .typed<ForwardSig>();
-  return inplace ? op_ : op;
-}
-
-const c10::TypedOperatorHandle<BackwardSig>& backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fusedbn::backward", "")
-                       .typed<BackwardSig>();
+template <typename Sig>
+const c10::TypedOperatorHandle<Sig>& find_op(const char* name) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
   return op;
 }
 
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 OptTensor or_none(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-// Inplace: the output overwrites the input and is what the backward keeps
-// (from_output), unless a weight is exactly 0 -- the affine transform cannot
-// be inverted there -- in which case a copy of the input is kept instead.
+// The op's results besides the output. They are not differentiable, so the
+// autograd Function below returns the output alone and hands these over on
+// the side: a Function that modifies a view of another tensor in place must
+// return exactly one tensor, for autograd to rebase the view's history.
+struct SideResults {
+  Tensor mean, invstd, kept_input, kept_channels;
+};
+
+// In place (Inplace), the output overwrites the input and is what the
+// backward keeps (from_output), with the inputs of the few channels that
+// cannot be recovered from it (glue.cpp: kept_channels).
 template <bool Inplace>
 class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inplace>> {
  public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& input,
-                               const OptTensor& residual, const OptTensor& weight,
-                               const OptTensor& bias, const OptTensor& running_mean,
-                               const OptTensor& running_var, const OptTensor& nbt, bool training,
-                               std::optional<double> momentum, double eps,
-                               c10::string_view activation, double negative_slope, double alpha,
-                               c10::string_view order, const OptTensor& activity,
-                               double activity_momentum) {
-    bool from_output = Inplace;
-    Tensor input_copy;
-    if (Inplace && weight.has_value() && weight->defined() && weight->eq(0).any().item<bool>()) {
-      from_output = false;
-      input_copy = input.clone();
-    }
-    Tensor out, mean, invstd;
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptTensor& residual,
+                        const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& running_mean, const OptTensor& running_var,
+                        const OptTensor& nbt, bool training, std::optional<double> momentum,
+                        double eps, c10::string_view activation, double negative_slope,
+                        double alpha, c10::string_view order, const OptTensor& activity,
+                        double activity_momentum, SideResults* side) {
+    Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(out, mean, invstd) =
-          forward_op(Inplace).call(input, residual, weight, bias, running_mean, running_var, nbt,
-                                   training, momentum, eps, activation, negative_slope, alpha,
-                                   order, activity, activity_momentum);
+      if constexpr (Inplace) {
+        std::tie(out, side->mean, side->invstd, side->kept_input, side->kept_channels) =
+            find_op<ForwardInplaceSig>("fusedbn::forward_").call(
+                input, residual, weight, bias, running_mean, running_var, nbt, training,
+                momentum, eps, activation, negative_slope, alpha, order, activity,
+                activity_momentum);
+      } else {
+        std::tie(out, side->mean, side->invstd) = find_op<ForwardSig>("fusedbn::forward").call(
+            input, residual, weight, bias, running_mean, running_var, nbt, training, momentum,
+            eps, activation, negative_slope, alpha, order, activity, activity_momentum);
+      }
     }
     if (Inplace) ctx->mark_dirty({input});
     // One full-size tensor is kept (two with a residual): the input, or in
     // place the output. The backward recomputes the pre-activation, and so
     // the activation's derivative, from it.
-    const Tensor& keep = !Inplace ? input : from_output ? out : input_copy;
-    ctx->save_for_backward(
-        {keep, or_undefined(residual), or_undefined(weight), or_undefined(bias), mean, invstd});
-    ctx->saved_data["from_output"] = from_output;
+    ctx->save_for_backward({Inplace ? out : input, or_undefined(residual), or_undefined(weight),
+                            or_undefined(bias), side->mean, side->invstd, side->kept_input,
+                            side->kept_channels});
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["negative_slope"] = negative_slope;
     ctx->saved_data["alpha"] = alpha;
     ctx->saved_data["order"] = std::string(order);
-    ctx->mark_non_differentiable({mean, invstd});
-    return {out, mean, invstd};
+    return out;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -104,45 +105,69 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
     const bool gw_wanted = needs(saved[2].defined());
     const bool gb_wanted = needs(saved[3].defined());
     const std::array<bool, 4> mask = {gi_wanted, gw_wanted, gb_wanted, gz_wanted};
-    auto [gi, gw, gb, gz] = backward_op().call(
+    auto [gi, gw, gb, gz] = find_op<BackwardSig>("fusedbn::backward").call(
         grads[0], saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
-        saved[5],
-        ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef(),
-        ctx->saved_data["negative_slope"].toDouble(), ctx->saved_data["alpha"].toDouble(), mask,
-        ctx->saved_data["from_output"].toBool(), ctx->saved_data["order"].toStringRef());
-    variable_list result(16);  // one per argument of forward
+        saved[5], ctx->saved_data["training"].toBool(),
+        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["negative_slope"].toDouble(),
+        ctx->saved_data["alpha"].toDouble(), mask, Inplace,
+        ctx->saved_data["order"].toStringRef(), or_none(saved[6]), or_none(saved[7]));
+    // One gradient per argument of forward (after ctx), the first four differentiable.
+    variable_list result(kForwardArgs);
     result[0] = or_undefined(gi);
     result[1] = or_undefined(gz);
     result[2] = or_undefined(gw);
     result[3] = or_undefined(gb);
     return result;
   }
+
+  static constexpr size_t kForwardArgs =
+      c10::guts::infer_function_traits_t<decltype(&FusedBatchNormAct::forward)>::number_of_parameters - 1;
 };
 
-template <bool Inplace>
-std::tuple<Tensor, Tensor, Tensor> forward_autograd(
+// PyTorch's checks of an in-place write into the input (a leaf that requires
+// grad, a view autograd cannot rebase), made before anything is written: an
+// error raised by autograd after the Function ran would come after the
+// running statistics were updated.
+void check_inplace_input(const Tensor& input, const OptTensor& residual, const OptTensor& weight,
+                         const OptTensor& bias) {
+  bool requires_grad = false;
+  for (const OptTensor& t : {OptTensor(input), residual, weight, bias})
+    requires_grad = requires_grad || (t.has_value() && t->defined() && t->requires_grad());
+  torch::autograd::check_inplace(input, requires_grad);
+}
+
+template <bool Inplace, typename Result>
+Result forward_autograd(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
     double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
     double activity_momentum) {
-  auto out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean,
-                                               running_var, nbt, training, momentum, eps,
-                                               activation, negative_slope, alpha, order, activity,
-                                               activity_momentum);
+  if (Inplace) check_inplace_input(input, residual, weight, bias);
+  SideResults side;
+  Tensor out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean,
+                                                 running_var, nbt, training, momentum, eps,
+                                                 activation, negative_slope, alpha, order,
+                                                 activity, activity_momentum, &side);
   // What ADInplaceOrView would do for the buffers mutated below autograd.
   if (training) {
     for (const OptTensor* t : {&running_mean, &running_var, &nbt})
       if (t->has_value() && (*t)->defined()) torch::autograd::impl::bump_version(**t);
   }
   if (activity.has_value() && activity->defined()) torch::autograd::impl::bump_version(*activity);
-  return {out[0], out[1], out[2]};
+  if constexpr (Inplace) {
+    return {out, side.mean, side.invstd, side.kept_input, side.kept_channels};
+  } else {
+    return {out, side.mean, side.invstd};
+  }
 }
 
 }  // namespace
 }  // namespace fusedbn
 
 TORCH_LIBRARY_IMPL(fusedbn, Autograd, m) {
-  m.impl("forward", &fusedbn::forward_autograd<false>);
-  m.impl("forward_", &fusedbn::forward_autograd<true>);
+  using at::Tensor;
+  m.impl("forward", &fusedbn::forward_autograd<false, std::tuple<Tensor, Tensor, Tensor>>);
+  m.impl("forward_",
+         &fusedbn::forward_autograd<true, std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>);
 }

@@ -19,7 +19,11 @@ using OptTensor = std::optional<Tensor>;
 using ForwardKernel = void (*)(const ForwardParams&, bool training);
 using BackwardKernel = void (*)(const BackwardParams&);
 
-std::tuple<Tensor, Tensor, Tensor> forward_impl(
+// (output, save_mean, save_invstd, kept_input, kept_channels); the last two
+// are defined in place only (see forward_ in ops.cpp).
+using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+ForwardResult forward_impl(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
@@ -32,7 +36,8 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
     const Tensor& save_invstd, bool training, const std::string& activation,
     double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    const std::string& order, BackwardKernel kernel);
+    const std::string& order, const OptTensor& kept_input, const OptTensor& kept_channels,
+    BackwardKernel kernel);
 
 // The operator entry points with a device's kernels plugged in; each
 // backend registers these (see csrc/cpu, csrc/cuda). Guard is constructed from
@@ -41,8 +46,22 @@ struct NoGuard {
   explicit NoGuard(const c10::Device&) {}
 };
 
-template <typename Guard, ForwardKernel K, bool Inplace>
+template <typename Guard, ForwardKernel K>
 std::tuple<Tensor, Tensor, Tensor> forward_op(
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
+    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
+    double activity_momentum) {
+  const Guard guard(input.device());
+  auto r = forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
+                        momentum, eps, std::string(activation), negative_slope, alpha,
+                        std::string(order), activity, activity_momentum, false, K);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+}
+
+template <typename Guard, ForwardKernel K>
+ForwardResult forward_inplace_op(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
@@ -51,7 +70,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_op(
   const Guard guard(input.device());
   return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
                       momentum, eps, std::string(activation), negative_slope, alpha,
-                      std::string(order), activity, activity_momentum, Inplace, K);
+                      std::string(order), activity, activity_momentum, true, K);
 }
 
 template <typename Guard, BackwardKernel K>
@@ -59,11 +78,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_op(
     const Tensor& grad_out, const Tensor& input, const OptTensor& residual, const OptTensor& weight,
     const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
     c10::string_view activation, double negative_slope, double alpha,
-    std::array<bool, 4> output_mask, bool from_output, c10::string_view order) {
+    std::array<bool, 4> output_mask, bool from_output, c10::string_view order,
+    const OptTensor& kept_input, const OptTensor& kept_channels) {
   const Guard guard(input.device());
   return backward_impl(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
                        std::string(activation), negative_slope, alpha, output_mask, from_output,
-                       std::string(order), K);
+                       std::string(order), kept_input, kept_channels, K);
 }
 
 }  // namespace fusedbn

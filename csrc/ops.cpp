@@ -31,22 +31,28 @@ TORCH_LIBRARY(fusedbn, m) {
       "-> (Tensor, Tensor, Tensor)");
   // forward writing its output over `input` (returned). Only for invertible
   // activations (identity, leaky_relu, elu): the backward then takes the
-  // output in place of the input (from_output=True).
+  // output in place of the input (from_output=True). Channels whose input
+  // cannot be recovered accurately from the output (see glue.cpp,
+  // kept_channels) keep a copy of their input: returned as kept_input
+  // (N, K, *spatial) with their indices kept_channels (int64 [K]); K is
+  // usually 0.
   m.def(
       "forward_(Tensor(a!) input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
       "bool training, float? momentum, float eps, str activation, float negative_slope, "
       "float alpha, str order=\"bn_act\", Tensor(e!)? activity=None, "
       "float activity_momentum=0.1) "
-      "-> (Tensor(a!), Tensor, Tensor)");
+      "-> (Tensor(a!), Tensor, Tensor, Tensor, Tensor)");
   // Gradients of forward for input, weight, bias and residual, each only
   // when its output_mask entry is set (and the tensor exists); the
   // activation's derivative is recomputed from input, residual and the saved
   // statistics. from_output: `input` is forward_'s output, from which the
-  // input is recovered.
+  // input is recovered, except for the channels kept_channels whose input
+  // forward_ kept (kept_input).
   m.def(
       "backward(Tensor grad_out, Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, str activation, "
       "float negative_slope, float alpha, bool[4] output_mask, bool from_output=False, "
-      "str order=\"bn_act\") -> (Tensor?, Tensor?, Tensor?, Tensor?)");
+      "str order=\"bn_act\", Tensor? kept_input=None, Tensor? kept_channels=None) "
+      "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

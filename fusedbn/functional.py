@@ -25,6 +25,13 @@ def check_order(order):
                          "or 'act_bn' (bn(act(x)))")
 
 
+def is_invertible(activation, negative_slope, alpha):
+    """Whether in-place mode can recover the pre-activation from the output
+    (the same rule as glue.cpp's check_invertible)."""
+    return (activation == "identity" or (activation == "leaky_relu" and negative_slope > 0)
+            or (activation == "elu" and alpha > 0))
+
+
 def _check_number(name, value, allow_none=False):
     if value is None and allow_none:
         return
@@ -84,9 +91,18 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     _check_number("eps", eps)
     _check_number("negative_slope", negative_slope)
     _check_number("alpha", alpha)
+    args = (input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
+            bool(training), None if momentum is None else float(momentum), float(eps), activation,
+            float(negative_slope), float(alpha), order, activity, float(activity_momentum))
+    if inplace and torch.compiler.is_compiling():
+        # How many channels the in-place op keeps the input of depends on the
+        # weights' values (a data-dependent size, which a graph cannot hold
+        # without a break). Compiled, in-place mode computes out of place on
+        # a copy (which the backward keeps) and writes the output over the
+        # input: same results and autograd semantics, inplace=False's memory.
+        if order != "bn_act" or not is_invertible(activation, negative_slope, alpha):
+            return torch.ops.fusedbn.forward_.default(*args)[0]  # raises the op's error
+        out = torch.ops.fusedbn.forward.default(input.clone(), *args[1:])[0]
+        return input.copy_(out)
     op = torch.ops.fusedbn.forward_ if inplace else torch.ops.fusedbn.forward
-    out, _, _ = op.default(
-        input, residual, weight, bias, running_mean, running_var, num_batches_tracked, bool(training),
-        None if momentum is None else float(momentum), float(eps), activation,
-        float(negative_slope), float(alpha), order, activity, float(activity_momentum))
-    return out
+    return op.default(*args)[0]

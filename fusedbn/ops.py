@@ -26,8 +26,10 @@ def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_
     _check_same_device(input, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
                        running_var=running_var, num_batches_tracked=num_batches_tracked,
                        activity=activity)
-    torch._check(input.dim() >= 2, lambda: f"fusedbn: expected input of rank 2 to 5, got {input.dim()}D")
-    channels = input.shape[1]
+    # (A 1-D input is accepted when empty, as F.batch_norm does: no channels.)
+    torch._check(input.dim() >= 2 or input.numel() == 0,
+                 lambda: f"fusedbn: expected input of rank 2 to 5, got {input.dim()}D")
+    channels = input.shape[1] if input.dim() >= 2 else 0
     acc = _acc_dtype(input.dtype)
     stat = input.new_empty((channels,), dtype=acc)
     return torch.empty_like(input), stat, torch.empty_like(stat)
@@ -36,15 +38,21 @@ def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_
 @torch.library.register_fake("fusedbn::forward_")
 def _forward_inplace_fake(input, *args, **kwargs):
     _out, mean, invstd = _forward_fake(input, *args, **kwargs)
-    return input, mean, invstd
+    # How many channels keep their input depends on the weights' values
+    # (glue.cpp: kept_channels).
+    kept = torch.library.get_ctx().new_dynamic_size() if input.dim() >= 2 else 0
+    shape = (input.shape[0], kept, *input.shape[2:]) if input.dim() >= 2 else (0, 0)
+    return (input, mean, invstd, input.new_empty(shape),
+            input.new_empty((kept,), dtype=torch.long))
 
 
 @torch.library.register_fake("fusedbn::backward")
 def _backward_fake(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
                    activation, negative_slope, alpha, output_mask, from_output=False,
-                   order="bn_act"):
+                   order="bn_act", kept_input=None, kept_channels=None):
     _check_same_device(input, grad_out=grad_out, residual=residual, weight=weight, bias=bias,
-                       save_mean=save_mean, save_invstd=save_invstd)
+                       save_mean=save_mean, save_invstd=save_invstd, kept_input=kept_input,
+                       kept_channels=kept_channels)
     if not (output_mask[0] or (output_mask[1] and weight is not None)
             or (output_mask[2] and bias is not None) or (output_mask[3] and residual is not None)):
         return None, None, None, None
@@ -142,7 +150,7 @@ def _backward_backward(ctx, *cotangents):
                            "use inplace=False for higher-order gradients")
     saved = ctx.saved_tensors
     wanted = [i for i in range(5) if ctx.needs_input_grad[i] and saved[i] is not None]
-    grads = [None] * 14
+    grads = [None] * len(ctx.needs_input_grad)  # one per argument of the backward op
     if not wanted:
         return tuple(grads)
     with torch.enable_grad():
@@ -150,7 +158,11 @@ def _backward_backward(ctx, *cotangents):
                   for i, t in enumerate(saved[:5])]
         outs = backward_reference(*leaves, saved[5], saved[6], *ctx.config[:4],
                                   order=ctx.config[5])
-        pairs = [(o, c) for o, c in zip(outs, cotangents) if o is not None and c is not None]
+        # An output that does not depend on the wanted inputs (grad_bias of a
+        # relu without grad_out among them: where() passes no gradient through
+        # its condition) has no graph to differentiate.
+        pairs = [(o, c) for o, c in zip(outs, cotangents)
+                 if o is not None and c is not None and o.requires_grad]
         if pairs:
             found = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted],
                                         [c for _, c in pairs], allow_unused=True,

@@ -71,3 +71,28 @@ def test_dynamo_explain_no_graph_break():
         assert any("fusedbn" in o for o in ops), ops
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("activation,kwargs", [("leaky_relu", {"negative_slope": 0.1}),
+                                               ("elu", {"alpha": 0.7})])
+def test_compile_fullgraph_inplace(activation, kwargs):
+    """inplace=True under torch.compile(fullgraph=True): no data-dependent
+    guard, the same outputs, gradients and buffers as eager in-place, one
+    weight exactly 0 and one tiny (the channels whose input is kept)."""
+    torch._dynamo.reset()
+    seed("compile-inplace", activation)
+    net = CompileNet(activation, inplace=True, **kwargs)
+    with torch.no_grad():
+        net.bn.weight.copy_(torch.tensor([1.0, 0.0, 1e-7, 0.5]))
+        net.bn.bias.copy_(torch.tensor([0.1, 0.2, 1.0, -0.3]))
+    eager = copy.deepcopy(net)
+    compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 8, 8)
+    try:
+        for step in range(2):
+            g = torch.randn(2, 2, 8, 8)
+            _check(run_step(compiled, x + step, g), run_step(eager, x + step, g),
+                   f"step {step}: compiled vs eager in place")
+            _check_buffers(compiled.bn, eager.bn, f"step {step}")
+    finally:
+        torch._dynamo.reset()

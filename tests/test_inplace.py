@@ -1,0 +1,233 @@
+"""In-place mode (inplace=True): gradients for every weight (channels whose
+input cannot be recovered from the output keep it), views, and checks made
+before any buffer is touched."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from types import SimpleNamespace
+
+from helpers import apply_activation, assert_close, avoid_kink, seed
+
+import fusedbn
+
+FORWARD_ = torch.ops.fusedbn.forward_.default
+INVERTIBLE = [("identity", {}), ("leaky_relu", {"negative_slope": 0.1}), ("elu", {"alpha": 0.7})]
+INV_IDS = [a for a, _ in INVERTIBLE]
+# glue.cpp: a channel keeps its input when (|b| + max|z|) / |w| > kMaxRecoveryRatio.
+MAX_RATIO = 4.0
+
+
+def _eager(x, rm, rv, w, b, training, activation, kw, residual=None):
+    y = F.batch_norm(x, rm, rv, w, b, training, 0.1, 1e-5)
+    if residual is not None:
+        y = y + residual
+    return apply_activation(y, activation, **kw)
+
+
+def _grads(fn, x, w, b, z, g):
+    """Output and gradients of fn(x, w, b, z) w.r.t. leaf copies of them."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, w, b, z)]
+    out = fn(*leaves)
+    out.backward(g)
+    return [out.detach()] + [t.grad if t is not None else None for t in leaves]
+
+
+def _compare_inplace(x, w, b, z, activation, kw, training, dtype):
+    C = x.shape[1]
+    rm, rv = torch.randn(C, dtype=torch.float64) * 0.1, torch.rand(C, dtype=torch.float64) + 0.5
+    g = torch.randn(x.shape, dtype=torch.float64)
+    if z is None:
+        # Off the kink at 0, where a rounding picks the derivative's branch.
+        mod = SimpleNamespace(running_mean=rm, running_var=rv, weight=w, bias=b, eps=1e-5)
+        x = avoid_kink(x.to(dtype), mod, training, margin=0.05).double()
+
+    def run(dt, inplace):
+        # 16-bit input with float32 parameters and statistics, as autocast gives.
+        pdt = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+
+        def fn(xl, wl, bl, zl):
+            stats = (rm.to(pdt).clone(), rv.to(pdt).clone())
+            if not inplace:
+                return _eager(xl, *stats, wl, bl, training, activation, kw, zl)
+            # In place on a non-leaf: its gradient flows to the leaf.
+            return fusedbn.batch_norm_act(xl.clone(), *stats, wl, bl, training, 0.1, 1e-5,
+                                          activation, residual=zl, inplace=True, **kw)
+        cast = [t.to(d) if t is not None else None for t, d in zip((x, w, b, z), (dt, pdt, pdt, dt))]
+        return _grads(fn, *cast, g.to(dt))
+
+    fused, eager, ref = run(dtype, True), run(dtype, False), run(torch.float64, False)
+    for name, a, e, r in zip(("out", "grad_input", "grad_weight", "grad_bias", "grad_residual"),
+                             fused, eager, ref):
+        if a is None:
+            continue
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        assert_close(a, e, r, name=name, compute_dtype=dtype, vs64=True)
+
+
+@pytest.mark.parametrize("activation,kw", INVERTIBLE, ids=INV_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("weight", [0.0, 1e-20, 1e-6, 1e-3, 0.2, 0.26, 1.0, -0.3])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_small_weight_next_to_bias(activation, kw, dtype, weight, training):
+    """The issue's case: b = 1, |w| from 0 to 1. Before per-channel keeping,
+    only w == 0 kept the input: at w = 1e-6 grad_weight was 2.4% off, at
+    1e-20 it was 0."""
+    seed("inplace-small-weight", activation, dtype, weight, training)
+    x = torch.randn(4, 3, 4, dtype=torch.float64) + 0.3
+    w = torch.tensor([weight, 1.0, 0.5], dtype=torch.float64)
+    b = torch.tensor([1.0, -0.2, 3.0], dtype=torch.float64)  # channel 2: |b|/|w| = 6, kept
+    _compare_inplace(x, w, b, None, activation, kw, training, dtype)
+
+
+@pytest.mark.parametrize("activation,kw", INVERTIBLE, ids=INV_IDS)
+@pytest.mark.parametrize("residual_scale", [0.1, 1e3])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_large_residual(activation, kw, residual_scale, channels_last):
+    seed("inplace-residual", activation, residual_scale, channels_last)
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
+    z = torch.randn(2, 5, 3, 3, dtype=torch.float64) * residual_scale
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        z = z.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(5, dtype=torch.float64) + 0.5
+    b = torch.randn(5, dtype=torch.float64) * 0.1
+    _compare_inplace(x, w, b, z, activation, kw, True, torch.float32)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_kept_channels_follow_the_rule(with_residual):
+    """forward_ keeps exactly the channels with (|b| + max|z|) / |w| > 4, NaN
+    included, and their inputs as they were before the output overwrote them."""
+    x = torch.randn(3, 6, 5)
+    w = torch.tensor([1.0, 0.0, 1e-3, 0.25, float("nan"), -2.0])
+    b = torch.tensor([4.0, 0.0, 0.0, 1.01, 0.0, -8.0])
+    z = torch.zeros(3, 6, 5)
+    z[1, 5, 2] = -0.5  # channel 5: (8 + 0.5) / 2 > 4
+    expected = [1, 3, 4] + ([5] if with_residual else [])
+    expected = sorted(expected + ([2] if with_residual else []))
+    if with_residual:
+        z[0, 2, 0] = 1.0  # channel 2: 1 / 1e-3 > 4
+    x0 = x.clone()
+    out, mean, invstd, kept, idx = FORWARD_(
+        x, z if with_residual else None, w, b, None, None, None, True, 0.1, 1e-5, "identity",
+        0.01, 1.0)
+    assert out.data_ptr() == x.data_ptr()
+    assert idx.dtype == torch.long and idx.tolist() == expected
+    assert kept.shape == (3, len(expected), 5) and kept.is_contiguous()
+    assert torch.equal(kept, x0[:, expected])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_keeps_every_channel(dtype):
+    """Recovering xhat from an 8- or 11-bit output cannot meet eager's
+    precision (glue.cpp: kept_channels), so 16-bit in-place keeps the input."""
+    x = torch.randn(3, 4, 5).to(dtype)
+    x0 = x.clone()
+    *_, kept, idx = FORWARD_(x, None, torch.ones(4), torch.zeros(4), None, None, None, True,
+                             0.1, 1e-5, "identity", 0.01, 1.0)
+    assert idx.tolist() == [0, 1, 2, 3] and torch.equal(kept, x0)
+
+
+def test_no_parameters_keep_nothing():
+    x = torch.randn(4, 3)
+    *_, kept, idx = FORWARD_(x, None, None, None, None, None, None, True, 0.1, 1e-5,
+                             "identity", 0.01, 1.0)
+    assert idx.numel() == 0 and kept.shape == (4, 0)
+
+
+# ------------------------------------------------------------------ views
+
+def _view_cases():
+    # (name, make(base) -> view of base that the op writes over)
+    return [
+        ("slice", lambda t: t[:, 1:4]),
+        ("permute", lambda t: t.permute(0, 2, 1, 3)),
+        ("view", lambda t: t.view(2, 5, 12)),
+        ("select-batch", lambda t: t[1:]),
+    ]
+
+
+@pytest.mark.parametrize("name,make", _view_cases(), ids=[n for n, _ in _view_cases()])
+@pytest.mark.parametrize("activation,kw", INVERTIBLE, ids=INV_IDS)
+def test_inplace_on_view(name, make, activation, kw):
+    """In place on a view of a tensor that needs grad works as eager in-place
+    ops do: the base sees the output, gradients flow through the view."""
+    seed("inplace-view", name, activation)
+    leaf = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    C = make(leaf.detach()).shape[1]
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
+    b = (torch.randn(C, dtype=torch.float64) * 0.2).requires_grad_()
+    g = torch.randn(leaf.shape, dtype=torch.float64)
+
+    def run(inplace):
+        lf = leaf.detach().clone().requires_grad_()
+        wl, bl = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+        base = lf * 1.0
+        v = make(base)
+        rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        if inplace:
+            out = fusedbn.batch_norm_act(v, rm, rv, wl, bl, True, 0.1, 1e-5, activation,
+                                         inplace=True, **kw)
+            assert out is v
+        else:
+            v.copy_(_eager(v.clone(), rm, rv, wl, bl, True, activation, kw))
+        (base * g).sum().backward()
+        return base.detach(), lf.grad, wl.grad, bl.grad, rm, rv
+
+    for name_, a, e in zip(("base", "grad_leaf", "grad_w", "grad_b", "rm", "rv"),
+                           run(True), run(False)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name_}: {m}")
+
+
+def _stats():
+    return torch.zeros(3), torch.ones(3), torch.tensor(5, dtype=torch.long)
+
+
+def _assert_untouched(rm, rv, nbt):
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert nbt.item() == 5
+
+
+@pytest.mark.parametrize("case", ["leaf", "expanded", "unbind-view", "nograd-view",
+                                  "overlapping-weight"])
+def test_forbidden_inplace_raises_before_touching_buffers(case):
+    """Where PyTorch refuses an in-place write, the error comes before the
+    running statistics, num_batches_tracked or the input change."""
+    rm, rv, nbt = _stats()
+    w = torch.ones(3, requires_grad=True)
+    if case == "leaf":
+        x = torch.randn(4, 3, requires_grad=True)
+        err = "leaf Variable that requires grad"
+    elif case == "expanded":
+        x = torch.randn(1, 3).expand(4, 3)
+        err = "more than one element of the written-to tensor"
+    elif case == "unbind-view":
+        x = torch.randn(2, 4, 3, requires_grad=True).clone().unbind(0)[0]
+        err = "returns multiple views"
+    elif case == "nograd-view":
+        base = torch.randn(4, 3, requires_grad=True).clone()
+        with torch.no_grad():
+            x = base[1:]
+        err = "no_grad mode"
+    else:
+        storage = torch.randn(5, 3)
+        x = storage[1:]
+        w = storage[2].detach()
+        err = "unsupported operation"
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match=err):
+        fusedbn.batch_norm_act(x, rm, rv, w, None, True, 0.1, 1e-5, "leaky_relu",
+                               inplace=True, num_batches_tracked=nbt)
+    _assert_untouched(rm, rv, nbt)
+    assert torch.equal(x.detach(), before)
+
+
+def test_double_backward_through_inplace_still_raises():
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    y = fusedbn.batch_norm_act(x * 1.0, None, None, w, None, True, 0.1, 1e-5, "leaky_relu",
+                               inplace=True)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward through inplace=True"):
+        gx.sum().backward()
