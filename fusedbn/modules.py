@@ -8,7 +8,8 @@ the state_dict.
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .functional import _check_number, batch_norm_act, check_activation, check_order
+from .functional import (_check_number, batch_norm_act, check_activation, check_order,
+                         is_invertible)
 
 
 class _BatchNormAct(_BatchNorm):
@@ -43,9 +44,7 @@ class _BatchNormAct(_BatchNorm):
             raise ValueError(f"fusedbn: activity_momentum must be in [0, 1], got {activity_momentum}")
         if inplace and order == "act_bn":
             raise ValueError("fusedbn: inplace=True is not supported with order='act_bn'")
-        if inplace and not (activation == "identity"
-                            or (activation == "leaky_relu" and negative_slope > 0)
-                            or (activation == "elu" and alpha > 0)):
+        if inplace and not is_invertible(activation, negative_slope, alpha):
             raise ValueError(
                 "fusedbn: inplace=True needs an invertible activation ('identity', 'leaky_relu' "
                 "with negative_slope > 0, 'elu' with alpha > 0): in-place mode keeps only the "

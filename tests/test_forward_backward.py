@@ -350,3 +350,23 @@ def test_statistics_of_tiny_planes_within_ulps(shape, layout):
     assert ((mean.double() - m64).abs() / (eps * scale)).max() <= 3, (mean, m64)
     assert ((invstd.double() - is64).abs() / (eps * is64)).max() <= 3, (invstd, is64)
     assert C == mean.numel()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_empty_1d_input_as_f_batch_norm(training, inplace):
+    """F.batch_norm takes a 1-D input of shape (0,) with 0-element running
+    statistics and returns an empty tensor; so does batch_norm_act (it raised)."""
+    rm, rv = torch.empty(0), torch.empty(0)
+    x = torch.empty(0)
+    expected = F.batch_norm(x, rm, rv, training=training)
+    xi = torch.empty(0, requires_grad=True)
+    out = fusedbn.batch_norm_act(xi * 1 if inplace else xi, rm, rv, training=training,
+                                 activation="leaky_relu", inplace=inplace)
+    assert out.shape == expected.shape == (0,) and out.dtype == expected.dtype
+    out.sum().backward()
+    assert xi.grad.shape == (0,)
+    with pytest.raises(RuntimeError, match="running_mean must have shape"):
+        fusedbn.batch_norm_act(x, torch.zeros(3), torch.ones(3), training=training)
+    with pytest.raises(ValueError, match="got a 1D input"):
+        fusedbn.batch_norm_act(torch.zeros(3), torch.empty(0), torch.empty(0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import fusedbn  # noqa: F401  (registers torch.ops.fusedbn)
+import fusedbn
 from helpers import op_args, output_mask, seed
 
 FORWARD = torch.ops.fusedbn.forward.default
@@ -106,3 +106,46 @@ def test_opcheck_backward_partial_mask(mask):
     opcheck(BACKWARD, args)
     gi, gw, gb = BACKWARD(*args)[:3]
     assert (gi is not None, gw is not None, gb is not None) == tuple(mask)
+
+
+class _CaptureBackward(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the arguments of every fusedbn::backward call (with the
+    requires_grad flags the tensors had) and runs it as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is BACKWARD:
+            self.calls.append(torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda t: t.detach().clone().requires_grad_(t.requires_grad), args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation,kwargs", [("identity", {}), ("relu", {}),
+                                               ("leaky_relu", {"negative_slope": 0.1}),
+                                               ("elu", {"alpha": 0.7})],
+                         ids=["identity", "relu", "leaky_relu", "elu"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_backward_as_a_training_step_calls_it(activation, kwargs, channels_last,
+                                                      training):
+    """opcheck on exactly the backward calls a module's forward + backward
+    makes: saved statistics, output_mask [True, True, True, False], input,
+    weight and bias requiring grad, grad_out not. (The double-backward formula
+    asked autograd for the gradient of grad_bias, which for relu, leaky_relu
+    and identity does not depend on those.)"""
+    seed("opcheck-captured", activation, channels_last, training)
+    mod = fusedbn.BatchNormAct2d(3, activation=activation, **kwargs).train(training)
+    x = (torch.randn(2, 3, 4, 4) + 0.5).requires_grad_()
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    capture = _CaptureBackward()
+    y = mod(x)
+    with capture:
+        y.backward(torch.randn_like(y))
+    assert len(capture.calls) == 1
+    args = capture.calls[0]
+    assert list(args[11]) == [True, True, True, False]
+    opcheck(BACKWARD, args)
