@@ -1,41 +1,95 @@
 """Build of fusedbn's C++ (and, where available, CUDA) extension.
 
 FUSEDBN_CUDA=1 forces the CUDA build, FUSEDBN_CUDA=0 forbids it; unset, CUDA
-is built when torch has CUDA and nvcc is found. Build with
-`pip install --no-build-isolation .` so the extension compiles against the
-torch already installed (see README).
+is built when torch has CUDA and a CUDA toolkit (nvcc and its headers) is
+found. Build with `pip install --no-build-isolation .` so the extension
+compiles against the torch already installed (see README).
 """
 import glob
 import os
+import shutil
+import subprocess
 
 from setuptools import setup
-from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def find_cuda_home():
+    """The CUDA toolkit's folder: CUDA_HOME / CUDA_PATH when set, else the
+    folder of the nvcc on PATH. That nvcc may be a wrapper script outside the
+    toolkit (torch would then guess its parent folder and miss the headers):
+    ask it where its toolkit is."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        try:
+            # A dry run prints the toolkit nvcc runs from ("#$ TOP=...").
+            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                                 capture_output=True, text=True, timeout=60)
+            for line in (out.stdout + out.stderr).splitlines():
+                if line.startswith("#$ TOP="):
+                    candidates.append(os.path.normpath(line.split("=", 1)[1].strip()))
+        except (OSError, subprocess.SubprocessError):
+            pass
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if usable_toolkit(home):
+            return home
+    return None
+
+
+def usable_toolkit(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "bin", "nvcc")) and os.path.isfile(
+        os.path.join(home, "include", "cuda_runtime_api.h"))
 
 
 def want_cuda():
     flag = os.environ.get("FUSEDBN_CUDA", "").strip().lower()
     if flag in ("0", "off", "false", "no"):
         return False
-    available = cpp_extension.CUDA_HOME is not None and __import__("torch").version.cuda is not None
-    if flag in ("1", "on", "true", "yes"):
-        if not available:
-            raise RuntimeError("FUSEDBN_CUDA=1 but torch has no CUDA or nvcc was not found")
-        return True
-    return available
+    import torch
+
+    home = find_cuda_home()
+    problem = None
+    if torch.version.cuda is None:
+        problem = f"torch {torch.__version__} has no CUDA"
+    elif not usable_toolkit(home):
+        problem = ("no CUDA toolkit found (nvcc with include/cuda_runtime_api.h; set CUDA_HOME)"
+                   if home is None else f"CUDA_HOME={home} has no bin/nvcc or "
+                   "include/cuda_runtime_api.h")
+    if problem:
+        if flag in ("1", "on", "true", "yes"):
+            raise RuntimeError(f"FUSEDBN_CUDA=1 but {problem}")
+        if torch.version.cuda is not None:
+            print(f"fusedbn: building for CPU only: {problem}")
+        return False
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+    os.environ["CUDA_HOME"] = home
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # Without a GPU to ask, torch's arch detection fails: build for the
+        # Ampere and Hopper data-center GPUs.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    return True
 
 
 def rel(pattern):
     return sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, pattern)))
 
 
+WITH_CUDA = want_cuda()
+from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is settled)
+
 sources = ["csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
 define_macros = []
 Extension = cpp_extension.CppExtension
 extra_compile_args = {"cxx": cxx_flags}
-if want_cuda():
+if WITH_CUDA:
     Extension = cpp_extension.CUDAExtension
     # Torch-free kernels (csrc/kernels/*.cu) and their ATen glue (csrc/cuda/).
     sources += rel("csrc/kernels/*.cu") + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")

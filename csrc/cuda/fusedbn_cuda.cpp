@@ -1,8 +1,8 @@
 // CUDA registration: the shared glue with the CUDA kernels plugged in, run on
 // the input's device and the current stream.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "../glue.h"
@@ -29,14 +29,14 @@ Tensor workspace(size_t bytes) {
 void forward_kernel(const ForwardParams& p, bool training) {
   const Tensor ws = workspace(cuda::forward_workspace_bytes(p, training));
   check_launch(cuda::forward(p, training, ws.defined() ? ws.data_ptr() : nullptr,
-                             at::cuda::getCurrentCUDAStream()),
+                             c10::cuda::getCurrentCUDAStream()),
                "forward");
 }
 
 void backward_kernel(const BackwardParams& p) {
   const Tensor ws = workspace(cuda::backward_workspace_bytes(p));
   check_launch(cuda::backward(p, ws.defined() ? ws.data_ptr() : nullptr,
-                              at::cuda::getCurrentCUDAStream()),
+                              c10::cuda::getCurrentCUDAStream()),
                "backward");
 }
 
