@@ -21,14 +21,24 @@ grad_residual, running_mean, running_var, num_batches_tracked):
   result's dtype) agree on the class of a value (finite, +inf, -inf, NaN),
   fusedbn must give that class; where they disagree (PyTorch's own bugs, or
   eager's overflow) fusedbn may give either.
+  Where both are non-finite but differ (a sum of +inf and -inf terms),
+  fusedbn must be non-finite.
 * finite values: fusedbn's max error against float64 must be at most 2x
   eager's max error against it plus a floor (1e-6 + the rounding of the
-  largest value in the result's dtype); float32/float64 results also pass
-  when they match eager tightly (rtol=atol=1e-5 / 1e-10).
+  largest value in the result's dtype + the allowances of `allowances`:
+  rounding before a cancellation, a once-rounded large mean, the README's
+  in-place precision loss in bfloat16/float16); float32/float64 results
+  also pass when they match eager tightly (rtol=atol=1e-5 / 1e-10).
 * errors: fusedbn must raise exactly when the eager reference raises (eager
   in-place is `h.copy_(eager(h.clone()))`, which raises for overlapping
   memory); a raising call must leave the running statistics,
-  num_batches_tracked and the input untouched.
+  num_batches_tracked and the input untouched. Where eager raises
+  IndexError for a tensor without channels (a PyTorch bug: C == 0 or a (0,)
+  input, with a weight or bias) fusedbn is judged against float64 alone.
+* the float64 reference is written out (`reference64`): statistics of each
+  channel after subtracting one of its values, so a large mean keeps its
+  digits; its ELU sends NaN to the positive branch like relu/leaky_relu
+  (eager's vectorized ELU backward gives NaN: either is accepted).
 * memory around strided views (the gaps are filled with NaN) is neither read
   nor written; a non-in-place call leaves its input and residual alone.
 
@@ -126,7 +136,7 @@ def known_broken(cats, fails, kinds=None):
     return sorted(used) or None
 
 
-N_CASES = int(os.environ.get("FUSEDBN_DIFF_CASES", "2000"))
+N_CASES = int(os.environ.get("FUSEDBN_DIFF_CASES", "2500"))
 SEED0 = int(os.environ.get("FUSEDBN_DIFF_SEED0", "0"))
 STRICT = os.environ.get("FUSEDBN_DIFF_STRICT", "") not in ("", "0")
 
@@ -183,7 +193,7 @@ def draw_config(seed):
     c["eps"] = r.choice([1e-5, 1e-5, 0.0, 1e-3, 0.1, 1e-12])
     c["has_weight"] = r.random() < 0.85
     c["has_bias"] = r.random() < 0.85
-    c["weight_kind"] = r.choice(["normal"] * 4 + ["small", "zero_some", "large", "negative"])
+    c["weight_kind"] = r.choice(["normal"] * 4 + ["small", "small", "zero_some", "large", "negative"])
     c["bias_kind"] = r.choice(["normal"] * 3 + ["large", "zero"])
     c["stats_kind"] = r.choice(["random", "random", "from_data", "var_zero", "var_tiny"])
     c["order"] = "act_bn" if r.random() < 0.25 else "bn_act"
@@ -568,10 +578,6 @@ def avoid_kink(c, d):
     return False
 
 
-class Raised(Exception):
-    pass
-
-
 def call(fn):
     try:
         return fn(), None
@@ -912,9 +918,10 @@ def _run_case(seed):
             if k in after and not torch.equal(after[k].nan_to_num(7.0), v.nan_to_num(7.0)):
                 fails.append(f"fusedbn raised ({type(ef).__name__}) but modified {k}")
     # eager raising in F.batch_norm where the float64 reference does not
-    # (C == 0 with a weight: IndexError in PyTorch) -> judge against float64 alone
-    stand_in = (ee is not None and isinstance(ee, IndexError) and c["rank"] > 1
-                and c["shape"][1] == 0 and e64 is None)
+    # (PyTorch bug: IndexError without channels) -> judge against float64 alone
+    # (no channels: C == 0, or a 1-D (0,) input, with a weight or bias)
+    stand_in = (ee is not None and isinstance(ee, IndexError)
+                and (c["rank"] == 1 or c["shape"][1] == 0) and e64 is None)
     if stand_in:
         fails.append(f"(note) eager raised {type(ee).__name__}: {ee}; judged against float64")
         ee = None
