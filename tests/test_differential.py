@@ -634,7 +634,7 @@ def build_inputs(c, d, with_junk=True):
 
 
 def snapshot(t):
-    return {k: t[k].detach().clone() for k in ("rm_base", "rv_base", "nbt", "flat", "leaf")
+    return {k: t[k].detach().clone() for k in ("rm_base", "rv_base", "nbt", "flat", "leaf", "x")
             if t.get(k) is not None}
 
 
