@@ -282,8 +282,11 @@ constexpr double kMaxRecoveryRatio = 4.0;
 // Indices (int64 [K]) of the channels whose input the in-place forward keeps.
 // On CUDA the count is read back to the host (one small sync per call): the
 // kept tensor's size depends on it.
+// In eval, eval_var (running_var) also keeps the channels whose scale
+// w / sqrt(var + eps) is not finite: their outputs are +-inf or NaN, from
+// which no input can be recovered.
 Tensor kept_channels(const Tensor& input, const OptTensor& weight, const OptTensor& bias,
-                     const OptTensor& residual) {
+                     const OptTensor& residual, const OptTensor& eval_var, double eps) {
   const auto idx_opts = input.options().dtype(at::kLong);
   const int64_t C = input.size(1);
   const auto s = input.scalar_type();
@@ -300,18 +303,30 @@ Tensor kept_channels(const Tensor& input, const OptTensor& weight, const OptTens
   }
   const Tensor w = defined(weight) ? weight->to(acc).abs() : at::ones({C}, opts);
   // Written so that NaN compares false and keeps the input.
-  return at::logical_not(w * kMaxRecoveryRatio >= reach).nonzero().view({-1});
+  Tensor keep = at::logical_not(w * kMaxRecoveryRatio >= reach);
+  if (defined(eval_var))
+    keep = keep.logical_or_(at::isfinite(w * (eval_var->to(acc) + eps).rsqrt()).logical_not_());
+  return keep.nonzero().view({-1});
 }
 }  // namespace
 
+void check_devices(const Tensor& input, std::initializer_list<Named> others) {
+  for (const auto& [name, t] : others)
+    TORCH_CHECK(!defined(*t) || (*t)->device() == input.device(), "fusedbn: ", name, " is on ",
+                (*t)->device(), " but input is on ", input.device(),
+                "; all tensors must be on the same device");
+}
+
 ForwardResult forward_impl(
-    const Tensor& input_arg, const OptTensor& residual, const OptTensor& weight,
+    const Tensor& input_arg, const OptTensor& residual_arg, const OptTensor& weight,
     const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
     const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
     double eps, const std::string& activation, double negative_slope, double alpha,
     const std::string& order, const OptTensor& activity, double activity_momentum, bool inplace,
     ForwardKernel kernel) {
   const Tensor input = with_channel_dim(input_arg);
+  const OptTensor residual =
+      defined(residual_arg) ? OptTensor(with_channel_dim(*residual_arg)) : residual_arg;
   // Every check comes before any buffer is touched.
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
   check_mode(act, input, residual, inplace, defined(activity));
@@ -326,7 +341,8 @@ ForwardResult forward_impl(
   // backward could not recover from the output.
   Tensor kept_idx, kept;
   if (inplace) {
-    kept_idx = kept_channels(input, weight, bias, residual);
+    kept_idx = kept_channels(input, weight, bias, residual,
+                             training ? OptTensor() : running_var, eps);
     kept = input.index_select(1, kept_idx).contiguous();
   }
   const at::ScalarType acc = acc_dtype(input.scalar_type());

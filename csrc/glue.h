@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "kernels/params.h"
 
@@ -39,6 +40,12 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
     const std::string& order, const OptTensor& kept_input, const OptTensor& kept_channels,
     BackwardKernel kernel);
 
+// Every tensor on the input's device: checked before the device guard is
+// made from the input (a CPU input with CUDA parameters is dispatched to the
+// CUDA kernels, and a CUDA guard cannot take a CPU device).
+using Named = std::pair<const char*, const OptTensor*>;
+void check_devices(const Tensor& input, std::initializer_list<Named> others);
+
 // The operator entry points with a device's kernels plugged in; each
 // backend registers these (see csrc/cpu, csrc/cuda). Guard is constructed from
 // the input's device first (a CUDA device guard; a no-op on CPU).
@@ -53,6 +60,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_op(
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
     double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
     double activity_momentum) {
+  check_devices(input, {{"residual", &residual}, {"weight", &weight}, {"bias", &bias},
+                        {"running_mean", &running_mean}, {"running_var", &running_var},
+                        {"num_batches_tracked", &nbt}, {"activity", &activity}});
   const Guard guard(input.device());
   auto r = forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
                         momentum, eps, std::string(activation), negative_slope, alpha,
@@ -67,6 +77,9 @@ ForwardResult forward_inplace_op(
     bool training, std::optional<double> momentum, double eps, c10::string_view activation,
     double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
     double activity_momentum) {
+  check_devices(input, {{"residual", &residual}, {"weight", &weight}, {"bias", &bias},
+                        {"running_mean", &running_mean}, {"running_var", &running_var},
+                        {"num_batches_tracked", &nbt}, {"activity", &activity}});
   const Guard guard(input.device());
   return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
                       momentum, eps, std::string(activation), negative_slope, alpha,
@@ -80,6 +93,10 @@ std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_op(
     c10::string_view activation, double negative_slope, double alpha,
     std::array<bool, 4> output_mask, bool from_output, c10::string_view order,
     const OptTensor& kept_input, const OptTensor& kept_channels) {
+  const OptTensor g(grad_out), m(save_mean), v(save_invstd);
+  check_devices(input, {{"grad_out", &g}, {"residual", &residual}, {"weight", &weight},
+                        {"bias", &bias}, {"save_mean", &m}, {"save_invstd", &v},
+                        {"kept_input", &kept_input}, {"kept_channels", &kept_channels}});
   const Guard guard(input.device());
   return backward_impl(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
                        std::string(activation), negative_slope, alpha, output_mask, from_output,
