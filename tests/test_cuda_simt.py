@@ -524,3 +524,122 @@ def test_paths_covered():
         want.add(("finalize_stats_kernel", ("float32", P), False))
     missing = sorted(want - seen, key=str)
     assert not missing, f"paths not taken: {missing}"
+
+
+# ------------------------------------------------------------ mutation check
+#
+# A deliberately broken kernel must fail the comparisons above. Dropping one
+# __syncthreads() needs no rebuild (the layer skips the barrier at that line
+# of cuda_kernels.cuh); the other mutants live in a copy of
+# cuda_kernels.cuh, each behind a runtime switch (simt::mutant), built once.
+
+def _sync_lines():
+    with open(CUH) as f:
+        return [i + 1 for i, line in enumerate(f) if "__syncthreads()" in line]
+
+
+def _mut(n):
+    return f"(::simt::mutant == {n})"
+
+
+# id: (what, text in cuda_kernels.cuh, its replacement, which occurrence)
+MUTANTS = {
+    1: ("finalize_stats_kernel skips the last partial",
+        "for (int64_t k = ty; k < K; k += kFinalizeY) {",
+        f"for (int64_t k = ty; k < K - {_mut(1)}; k += kFinalizeY) {{", 0),
+    2: ("finalize_sums_kernel skips the last partial",
+        "for (int64_t k = ty; k < K; k += kFinalizeY) {",
+        f"for (int64_t k = ty; k < K - {_mut(2)}; k += kFinalizeY) {{", 1),
+    3: ("finalize_stats_kernel skips the last row of partial lanes",
+        "for (int r = 1; r < kFinalizeY; ++r)",
+        f"for (int r = 1; r < kFinalizeY - {_mut(3)}; ++r)", 0),
+    4: ("finalize_sums_kernel skips the last row of partial lanes",
+        "for (int r = 1; r < kFinalizeY; ++r)",
+        f"for (int r = 1; r < kFinalizeY - {_mut(4)}; ++r)", 1),
+    5: ("ChannelWalk: off by one at the plane wrap",
+        "    if (s >= Sv) {\n      s -= Sv;\n      off += wrap;",
+        f"    if (s >= Sv + {_mut(5)}) {{\n      s -= Sv;\n      off += wrap;", 0),
+    6: ("TensorWalk: channel step off by one",
+        "dc = dp % C;", f"dc = (dp + {_mut(6)}) % C;", 0),
+    7: ("block_merge drops the last warp",
+        "m = lane < kWarps ? warp_part[lane]", f"m = lane < kWarps - {_mut(7)} ? warp_part[lane]", 0),
+    8: ("block_sum2 drops the last warp",
+        "a = warp_sum(lane < kWarps ? part_a[lane]",
+        f"a = warp_sum(lane < kWarps - {_mut(8)} ? part_a[lane]", 0),
+    9: ("stats_nsc_kernel: row tree stops one level early",
+        "for (int h = BY / 2; h > 0; h >>= 1) {", f"for (int h = BY / 2; h > {_mut(9)}; h >>= 1) {{", 0),
+    10: ("sums_nsc_kernel: row tree stops one level early",
+         "for (int h = BY / 2; h > 0; h >>= 1) {", f"for (int h = BY / 2; h > {_mut(10)}; h >>= 1) {{",
+         1),
+}
+
+
+def _mutated_csrc():
+    """csrc/kernels copied under build/simt/mutant with MUTANTS applied."""
+    dst = os.path.join(BUILD, "mutant_src")
+    kdir = os.path.join(dst, "kernels")
+    if os.path.exists(kdir):
+        shutil.rmtree(kdir)
+    shutil.copytree(os.path.join(CSRC, "kernels"), kdir)
+    with open(CUH) as f:
+        text = f.read()
+    edits = []  # (position in the original, length, replacement)
+    for n, (what, old, new, k) in MUTANTS.items():
+        pos = -1
+        for _ in range(k + 1):
+            pos = text.find(old, pos + 1)
+            assert pos >= 0, f"mutant {n} ({what}): {old!r} not found {k + 1} times"
+        edits.append((pos, len(old), new))
+    for pos, length, new in sorted(edits, reverse=True):
+        text = text[:pos] + new + text[pos + length:]
+    with open(os.path.join(kdir, "cuda_kernels.cuh"), "w") as f:
+        f.write(text)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mutant_kernels(simt):
+    t0 = time.time()
+    path = _finish_kernel_build(*_start_kernel_build(_mutated_csrc(), "mutant"))
+    BUILD_TIMES["mutant"] = time.time() - t0
+    return path
+
+
+# A few configurations over every case, stopped at the first mismatch.
+MUTATION_SWEEP = [(act, kw, dtype, mode) for act, kw in (ACTS[3], ACTS[1])
+                  for dtype in (torch.float32, torch.bfloat16)
+                  for mode in ("train_res", "eval", "inplace")]
+
+
+def _first_failure(m):
+    for act, kw, dtype, mode in MUTATION_SWEEP:
+        for case in cases_for(mode, act):
+            fails = run_case(m, case, dtype, act, kw, mode, seed=1)
+            if fails:
+                return f"{act} {dtype} {mode} {case}: {fails[0]}"
+    return None
+
+
+@pytest.mark.parametrize("line", _sync_lines(), ids=lambda l: f"line{l}")
+def test_dropped_syncthreads_fails(simt, line):
+    simt.set("drop_sync_line", line)
+    try:
+        failure = _first_failure(simt)
+    finally:
+        simt.set("drop_sync_line", -1)
+    assert failure, f"dropping the __syncthreads() at cuda_kernels.cuh:{line} went unnoticed"
+
+
+@pytest.mark.parametrize("n", sorted(MUTANTS))
+def test_mutant_fails(simt, mutant_kernels, n):
+    simt.load_kernels(mutant_kernels)
+    try:
+        simt.set("log", 1)
+        simt.set("mutant", 0)
+        assert _first_failure(simt) is None, "the mutant build fails with no mutant switched on"
+        simt.set("mutant", n)
+        failure = _first_failure(simt)
+    finally:
+        simt.set("mutant", 0)
+        simt.load_kernels(simt.real_kernels)
+    assert failure, f"mutant {n} ({MUTANTS[n][0]}) went unnoticed"

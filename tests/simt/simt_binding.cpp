@@ -111,10 +111,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
            const Tensor& save_invstd, bool training, const std::string& activation,
            double negative_slope, double alpha, std::array<bool, 4> output_mask,
-           bool from_output) {
+           bool from_output, const OptTensor& kept_input, const OptTensor& kept_channels) {
           return fusedbn::backward_impl(grad_out, input, residual, weight, bias, save_mean,
                                         save_invstd, training, activation, negative_slope, alpha,
-                                        output_mask, from_output, "bn_act", std::nullopt,
-                                        std::nullopt, &fusedbn::backward_kernel);
+                                        output_mask, from_output, "bn_act", kept_input,
+                                        kept_channels, &fusedbn::backward_kernel);
         });
 }
