@@ -31,6 +31,11 @@ CUH = os.path.join(CSRC, "kernels", "cuda_kernels.cuh")
 # it in about half a minute of CPU and runs the sweep fast enough.
 KERNEL_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DFUSEDBN_SIMT",
                 "-Wno-unknown-pragmas"]
+# FUSEDBN_SIMT_SANITIZE=1: the kernels under AddressSanitizer and UBSan (run
+# python with LD_PRELOAD=$(g++ -print-file-name=libasan.so), see tests/simt/README).
+if os.environ.get("FUSEDBN_SIMT_SANITIZE"):
+    KERNEL_FLAGS += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                     "-fno-omit-frame-pointer"]
 
 
 # ------------------------------------------------------------------- builds
@@ -718,3 +723,29 @@ def test_mutant_fails(simt, mutant_kernels, n):
         simt.set("mutant", 0)
         simt.load_kernels(simt.real_kernels)
     assert failure, f"mutant {n} ({MUTANTS[n][0]}) went unnoticed"
+
+
+# ------------------------------------------------------------ the layer itself
+
+def test_half_bfloat16_conversions(simt):
+    """The layer's __float2half_rn / __float2bfloat16_rn round to nearest
+    even exactly as torch does (NaN kept as a NaN), and convert back exactly."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (1 << 20,), dtype=torch.int64, generator=gen)
+    special = torch.tensor([0.0, -0.0, 1.0, 65504.0, 65519.99, 65520.0, 65536.0, 1e30,
+                            float("inf"), float("-inf"), float("nan"), 2.0 ** -14, 2.0 ** -24,
+                            2.0 ** -25, 2.0 ** -25 * 1.0000001, 3 * 2.0 ** -26, 2.0 ** -26,
+                            1.0 + 2.0 ** -11, 1.0 + 3 * 2.0 ** -11, 1.0 + 2.0 ** -8,
+                            1.0 + 3 * 2.0 ** -8, 3.3895314e38, 3.4028235e38, 1e-45])
+    # Every float of the half range's ties and neighbours: values k / 2 ulp.
+    ties = torch.arange(-4096, 4096, dtype=torch.float64) * 2.0 ** -11 + 1.0
+    x = torch.cat([bits.to(torch.int32).view(torch.float32), special, -special,
+                   ties.float(), (torch.arange(0, 2 ** 16, dtype=torch.float64) * 2.0 ** -25).float()])
+    h, b, hb, bb = simt.convert(x.contiguous())
+    nan = torch.isnan(x)
+    th, tb = x.half(), x.bfloat16()
+    assert torch.equal(h[~nan], th.view(torch.int16)[~nan])
+    assert torch.equal(b[~nan], tb.view(torch.int16)[~nan])
+    assert torch.isnan(h.view(torch.float16)[nan]).all() and torch.isnan(b.view(torch.bfloat16)[nan]).all()
+    assert torch.equal(hb[~nan], th.float()[~nan]) and torch.equal(bb[~nan], tb.float()[~nan])
+    assert torch.isnan(hb[nan]).all() and torch.isnan(bb[nan]).all()

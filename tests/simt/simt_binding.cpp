@@ -23,6 +23,7 @@ struct Api {
   const char* (*message)() = nullptr;
   int (*set)(const char*, long long) = nullptr;
   const char* (*take_log)() = nullptr;
+  void (*convert)(const float*, size_t, uint16_t*, uint16_t*, float*, float*) = nullptr;
 } api;
 
 template <typename F>
@@ -42,6 +43,7 @@ void load_kernels(const std::string& path) {
   sym(api.message, "simt_message");
   sym(api.set, "simt_set");
   sym(api.take_log, "simt_take_log");
+  sym(api.convert, "simt_convert");
 }
 
 // Host "device memory" for the partials: 0xff bytes (NaN in float and
@@ -96,6 +98,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(fusedbn::api.set(key.c_str(), v), "simt: unknown setting ", key);
   });
   m.def("take_log", []() { return std::string(fusedbn::api.take_log()); });
+  // float32 -> (half bits, bfloat16 bits, half -> float, bfloat16 -> float)
+  m.def("convert", [](const Tensor& x) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 1);
+    const int64_t n = x.numel();
+    Tensor h = at::empty({n}, at::kShort), b = at::empty({n}, at::kShort);
+    Tensor hb = at::empty({n}, at::kFloat), bb = at::empty({n}, at::kFloat);
+    fusedbn::api.convert(x.data_ptr<float>(), size_t(n), reinterpret_cast<uint16_t*>(h.data_ptr()),
+                         reinterpret_cast<uint16_t*>(b.data_ptr()), hb.data_ptr<float>(),
+                         bb.data_ptr<float>());
+    return std::make_tuple(h, b, hb, bb);
+  });
   m.def("forward",
         [](const Tensor& input, const OptTensor& residual, const OptTensor& weight,
            const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,

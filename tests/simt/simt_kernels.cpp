@@ -53,3 +53,16 @@ const char* simt_take_log() {
   return out.c_str();
 }
 }
+
+// The layer's own half / bfloat16 conversions, for the test against torch's.
+extern "C" void simt_convert(const float* in, size_t n, uint16_t* h, uint16_t* b, float* h_back,
+                             float* b_back) {
+  for (size_t i = 0; i < n; ++i) {
+    const __half hv = __float2half_rn(in[i]);
+    const __nv_bfloat16 bv = __float2bfloat16_rn(in[i]);
+    h[i] = hv.__x;
+    b[i] = bv.__x;
+    h_back[i] = __half2float(hv);
+    b_back[i] = __bfloat162float(bv);
+  }
+}
