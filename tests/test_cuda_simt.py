@@ -56,6 +56,8 @@ def _start_kernel_build(csrc_dir, tag):
         with open(f, "rb") as fh:
             h.update(fh.read())
     os.makedirs(BUILD, exist_ok=True)
+    if os.environ.get("FUSEDBN_SIMT_SANITIZE"):
+        tag += "-asan"
     path = os.path.join(BUILD, f"libsimt_{tag}_{h.hexdigest()[:16]}.so")
     if os.path.exists(path):
         return path, None
@@ -72,6 +74,10 @@ def _finish_kernel_build(path, proc):
     if proc.returncode != 0:
         raise RuntimeError("SIMT kernel build failed:\n" + out.decode()[-8000:])
     os.replace(path + ".tmp", path)
+    prefix = os.path.basename(path).rsplit("_", 1)[0] + "_"
+    for f in os.listdir(BUILD):  # older builds of the same kind
+        if f.startswith(prefix) and f.endswith(".so") and f != os.path.basename(path):
+            os.remove(os.path.join(BUILD, f))
     return path
 
 
@@ -749,3 +755,22 @@ def test_half_bfloat16_conversions(simt):
     assert torch.isnan(h.view(torch.float16)[nan]).all() and torch.isnan(b.view(torch.bfloat16)[nan]).all()
     assert torch.equal(hb[~nan], th.float()[~nan]) and torch.equal(bb[~nan], tb.float()[~nan])
     assert torch.isnan(hb[nan]).all() and torch.isnan(bb[nan]).all()
+
+
+def test_layer_barriers_and_shuffles(simt):
+    """Deadlocks and malformed barriers fail the launch with a message; a
+    missing barrier gives wrong reads under the default (shuffled) order and
+    none with it; shuffles follow __shfl_down_sync; bad launch shapes fail."""
+    err, _, msg = simt.selftest(0)
+    assert err != 0 and "deadlock" in msg and "shuffle" in msg, msg
+    err, _, msg = simt.selftest(1)
+    assert err != 0 and "different __syncthreads" in msg, msg
+    if int(os.environ.get("FUSEDBN_SIMT_ORDER", "0")) == 0:
+        err, wrong, _ = simt.selftest(2)
+        assert err == 0 and wrong > 0
+    err, wrong, _ = simt.selftest(3)
+    assert err == 0 and wrong == 0
+    err, right, _ = simt.selftest(4)
+    assert err == 0 and right == 128
+    err, _, msg = simt.selftest(5)
+    assert err != 0 and "invalid launch configuration" in msg, msg

@@ -24,6 +24,7 @@ struct Api {
   int (*set)(const char*, long long) = nullptr;
   const char* (*take_log)() = nullptr;
   void (*convert)(const float*, size_t, uint16_t*, uint16_t*, float*, float*) = nullptr;
+  int (*selftest)(int, int*) = nullptr;
 } api;
 
 template <typename F>
@@ -44,6 +45,7 @@ void load_kernels(const std::string& path) {
   sym(api.set, "simt_set");
   sym(api.take_log, "simt_take_log");
   sym(api.convert, "simt_convert");
+  sym(api.selftest, "simt_selftest");
 }
 
 // Host "device memory" for the partials: 0xff bytes (NaN in float and
@@ -98,6 +100,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     TORCH_CHECK(fusedbn::api.set(key.c_str(), v), "simt: unknown setting ", key);
   });
   m.def("take_log", []() { return std::string(fusedbn::api.take_log()); });
+  // (error code, result, message) of the layer's self-test `which`.
+  m.def("selftest", [](int which) {
+    int result = 0;
+    const int err = fusedbn::api.selftest(which, &result);
+    return std::make_tuple(err, result, std::string(err ? fusedbn::api.message() : ""));
+  });
   // float32 -> (half bits, bfloat16 bits, half -> float, bfloat16 -> float)
   m.def("convert", [](const Tensor& x) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 1);

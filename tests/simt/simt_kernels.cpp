@@ -66,3 +66,68 @@ extern "C" void simt_convert(const float* in, size_t n, uint16_t* h, uint16_t* b
     b_back[i] = __bfloat162float(bv);
   }
 }
+
+// ------------------------------------------------------ the layer's self-test
+namespace selftest_kernels {
+
+__global__ void exited_lane_shuffle(int* out) {
+  if (threadIdx.x == 5) return;
+  out[threadIdx.x] = __shfl_down_sync(0xffffffffu, int(threadIdx.x), 1);
+}
+
+__global__ void split_barrier(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Thread t writes s[t], then reads its neighbour's slot: wrong without the
+// barrier unless the scheduler happens to run every writer first.
+template <bool Sync>
+__global__ void neighbour(int* wrong) {
+  __shared__ int s[256];
+  const int t = int(threadIdx.x);
+  s[t] = int(blockIdx.x) * 1000 + t;
+  if (Sync) __syncthreads();
+  const int n = (t + 1) % int(blockDim.x);
+  if (s[n] != int(blockIdx.x) * 1000 + n) ++*wrong;
+  if (Sync) __syncthreads();  // before the next block of this launch rewrites s (same static)
+}
+
+__global__ void shuffles(int* out) {
+  const int lane = int(threadIdx.x) & 31;
+  int v = int(threadIdx.x) * 10;
+  v = __shfl_down_sync(0xffffffffu, v, 3);
+  // lane < 29 gets lane + 3's value, the others keep their own.
+  const int want = (lane < 29 ? int(threadIdx.x) + 3 : int(threadIdx.x)) * 10;
+  out[threadIdx.x] = v == want;
+}
+
+}  // namespace selftest_kernels
+
+// which: 0 exited lane at a shuffle, 1 threads at different barriers,
+// 2/3 shared-memory neighbour exchange without / with the barrier (result:
+// the wrong reads), 4 shuffle semantics (result: lanes right of 128),
+// 5 an invalid launch configuration. Returns the launch's error; *result
+// as described.
+extern "C" int simt_selftest(int which, int* result) {
+  using namespace selftest_kernels;
+  cudaGetLastError();
+  int buf[256] = {};
+  *result = 0;
+  switch (which) {
+    case 0: simt::launch(exited_lane_shuffle, dim3(1), dim3(64), nullptr, buf); break;
+    case 1: simt::launch(split_barrier, dim3(1), dim3(64), nullptr, buf); break;
+    case 2: simt::launch(neighbour<false>, dim3(4), dim3(256), nullptr, result); break;
+    case 3: simt::launch(neighbour<true>, dim3(4), dim3(256), nullptr, result); break;
+    case 4:
+      simt::launch(shuffles, dim3(1), dim3(128), nullptr, buf);
+      for (int i = 0; i < 128; ++i) *result += buf[i];
+      break;
+    case 5: simt::launch(shuffles, dim3(1), dim3(2048), nullptr, buf); break;
+  }
+  return int(cudaGetLastError());
+}
