@@ -32,7 +32,8 @@ CUH = os.path.join(CSRC, "kernels", "cuda_kernels.cuh")
 KERNEL_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DFUSEDBN_SIMT",
                 "-Wno-unknown-pragmas"]
 # FUSEDBN_SIMT_SANITIZE=1: the kernels under AddressSanitizer and UBSan (run
-# python with LD_PRELOAD=$(g++ -print-file-name=libasan.so), see tests/simt/README).
+# python with LD_PRELOAD=$(g++ -print-file-name=libasan.so) and
+# ASAN_OPTIONS=detect_leaks=0).
 if os.environ.get("FUSEDBN_SIMT_SANITIZE"):
     KERNEL_FLAGS += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
                      "-fno-omit-frame-pointer"]
@@ -171,6 +172,7 @@ CASES = [
     Case((36, 2, 257), "ncs", sms=4, why="K >= 9 partials: finalize rows loop twice"),
     Case((4, 3, 8, 8), "ncs", misalign=True, why="aligned sizes, misaligned pointers"),
     Case((32, 3, 4, 4), "nsc", why="NSC multi-partial"),
+    Case((9300, 1), "nsc", why="NSC, K > 8 partials, one channel"),
     Case((4, 70, 3, 3), "nsc", why="NSC, 3 column blocks"),
     Case((2, 33, 3, 5), "ncs", why="33 channels: two finalize blocks"),
     Case((3, 136, 2, 2), "nsc", wide=True, why="NSC packs, 2 column blocks, int64"),
@@ -608,7 +610,7 @@ def test_paths_covered():
                         want |= {(name, T, act, "res=false"), (name, T, act, "res=true")}
                         if fam != "normalize" and act != "ReLU":
                             want |= {(name, T, act, "from_out=true")}
-    want |= {("stats_ncs_kernel", "K>8"), ("sums_ncs_kernel", "K>8")}
+    want |= {(f"{fam}_{lay}_kernel", "K>8") for fam in ("stats", "sums") for lay in ("ncs", "nsc")}
     for A in ("float32", "float64"):
         for many in (False, True):
             want.add(("finalize_sums_kernel", (A,), many))
