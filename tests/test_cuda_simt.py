@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import torch
@@ -381,8 +382,9 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     res = mode.endswith("_res")
     inplace = "inplace" in mode
     low = dtype in (torch.bfloat16, torch.float16)
-    gen = torch.Generator().manual_seed(hash((case.shape, case.layout, str(dtype), act, mode,
-                                              seed)) % (2 ** 31))
+    # Reproducible data per case (FUSEDBN_TEST_SEED salts it, as in helpers.seed).
+    key = (os.environ.get("FUSEDBN_TEST_SEED", ""), repr(case), str(dtype), act, mode, seed)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
     C = case.shape[1]
     # float32 parameters and buffers (mixed precision: the finalize kernel's
     # running-stat type differs from the accumulation type) or the input's
