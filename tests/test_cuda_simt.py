@@ -111,7 +111,16 @@ def simt():
     # on a loaded machine (0.25 s a case instead of 5 ms).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # Outputs the glue allocates with empty() start as NaN, so an element
+    # no kernel writes shows (the workspace starts as NaN too, see
+    # simt_binding.cpp).
+    det, fill = torch.are_deterministic_algorithms_enabled(), \
+        torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield mod
+    torch.use_deterministic_algorithms(det)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.set_num_threads(threads)
 
 
