@@ -116,18 +116,23 @@ def simt(request):
     # (default), 1 thread order, 2 reverse; and the shuffle's seed.
     mod.set("order", int(os.environ.get("FUSEDBN_SIMT_ORDER", "0")))
     mod.set("seed", int(os.environ.get("FUSEDBN_SIMT_SEED", "24301")))
-    # One intra-op thread: the references are tiny, and OpenMP threads spin
-    # on a loaded machine (0.25 s a case instead of 5 ms).
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _simt_torch_settings():
+    """Per test of this file only: one intra-op thread (the references are
+    tiny, and OpenMP threads spin on a loaded machine: 0.25 s a case instead
+    of 5 ms), and outputs the glue allocates with empty() start as NaN, so an
+    element no kernel writes shows (the workspace starts as NaN too, see
+    simt_binding.cpp)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    # Outputs the glue allocates with empty() start as NaN, so an element
-    # no kernel writes shows (the workspace starts as NaN too, see
-    # simt_binding.cpp).
     det, fill = torch.are_deterministic_algorithms_enabled(), \
         torch.utils.deterministic.fill_uninitialized_memory
+    torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     torch.utils.deterministic.fill_uninitialized_memory = True
-    yield mod
+    yield
     torch.use_deterministic_algorithms(det)
     torch.utils.deterministic.fill_uninitialized_memory = fill
     torch.set_num_threads(threads)
