@@ -591,6 +591,29 @@ def test_large_mean_small_spread(simt, case):
     assert not fails, fails
 
 
+@pytest.mark.xfail(strict=True, reason="known bug: in eval the dx kernels still add xc * k_xc "
+                   "with k_xc = 0, so a non-finite input gives 0 * inf = NaN in its grad_input "
+                   "where eager's eval dx = g * scale is finite (cpu_kernels.h: the same)")
+@pytest.mark.parametrize("case", [Case((7, 5), "nsc"), Case((16, 3, 11, 13), "ncs")], ids=repr)
+def test_eval_dx_of_nonfinite_input(simt, case):
+    """Eval: dx = dy * weight * invstd does not depend on x (identity), so an
+    inf in x must leave its gradient finite, as in eager."""
+    C = case.shape[1]
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(1))
+    x.view(-1)[3] = float("inf")
+    g = torch.randn(case.shape, generator=torch.Generator().manual_seed(2))
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    rm, rv = torch.zeros(C), torch.ones(C)
+    simt.set("sm_count", case.sms)
+    xin = in_layout(x, case)
+    _, mean, invstd, _, _ = simt.forward(xin, None, w, b, rm, rv, None, False, 0.1, 1e-5,
+                                         "identity", 0.01, 1.0, False)
+    gi, _, _, _ = simt.backward(in_layout(g, case), xin, None, w, b, mean, invstd, False,
+                                "identity", 0.01, 1.0, [True, False, False, False], False, None,
+                                None)
+    torch.testing.assert_close(gi, g * (w * invstd).view([1, C] + [1] * (x.dim() - 2)))
+
+
 RAN = set()
 T_NAMES = {"float": "float32", "double": "float64", "__nv_bfloat16": "bfloat16",
            "__half": "float16"}
