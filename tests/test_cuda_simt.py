@@ -8,7 +8,25 @@ that the sweep took every path it is meant to. A mutated build of the kernels
 (a dropped __syncthreads, a finalize that skips a partial, an off-by-one in
 the channel walks) must fail the same comparisons.
 
-Needs g++ and torch's C++ extension build (CPU). Does not import fusedbn."""
+Needs g++ and torch's C++ extension build (CPU). Does not import fusedbn.
+Builds go to build/simt (cached by content): about 2 minutes cold on two
+busy cores, about half a minute warm.
+
+Environment: FUSEDBN_SIMT_ORDER (0 seeded shuffle of a block's threads
+between barriers, the default; 1 thread order; 2 reverse), FUSEDBN_SIMT_SEED
+(the shuffle's seed), FUSEDBN_TEST_SEED (salts the data),
+FUSEDBN_SIMT_SANITIZE=1 (kernels under ASan + UBSan; run with
+LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+
+What the emulation cannot catch: the GPU memory model (no caches, no
+reordering, no weak ordering between blocks: every write is seen at once),
+timing and scheduling on the device (blocks run one after another, a block's
+threads interleave only at barriers and shuffles, so a race between two
+barriers shows only as wrong results of the emulated order), real occupancy,
+register pressure, shared-memory limits, launch-bound violations, the
+device's FMA contraction and fast-math intrinsics (host libm and no
+contraction here), and the int32 / int64 index limits at full size (the int64
+kernels run on small tensors; the 2^30-element switch itself is not run)."""
 import hashlib
 import os
 import re
