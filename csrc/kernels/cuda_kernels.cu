@@ -48,7 +48,12 @@ int pack_width(int64_t inner, std::initializer_list<const void*> ptrs) {
 
 // 32-bit indices up to 2^30 elements, not 2^31: the kernels form sums such
 // as v0 + chunk that may pass the tensor's end by up to one chunk.
-bool wide_index(const Shape& s) { return s.N * s.C * s.S >= (int64_t(1) << 30); }
+bool wide_index(const Shape& s) {
+#ifdef FUSEDBN_SIMT
+  if (simt::force_wide) return true;  // tests/simt: the int64 kernels on small tensors
+#endif
+  return s.N * s.C * s.S >= (int64_t(1) << 30);
+}
 
 // NSC blocks: BX threads across pack columns (a power of two up to a warp,
 // so a warp reads whole rows), BY = kThreads / BX down the rows.
@@ -155,6 +160,23 @@ struct Carve {
   }
 };
 
+// Every kernel launch goes through here: <<<>>> under nvcc; the host build of
+// tests/simt (FUSEDBN_SIMT) runs the kernel on the CPU instead. The arguments
+// convert to the kernel's parameter types at the call, as with <<<>>>.
+template <typename T>
+struct LaunchArg {
+  using type = T;
+};
+template <typename... P>
+void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t st,
+            typename LaunchArg<P>::type... args) {
+#ifdef FUSEDBN_SIMT
+  simt::launch(kernel, grid, block, st, args...);
+#else
+  kernel<<<grid, block, 0, st>>>(args...);
+#endif
+}
+
 // ------------------------------------------------------- compile-time switches
 
 template <typename F>
@@ -234,10 +256,10 @@ cudaError_t launch_stats(const ForwardParams& p, const ForwardWork<T>& w, cudaSt
     return with_pack<T>(r.vec, [&](auto vtag) {
       constexpr int V = decltype(vtag)::value;
       if (s.layout == Layout::NCS)
-        stats_ncs_kernel<T, V, I><<<r.grid, r.block, 0, st>>>(
+        launch(stats_ncs_kernel<T, V, I>, r.grid, r.block, st,
             x, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
       else
-        stats_nsc_kernel<T, V, I><<<r.grid, r.block, 0, st>>>(
+        launch(stats_nsc_kernel<T, V, I>, r.grid, r.block, st,
             x, I(s.count()), I(s.C), I(r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
       return cudaGetLastError();
     });
@@ -251,7 +273,7 @@ cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& 
   const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
   auto go = [&](auto ptag) {
     using P = decltype(ptag);
-    finalize_stats_kernel<A, P><<<grid, block, 0, st>>>(
+    launch(finalize_stats_kernel<A, P>, grid, block, st,
         w.pn, w.pmean, w.pm2, s.C, w.plan.K, w.plan.cs, w.plan.ks, static_cast<A*>(p.mean),
         static_cast<A*>(p.invstd), static_cast<P*>(p.running_mean), static_cast<P*>(p.running_var),
         p.eps, p.momentum, double(s.count()));
@@ -281,10 +303,10 @@ cudaError_t launch_normalize(const ForwardParams& p, int sms, cudaStream_t st) {
         return with_pack<T>(e.vec, [&](auto vtag) {
           constexpr int V = decltype(vtag)::value;
           if (s.layout == Layout::NCS)
-            normalize_ncs_kernel<T, V, I, Act, Res><<<e.grid, e.block, 0, st>>>(
+            launch(normalize_ncs_kernel<T, V, I, Act, Res>, e.grid, e.block, st,
                 x, z, y, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
           else
-            normalize_nsc_kernel<T, V, I, Act, Res><<<e.grid, e.block, 0, st>>>(
+            launch(normalize_nsc_kernel<T, V, I, Act, Res>, e.grid, e.block, st,
                 x, z, y, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
           return cudaGetLastError();
         });
@@ -356,11 +378,11 @@ cudaError_t launch_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaS
         return with_pack<T>(r.vec, [&](auto vtag) {
           constexpr int V = decltype(vtag)::value;
           if (s.layout == Layout::NCS)
-            sums_ncs_kernel<T, V, I, Act, Res, FromOut><<<r.grid, r.block, 0, st>>>(
+            launch(sums_ncs_kernel<T, V, I, Act, Res, FromOut>, r.grid, r.block, st,
                 x, dy, z, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), mean, invstd, wt, b,
                 act, w.psg, w.psgx);
           else
-            sums_nsc_kernel<T, V, I, Act, Res, FromOut><<<r.grid, r.block, 0, st>>>(
+            launch(sums_nsc_kernel<T, V, I, Act, Res, FromOut>, r.grid, r.block, st,
                 x, dy, z, I(s.count()), I(s.C), I(r.inner), I(r.chunk), mean, invstd, wt, b, act,
                 w.psg, w.psgx);
           return cudaGetLastError();
@@ -375,7 +397,7 @@ cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>&
   using A = acc_t<T>;
   const Shape& s = p.shape;
   const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
-  finalize_sums_kernel<A><<<grid, block, 0, st>>>(
+  launch(finalize_sums_kernel<A>, grid, block, st,
       w.psg, w.psgx, s.C, w.plan.K, w.plan.cs, w.plan.ks, acc_ptr<T>(p.invstd),
       acc_ptr<T>(p.weight), static_cast<A*>(p.grad_weight), static_cast<A*>(p.grad_bias), w.k_xc,
       w.k_const, p.training, double(s.count()));
@@ -403,11 +425,11 @@ cudaError_t launch_dx(const BackwardParams& p, const BackwardWork<T>& w, int sms
         return with_pack<T>(e.vec, [&](auto vtag) {
           constexpr int V = decltype(vtag)::value;
           if (s.layout == Layout::NCS)
-            dx_ncs_kernel<T, V, I, Act, Res, FromOut><<<e.grid, e.block, 0, st>>>(
+            launch(dx_ncs_kernel<T, V, I, Act, Res, FromOut>, e.grid, e.block, st,
                 x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt, b,
                 w.k_xc, w.k_const, act);
           else
-            dx_nsc_kernel<T, V, I, Act, Res, FromOut><<<e.grid, e.block, 0, st>>>(
+            launch(dx_nsc_kernel<T, V, I, Act, Res, FromOut>, e.grid, e.block, st,
                 x, dy, z, dx, dz, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b,
                 w.k_xc, w.k_const, act);
           return cudaGetLastError();
