@@ -476,6 +476,26 @@ FUSEDBN_INLINE bool sums_overflowed(A sg, A sgx) {
   return std::is_same<A, float>::value && !(std::isfinite(sg) && std::isfinite(sgx));
 }
 
+// Channels-last: adds a chunk's W channel sums g1, g2 over rr rows to sg,
+// sgx, those that overflowed again in double (reduce_exact). Out of line,
+// so the chunk loop keeps its accumulators in registers.
+template <bool Res, bool FromOut, typename A, typename Act>
+__attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, int64_t c0,
+                                               const A* xb, const A* zb, const A* dyb, int64_t rr,
+                                               int64_t C, const BackwardCoef<A>* coef, Act act,
+                                               double* sg, double* sgx) {
+  for (int j = 0; j < W; ++j) {
+    const int64_t e = c0 + j;
+    if (sums_overflowed(g1[j], g2[j])) {
+      reduce_exact<Res, FromOut>(xb + e, Res ? zb + e : nullptr, dyb + e, rr, C, coef[e], act,
+                                 sg[e], sgx[e]);
+    } else {
+      sg[e] += double(g1[j]);
+      sgx[e] += double(g2[j]);
+    }
+  }
+}
+
 // dx (when non-null) and, with a residual, dz = g (when non-null).
 // Train: dx = g * scale + xh * k_xh + k_const (the batch statistics' terms);
 // eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
@@ -971,6 +991,25 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   }
 }
 
+// dx (and dz) of rr channels-last rows, as run_dx.
+template <bool Train, bool Res, bool FromOut, typename A, typename Act>
+FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* dzo, int64_t rr,
+                            int64_t C, const A* mp, const A* sc, const A* sh, const A* ht,
+                            const A* kx, const A* kc, Act act) {
+  for (int64_t i = 0; i < rr; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      A xh;
+      const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c), dyb[i * C + c],
+                                         mp[c], sc[c], sh[c], ht[c], act, xh);
+      if constexpr (Train) {
+        if (out) out[i * C + c] = g * sc[c] + xh * kx[c] + kc[c];
+      } else {
+        if (out) out[i * C + c] = g * sc[c];
+      }
+      if (Res && dzo) dzo[i * C + c] = g;
+    }
+}
+
 template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
 void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
@@ -1036,17 +1075,16 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
             g1[j] += g;
             g2[j] += g * xh;
           }
-        // One test per chunk (v - v is 0 for every finite v), then the
-        // channels whose float sums overflowed again in double.
+        // One test per chunk (v - v is 0 for every finite v); the channels
+        // whose float sums overflowed are summed again in double.
         A probe = A(0);
         for (int j = 0; j < W; ++j) probe += (g1[j] - g1[j]) + (g2[j] - g2[j]);
+        if (__builtin_expect(std::is_same<A, float>::value && probe != A(0), 0)) {
+          redo_overflowed<Res, FromOut>(g1, g2, W, c0, xb, zb, dyb, rr, C, coef.data(), act, sg,
+                                        sgx);
+          return;
+        }
         for (int j = 0; j < W; ++j) {
-          if (probe != A(0) && sums_overflowed(g1[j], g2[j])) {
-            const int64_t e = c0 + j;
-            reduce_exact<Res, FromOut>(xb + e, Res ? zb + e : nullptr, dyb + e, rr, C, coef[e], act,
-                                       sg[e], sgx[e]);
-            continue;
-          }
           sg[c0 + j] += double(g1[j]);
           sgx[c0 + j] += double(g2[j]);
         }
@@ -1057,8 +1095,7 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
     finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
     // implicit barrier: every thread sees the coefficients
     // Train as a template switch: the eval loop has no xh term at all.
-    auto dx_pass = [&](auto train) {
-      constexpr bool Train = decltype(train)::value;
+    if (dx || dz) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r = blk * R, rr = std::min(R, M - r);
@@ -1067,26 +1104,17 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
         const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
         A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
         A* dzo = dz ? out_acc(dz + r * C, dzbuf.data()) : nullptr;
-        for (int64_t i = 0; i < rr; ++i)
-          for (int64_t c = 0; c < C; ++c) {
-            A xh;
-            const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c),
-                                               dyb[i * C + c], mp[c], sc[c], sh[c], ht[c], act, xh);
-            if constexpr (Train) {
-              if (out) out[i * C + c] = g * sc[c] + xh * kx[c] + kc[c];
-            } else {
-              if (out) out[i * C + c] = g * sc[c];
-            }
-            if (Res && dzo) dzo[i * C + c] = g;
-          }
+        if (p.training)
+          rows_dx<true, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
+        else
+          rows_dx<false, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
         if (dx) {
           chain_input_grad(out, x + r * C, rr * C, pre);
           narrow_to<T>(out, dx + r * C, rr * C);
         }
         if (dz) narrow_to<T>(dzo, dz + r * C, rr * C);
       }
-    };
-    if (dx || dz) p.training ? dx_pass(std::true_type{}) : dx_pass(std::false_type{});
+    }
   }
 }
 
