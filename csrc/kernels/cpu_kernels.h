@@ -71,6 +71,23 @@ FUSEDBN_INLINE A lane_sum(const A* a) {
   return t[0];
 }
 
+// Chan's merge when mean_b - mean is not finite: a side whose values held
+// inf/NaN (its mean non-finite, its M2 NaN) propagates as a sum would,
+// inf + finite = inf, inf + -inf = NaN, as eager's mean = sum / n does; two
+// finite means too far apart for double (float64 data only) are averaged
+// without their difference, and then M2 overflows anyway.
+FUSEDBN_INLINE void merge_nonfinite(double n, double nb, double mean_b, double m2_b, double& mean,
+                                    double& m2) {
+  const double tot = n + nb;
+  if (std::isfinite(mean) && std::isfinite(mean_b)) {
+    mean = mean * (n / tot) + mean_b * (nb / tot);
+    m2 += m2_b + HUGE_VAL;
+  } else {
+    mean += mean_b;
+    m2 = NAN;
+  }
+}
+
 // (count, mean, M2) merged with Chan et al.'s formula, in double.
 struct Moments {
   double n = 0, mean = 0, m2 = 0;
@@ -78,11 +95,61 @@ struct Moments {
     if (nb == 0) return;
     double tot = n + nb;
     double d = mean_b - mean;
-    mean += d * (nb / tot);
-    m2 += m2_b + d * d * (n * nb / tot);
+    if (std::isfinite(d)) {
+      mean += d * (nb / tot);
+      // d * (d * f), not d * d * f: the first merge has f = 0, and d * d
+      // may overflow (float64 near its maximum) where the product does not.
+      m2 += m2_b + d * (d * (n * nb / tot));
+    } else {
+      merge_nonfinite(n, nb, mean_b, m2_b, mean, m2);
+    }
     n = tot;
   }
 };
+
+// Mean and M2 of a block whose fast two-pass (block_moments, moments_nsc)
+// came out non-finite: each(f) calls f on the block's n values in order.
+// With an inf or NaN among them, eager's pattern: mean = sum / n (inf, -inf
+// or NaN), M2 = NaN. Otherwise the sums overflowed (|x| near the dtype's
+// maximum): the corrected two-pass again, in double, on the values scaled
+// by a power of two (exact) that brings the largest magnitude near 1, so
+// neither sum can overflow; M2 scaled back may still overflow for float64
+// data, to inf, as eager's does.
+template <typename A, typename Each>
+void exact_moments(Each each, double n, double& mean, double& m2) {
+  double sum = 0, big = 0;
+  bool finite = true;
+  each([&](A v) {
+    sum += double(v);
+    finite &= std::isfinite(v);
+    big = std::max(big, std::fabs(double(v)));
+  });
+  if (!finite) {
+    mean = sum / n;
+    m2 = NAN;
+    return;
+  }
+  const int e = big > 0 ? std::ilogb(big) : 0;
+  const double down = std::ldexp(1.0, -e), up = std::ldexp(1.0, e);
+  double m = 0;
+  each([&](A v) { m += double(v) * down; });
+  m /= n;
+  double s1 = 0, s2 = 0;
+  each([&](A v) {
+    const double d = double(v) * down - m;
+    s1 += d;
+    s2 += d * d;
+  });
+  mean = (m + s1 / n) * up;
+  m2 = (s2 - s1 * s1 / n) * up * up;
+}
+
+// 1 / sqrt(var + eps) from the double M2: computed in double so that a
+// variance beyond float's range still gives its (finite) invstd.
+template <typename A>
+FUSEDBN_INLINE A invstd_of(const Moments& mo, double eps) {
+  return A(1.0 / std::sqrt(mo.m2 / mo.n + eps));
+}
 
 // Channels whose planes are short get their statistics per channel but their
 // elementwise pass in memory order (as eval does): writing short planes one
@@ -254,9 +321,12 @@ struct Lanes {
 // pass gives a rounded mean m, the second sums d = x - m and d^2, and
 // M2 = sum(d^2) - sum(d)^2 / n removes what the rounding of m added (with
 // |mean| >> std a float mean is off by far more than std allows).
+// An inf or NaN anywhere in the lanes (an inf/NaN input, or sums that
+// overflowed) reaches mean or M2, and one check per block sends those
+// blocks to exact_moments.
 template <typename A>
-FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, int64_t len, A& mean,
-                                  A& m2) {
+FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, int64_t len,
+                                  double& mean, double& m2) {
   const int64_t body = len - len % kLanes;
   const A n = A(planes * len);
   Lanes<A> acc;
@@ -282,9 +352,16 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
       sq.t[i - body] += d * d;
     }
   }
-  const A d1 = s1.sum();
-  mean = m + d1 / n;
-  m2 = sq.sum() - d1 * d1 / n;
+  const double d1 = double(s1.sum());
+  mean = double(m) + d1 / double(n);
+  m2 = double(sq.sum()) - d1 * d1 / double(n);
+  if (std::isfinite(mean) && std::isfinite(m2)) return;
+  exact_moments<A>(
+      [&](auto f) {
+        for (int64_t k = 0; k < planes; ++k)
+          for (int64_t i = 0; i < len; ++i) f(x[k * stride + i]);
+      },
+      double(n), mean, m2);
 }
 
 // y = act((x - mean) * scale + shift [+ z]). Subtracting the mean first
@@ -322,9 +399,11 @@ FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A 
 }
 
 // Per-channel constants of the backward, in the accumulation type.
+// hat turns x - mean into the normalized value xhat (invstd) or, in-place,
+// pre - shift [- z] into xhat (1 / weight).
 template <typename A>
 struct BackwardCoef {
-  A mean, scale, shift, invstd, inv_scale;
+  A mean, scale, shift, invstd, hat;
 };
 
 template <bool Res, typename A>
@@ -333,56 +412,105 @@ FUSEDBN_INLINE A z_at(const A* z, int64_t i) {
   else return A(0);
 }
 
-// g = act'(pre) * dy and xc = x - mean of one element, from the input v = x
-// or, in-place (FromOut), from the output v = y.
+// g = act'(pre) * dy and the normalized value xh = (x - mean) * invstd of
+// one element, from the input v = x or, in-place (FromOut), from the output
+// v = y (the derivative then from y itself: see grad_from_output).
+// The sums use xh rather than x - mean: near the dtype's maximum x - mean
+// overflows a float sum where xh (bounded by sqrt(count)) does not.
 template <bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE A grad_pre(A v, A z, A dy, A mean, A scale, A shift, A inv_scale, const Act& act,
-                          A& xc) {
-  A pre;
+FUSEDBN_INLINE A grad_pre(A v, A z, A dy, A mean, A scale, A shift, A hat, const Act& act, A& xh) {
   if constexpr (FromOut) {
-    pre = act.inverse(v);
-    A bn = pre - shift;
+    A bn = act.inverse(v) - shift;
     if constexpr (Res) bn -= z;
-    xc = bn * inv_scale;
+    xh = bn * hat;
+    return act.grad_from_output(dy, v);
   } else {
-    xc = v - mean;
-    pre = xc * scale + shift;
+    const A xc = v - mean;
+    A pre = xc * scale + shift;
     if constexpr (Res) pre += z;
+    xh = xc * hat;
+    return act.grad(dy, pre);
   }
-  return act.grad(dy, pre);
 }
 
-// Adds the run's sum(g) and sum(g * xc) to the lanes sg, sgx.
+// Adds the run's sum(g) and sum(g * xh) to the lanes sg, sgx.
 template <bool Res, bool FromOut, typename A, typename Act>
 FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, BackwardCoef<A> k,
                                Act act, Lanes<A>& sg, Lanes<A>& sgx) {
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
-      A xc;
+      A xh;
       const A g = grad_pre<Res, FromOut>(x[i + j], z_at<Res>(z, i + j), dy[i + j], k.mean, k.scale,
-                                         k.shift, k.inv_scale, act, xc);
+                                         k.shift, k.hat, act, xh);
       sg.v[j] += g;
-      sgx.v[j] += g * xc;
+      sgx.v[j] += g * xh;
     }
   for (int64_t i = body; i < n; ++i) {
-    A xc;
+    A xh;
     const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
-                                       k.inv_scale, act, xc);
+                                       k.hat, act, xh);
     sg.t[i - body] += g;
-    sgx.t[i - body] += g * xc;
+    sgx.t[i - body] += g * xh;
+  }
+}
+
+// run_reduce's sums in double, for runs whose float lanes came out
+// non-finite (|dy| near float's maximum): adds them to sg, sgx.
+template <bool Res, bool FromOut, typename A, typename Act>
+void reduce_exact(const A* x, const A* z, const A* dy, int64_t n, int64_t stride,
+                  BackwardCoef<A> k, Act act, double& sg, double& sgx) {
+  for (int64_t i = 0; i < n; ++i) {
+    A xh;
+    const A g = grad_pre<Res, FromOut>(x[i * stride], z_at<Res>(z, i * stride), dy[i * stride],
+                                       k.mean, k.scale, k.shift, k.hat, act, xh);
+    sg += double(g);
+    sgx += double(g) * double(xh);
+  }
+}
+
+// Whether a block's float sums need reduce_exact: only float lanes can
+// overflow where eager's double sums do not.
+template <typename A>
+FUSEDBN_INLINE bool sums_overflowed(A sg, A sgx) {
+  return std::is_same<A, float>::value && !(std::isfinite(sg) && std::isfinite(sgx));
+}
+
+// Channels-last: adds a chunk's W channel sums g1, g2 over rr rows to sg,
+// sgx, those that overflowed again in double (reduce_exact). Out of line,
+// so the chunk loop keeps its accumulators in registers.
+template <bool Res, bool FromOut, typename A, typename Act>
+__attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, int64_t c0,
+                                               const A* xb, const A* zb, const A* dyb, int64_t rr,
+                                               int64_t C, const BackwardCoef<A>* coef, Act act,
+                                               double* sg, double* sgx) {
+  for (int j = 0; j < W; ++j) {
+    const int64_t e = c0 + j;
+    if (sums_overflowed(g1[j], g2[j])) {
+      reduce_exact<Res, FromOut>(xb + e, Res ? zb + e : nullptr, dyb + e, rr, C, coef[e], act,
+                                 sg[e], sgx[e]);
+    } else {
+      sg[e] += double(g1[j]);
+      sgx[e] += double(g2[j]);
+    }
   }
 }
 
 // dx (when non-null) and, with a residual, dz = g (when non-null).
-template <bool Res, bool FromOut, typename A, typename Act>
+// Train: dx = g * scale + xh * k_xh + k_const (the batch statistics' terms);
+// eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
+template <bool Train, bool Res, bool FromOut, typename A, typename Act>
 FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, int64_t n,
-                           BackwardCoef<A> k, A k_xc, A k_const, Act act) {
+                           BackwardCoef<A> k, A k_xh, A k_const, Act act) {
   for (int64_t i = 0; i < n; ++i) {
-    A xc;
+    A xh;
     const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
-                                       k.inv_scale, act, xc);
-    if (dx) dx[i] = g * k.scale + xc * k_xc + k_const;
+                                       k.hat, act, xh);
+    if constexpr (Train) {
+      if (dx) dx[i] = g * k.scale + xh * k_xh + k_const;
+    } else {
+      if (dx) dx[i] = g * k.scale;
+    }
     if (Res && dz) dz[i] = g;
   }
 }
@@ -427,13 +555,13 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
         } else {
           run = x + n0 * stride + base + off;
         }
-        A bm, bm2;
+        double bm, bm2;
         block_moments(run, rstride, n1 - n0, len, bm, bm2);
         mo.merge(double((n1 - n0) * len), bm, bm2);
       });
       const A mean = A(mo.mean);
       const A v = A(mo.m2 / mo.n);
-      const A invstd = A(1) / std::sqrt(v + A(p.eps));
+      const A invstd = invstd_of<A>(mo, p.eps);
       mean_out[c] = mean;
       invstd_out[c] = invstd;
       var[c] = v;
@@ -511,7 +639,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     double* pm = &tmean[size_t(t) * C];
     double* pm2 = &tm2[size_t(t) * C];
     double n = 0;
-    std::vector<A> bmean(C), bs1(C), bm2(C);
+    std::vector<double> bmean(C), bm2(C);
     std::vector<A> buf(buffered<T, Pre> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
@@ -519,6 +647,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
       const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
       // Corrected two-pass per channel, as in block_moments.
       const A inv = A(1) / A(rr);
+      const double nb = double(rr), inb = 1.0 / nb;
       for_each_chunk(C, [&](int64_t c0, auto width) {
         constexpr int W = decltype(width)::value;
         A m[W] = {}, s1[W] = {}, s2[W] = {};
@@ -531,20 +660,35 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
             s1[j] += d;
             s2[j] += d * d;
           }
+        // One test per chunk for an inf/NaN in any of its sums (v - v is
+        // 0 for every finite v), then exact_moments for those channels.
+        A probe = A(0);
         for (int j = 0; j < W; ++j) {
-          bmean[c0 + j] = m[j];
-          bs1[c0 + j] = s1[j];
-          bm2[c0 + j] = s2[j];
+          const double d1 = double(s1[j]);
+          bmean[c0 + j] = double(m[j]) + d1 * inb;
+          bm2[c0 + j] = double(s2[j]) - d1 * d1 * inb;
+          probe += (s1[j] - s1[j]) + (s2[j] - s2[j]);
         }
+        if (probe != A(0))
+          for (int j = 0; j < W; ++j)
+            if (!std::isfinite(bmean[c0 + j]) || !std::isfinite(bm2[c0 + j]))
+              exact_moments<A>(
+                  [&](auto f) {
+                    for (int64_t i = 0; i < rr; ++i) f(xb[i * C + c0 + j]);
+                  },
+                  nb, bmean[c0 + j], bm2[c0 + j]);
       });
       // Chan's merge of the block into the thread's moments; divisions
       // hoisted out of the channel loop (at C = 256 they cost a third of it).
-      const double nb = double(rr), tot = n + nb, fa = nb / tot, fb = n * nb / tot, inb = 1.0 / nb;
+      const double tot = n + nb, fa = nb / tot, fb = n * nb / tot;
       for (int64_t c = 0; c < C; ++c) {
-        const double d1 = double(bs1[c]);
-        const double d = double(bmean[c]) + d1 * inb - pm[c];
-        pm[c] += d * fa;
-        pm2[c] += (double(bm2[c]) - d1 * d1 * inb) + d * d * fb;
+        const double d = bmean[c] - pm[c];
+        if (__builtin_expect(std::isfinite(d), 1)) {
+          pm[c] += d * fa;
+          pm2[c] += bm2[c] + d * (d * fb);  // as in Moments::merge
+        } else {
+          merge_nonfinite(n, nb, bmean[c], bm2[c], pm[c], pm2[c]);
+        }
       }
       n = tot;
     }
@@ -557,7 +701,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     for (int t = 0; t < nt; ++t) mo.merge(tn[t], tmean[size_t(t) * C + c], tm2[size_t(t) * C + c]);
     const A v = A(mo.m2 / mo.n);
     mean_out[c] = A(mo.mean);
-    invstd_out[c] = A(1) / std::sqrt(v + A(p.eps));
+    invstd_out[c] = invstd_of<A>(mo, p.eps);
     var[c] = v;
   }
 }
@@ -688,21 +832,22 @@ void forward_typed(const ForwardParams& p, bool training, Act act, Pre pre) {
 }
 
 //
-// With g = dy * act'(y) and xc = x - mean:
-//   grad_bias = sum(g), grad_weight = invstd * sum(g * xc)
-//   training: dx = scale * (g - mean(g)) - xc * scale * invstd^2 * mean(g * xc)
+// With g = dy * act'(y) and xh = (x - mean) * invstd:
+//   grad_bias = sum(g), grad_weight = sum(g * xh)
+//   training: dx = scale * (g - mean(g)) - xh * scale * mean(g * xh)
 //   eval:     dx = scale * g
 
-// The dx coefficients for one channel given its sums over `count` values.
+// The dx coefficients for one channel given its sums over `count` values
+// (unused in eval).
 template <typename A>
 FUSEDBN_INLINE void dx_coefficients(bool training, const BackwardCoef<A>& k, double sg, double sgx,
-                                    double count, A& k_xc, A& k_const) {
+                                    double count, A& k_xh, A& k_const) {
   if (!training) {
-    k_xc = A(0);
+    k_xh = A(0);
     k_const = A(0);
     return;
   }
-  k_xc = A(-double(k.scale) * double(k.invstd) * double(k.invstd) * (sgx / count));
+  k_xh = A(-double(k.scale) * (sgx / count));
   k_const = A(-double(k.scale) * (sg / count));
 }
 
@@ -711,15 +856,17 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
   const A invstd = static_cast<const A*>(p.invstd)[c];
-  const A scale = (w ? w[c] : A(1)) * invstd;
-  return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd, A(1) / scale};
+  const A wc = w ? w[c] : A(1);
+  const A scale = wc * invstd;
+  return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd,
+          p.from_output ? A(1) / wc : invstd};
 }
 
 // Adds up per-thread sums tsg/tsgx ([nt][C], in thread order) into
 // grad_bias, grad_weight and each channel's dx coefficients.
 template <typename A>
 void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx, int nt,
-                 const BackwardCoef<A>* coef, A* k_xc, A* k_const) {
+                 const BackwardCoef<A>* coef, A* k_xh, A* k_const) {
   const int64_t C = p.shape.C;
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
@@ -730,8 +877,8 @@ void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx,
       s2 += tsgx[size_t(u) * C + c];
     }
     gb[c] = A(s1);
-    gw[c] = A(s2 * double(coef[c].invstd));
-    dx_coefficients(p.training, coef[c], s1, s2, double(p.shape.count()), k_xc[c], k_const[c]);
+    gw[c] = A(s2);
+    dx_coefficients(p.training, coef[c], s1, s2, double(p.shape.count()), k_xh[c], k_const[c]);
   }
 }
 
@@ -749,7 +896,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   const double count = double(s.count());
   const bool stream = stream_planes(s);
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, stream ? s.N * s.C : s.C);
-  std::vector<A> k_xc(s.C), k_const(s.C);
+  std::vector<A> k_xh(s.C), k_const(s.C);
   std::vector<BackwardCoef<A>> coef(s.C);
   for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
   std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
@@ -764,7 +911,8 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       const A* dya = as_acc(dy + o, len, dybuf.data());
       A* out = dx ? out_acc(dx + o, obuf.data()) : nullptr;
       A* dzo = dz ? out_acc(dz + o, dzbuf.data()) : nullptr;
-      run_dx<Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
+      if (p.training) run_dx<true, Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
+      else run_dx<false, Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
       if (dx) {
         chain_input_grad(out, x + o, len, pre);
         narrow_to<T>(out, dx + o, len);
@@ -779,14 +927,20 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
         const int64_t c = pl % s.C, o = pl * s.S;
         Lanes<A> bg, bgx;
-        run_reduce<Res, FromOut>(load_input(x + o, s.S, xbuf.data(), pre),
-                                 residual_acc<Res>(z, o, s.S, zbuf.data()),
-                                 as_acc(dy + o, s.S, dybuf.data()), s.S, coef[c], act, bg, bgx);
-        sg[c] += double(bg.sum());
-        sgx[c] += double(bgx.sum());
+        const A* xa = load_input(x + o, s.S, xbuf.data(), pre);
+        const A* za = residual_acc<Res>(z, o, s.S, zbuf.data());
+        const A* dya = as_acc(dy + o, s.S, dybuf.data());
+        run_reduce<Res, FromOut>(xa, za, dya, s.S, coef[c], act, bg, bgx);
+        const A bs = bg.sum(), bsx = bgx.sum();
+        if (!sums_overflowed(bs, bsx)) {
+          sg[c] += double(bs);
+          sgx[c] += double(bsx);
+        } else {
+          reduce_exact<Res, FromOut>(xa, za, dya, s.S, 1, coef[c], act, sg[c], sgx[c]);
+        }
       }
 #pragma omp single
-      finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xc.data(), k_const.data());
+      finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
       // implicit barrier: every thread sees the coefficients
     }
 #pragma omp for schedule(static)
@@ -805,26 +959,55 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
           run_reduce<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
                           as_acc(dy + o, len, dybuf.data()), len, k, act, bg, bgx);
         }
-        sg += double(bg.sum());
-        sgx += double(bgx.sum());
+        const A bs = bg.sum(), bsx = bgx.sum();
+        if (!sums_overflowed(bs, bsx)) {
+          sg += double(bs);
+          sgx += double(bsx);
+          return;
+        }
+        for (int64_t n = n0; n < n1; ++n) {
+          const int64_t o = n * stride + base + off;
+          reduce_exact<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre),
+                                     residual_acc<Res>(z, o, len, zbuf.data()),
+                                     as_acc(dy + o, len, dybuf.data()), len, 1, k, act, sg, sgx);
+        }
       });
       gb[c] = A(sg);
-      gw[c] = A(sgx * double(k.invstd));
+      gw[c] = A(sgx);
       if (!dx && !dz) continue;
-      dx_coefficients(p.training, k, sg, sgx, count, k_xc[c], k_const[c]);
+      dx_coefficients(p.training, k, sg, sgx, count, k_xh[c], k_const[c]);
       if (short_planes(s)) continue;  // dx below, in memory order
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock)
-          dx_run(n * stride + base + off, std::min(kBlock, s.S - off), k, k_xc[c], k_const[c]);
+          dx_run(n * stride + base + off, std::min(kBlock, s.S - off), k, k_xh[c], k_const[c]);
     }
     if ((dx || dz) && short_planes(s)) {
 #pragma omp for schedule(static)
       for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
         const int64_t c = pl % s.C;
-        dx_run(pl * s.S, s.S, coef[c], k_xc[c], k_const[c]);
+        dx_run(pl * s.S, s.S, coef[c], k_xh[c], k_const[c]);
       }
     }
   }
+}
+
+// dx (and dz) of rr channels-last rows, as run_dx.
+template <bool Train, bool Res, bool FromOut, typename A, typename Act>
+FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* dzo, int64_t rr,
+                            int64_t C, const A* mp, const A* sc, const A* sh, const A* ht,
+                            const A* kx, const A* kc, Act act) {
+  for (int64_t i = 0; i < rr; ++i)
+    for (int64_t c = 0; c < C; ++c) {
+      A xh;
+      const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c), dyb[i * C + c],
+                                         mp[c], sc[c], sh[c], ht[c], act, xh);
+      if constexpr (Train) {
+        if (out) out[i * C + c] = g * sc[c] + xh * kx[c] + kc[c];
+      } else {
+        if (out) out[i * C + c] = g * sc[c];
+      }
+      if (Res && dzo) dzo[i * C + c] = g;
+    }
 }
 
 template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
@@ -842,21 +1025,21 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const int nt = threads_for(M * C, p.num_threads, rblocks);
   // The constants as flat arrays too, for the vectorized row loops.
   std::vector<BackwardCoef<A>> coef(C);
-  std::vector<A> mean(C), scale(C), shift(C), inv_scale(C);
+  std::vector<A> mean(C), scale(C), shift(C), hat(C);
   for (int64_t c = 0; c < C; ++c) {
     coef[c] = backward_coef<A>(p, c);
     mean[c] = coef[c].mean;
     scale[c] = coef[c].scale;
     shift[c] = coef[c].shift;
-    inv_scale[c] = coef[c].inv_scale;
+    hat[c] = coef[c].hat;
   }
   const A* mp = mean.data();
   const A* sc = scale.data();
   const A* sh = shift.data();
-  const A* is = inv_scale.data();
+  const A* ht = hat.data();
   std::vector<double> tsg(size_t(nt) * C, 0.0), tsgx(size_t(nt) * C, 0.0);
-  std::vector<A> k_xc(C), k_const(C);
-  const A* kx = k_xc.data();
+  std::vector<A> k_xh(C), k_const(C);
+  const A* kx = k_xh.data();
   const A* kc = k_const.data();
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
@@ -881,17 +1064,26 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
           m[j] = mp[c0 + j];
           k[j] = sc[c0 + j];
           h[j] = sh[c0 + j];
-          ik[j] = is[c0 + j];
+          ik[j] = ht[c0 + j];
         }
         for (int64_t i = 0; i < rr; ++i)
           for (int j = 0; j < W; ++j) {
             const int64_t e = i * C + c0 + j;
-            A xc;
+            A xh;
             const A g = grad_pre<Res, FromOut>(xb[e], z_at<Res>(zb, e), dyb[e], m[j], k[j], h[j],
-                                               ik[j], act, xc);
+                                               ik[j], act, xh);
             g1[j] += g;
-            g2[j] += g * xc;
+            g2[j] += g * xh;
           }
+        // One test per chunk (v - v is 0 for every finite v); the channels
+        // whose float sums overflowed are summed again in double.
+        A probe = A(0);
+        for (int j = 0; j < W; ++j) probe += (g1[j] - g1[j]) + (g2[j] - g2[j]);
+        if (__builtin_expect(std::is_same<A, float>::value && probe != A(0), 0)) {
+          redo_overflowed<Res, FromOut>(g1, g2, W, c0, xb, zb, dyb, rr, C, coef.data(), act, sg,
+                                        sgx);
+          return;
+        }
         for (int j = 0; j < W; ++j) {
           sg[c0 + j] += double(g1[j]);
           sgx[c0 + j] += double(g2[j]);
@@ -900,8 +1092,9 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
     }
 #pragma omp barrier
 #pragma omp single
-    finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xc.data(), k_const.data());
+    finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
     // implicit barrier: every thread sees the coefficients
+    // Train as a template switch: the eval loop has no xh term at all.
     if (dx || dz) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -911,14 +1104,10 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
         const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
         A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
         A* dzo = dz ? out_acc(dz + r * C, dzbuf.data()) : nullptr;
-        for (int64_t i = 0; i < rr; ++i)
-          for (int64_t c = 0; c < C; ++c) {
-            A xc;
-            const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c),
-                                               dyb[i * C + c], mp[c], sc[c], sh[c], is[c], act, xc);
-            if (out) out[i * C + c] = g * sc[c] + xc * kx[c] + kc[c];
-            if (Res && dzo) dzo[i * C + c] = g;
-          }
+        if (p.training)
+          rows_dx<true, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
+        else
+          rows_dx<false, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
         if (dx) {
           chain_input_grad(out, x + r * C, rr * C, pre);
           narrow_to<T>(out, dx + r * C, rr * C);

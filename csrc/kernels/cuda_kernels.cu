@@ -337,7 +337,7 @@ bool wants_dx_pass(const BackwardParams& p) { return p.dx || (p.residual && p.gr
 template <typename T>
 struct BackwardWork {
   ReducePlan plan;
-  acc_t<T> *psg = nullptr, *psgx = nullptr, *k_xc = nullptr, *k_const = nullptr;
+  acc_t<T> *psg = nullptr, *psgx = nullptr, *k_xh = nullptr, *k_const = nullptr;
   size_t bytes = 0;
 };
 
@@ -353,7 +353,7 @@ BackwardWork<T> backward_work(const BackwardParams& p, void* ws, int sms) {
   w.psg = carve.take<A>(n);
   w.psgx = carve.take<A>(n);
   if (wants_dx_pass(p)) {
-    w.k_xc = carve.take<A>(s.C);
+    w.k_xh = carve.take<A>(s.C);
     w.k_const = carve.take<A>(s.C);
   }
   w.bytes = carve.used;
@@ -399,7 +399,7 @@ cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>&
   const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
   launch(finalize_sums_kernel<A>, grid, block, st,
       w.psg, w.psgx, s.C, w.plan.K, w.plan.cs, w.plan.ks, acc_ptr<T>(p.invstd),
-      acc_ptr<T>(p.weight), static_cast<A*>(p.grad_weight), static_cast<A*>(p.grad_bias), w.k_xc,
+      acc_ptr<T>(p.weight), static_cast<A*>(p.grad_weight), static_cast<A*>(p.grad_bias), w.k_xh,
       w.k_const, p.training, double(s.count()));
   return cudaGetLastError();
 }
@@ -424,14 +424,21 @@ cudaError_t launch_dx(const BackwardParams& p, const BackwardWork<T>& w, int sms
         using I = decltype(itag);
         return with_pack<T>(e.vec, [&](auto vtag) {
           constexpr int V = decltype(vtag)::value;
-          if (s.layout == Layout::NCS)
-            launch(dx_ncs_kernel<T, V, I, Act, Res, FromOut>, e.grid, e.block, st,
-                x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt, b,
-                w.k_xc, w.k_const, act);
-          else
-            launch(dx_nsc_kernel<T, V, I, Act, Res, FromOut>, e.grid, e.block, st,
-                x, dy, z, dx, dz, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b,
-                w.k_xc, w.k_const, act);
+          // Training and eval as a template switch: the eval kernels have no
+          // xh term (dx = g * scale).
+          auto go = [&](auto ttag) {
+            constexpr bool Train = decltype(ttag)::value;
+            if (s.layout == Layout::NCS)
+              launch(dx_ncs_kernel<T, V, I, Act, Res, FromOut, Train>, e.grid, e.block, st,
+                  x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt,
+                  b, w.k_xh, w.k_const, act);
+            else
+              launch(dx_nsc_kernel<T, V, I, Act, Res, FromOut, Train>, e.grid, e.block, st,
+                  x, dy, z, dx, dz, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b,
+                  w.k_xh, w.k_const, act);
+          };
+          if (p.training) go(std::true_type{});
+          else go(std::false_type{});
           return cudaGetLastError();
         });
       });

@@ -114,22 +114,24 @@ __device__ __forceinline__ acc_t<T> res_at(const Pack<T, V>& p, int j) {
 
 // Per-channel constants, computed the same way in every kernel (and as in
 // cpu_kernels.h) so the forward and the backward see the same scale bit for bit.
-// inv_scale = 1 / scale is only computed for the in-place backward (FromOut;
-// cpu_kernels.h: backward_coef); unused fields cost nothing once inlined.
+// hat turns x - mean into the normalized value xhat (invstd) or, in-place
+// (FromOut), pre - shift [- z] into xhat (1 / weight) (cpu_kernels.h:
+// backward_coef); unused fields cost nothing once inlined.
 template <typename A>
 struct Coef {
-  A mean, scale, shift, inv_scale;
+  A mean, scale, shift, hat;
 };
 
 template <bool FromOut = false, typename A, typename I>
 __device__ __forceinline__ Coef<A> channel_coef(const A* __restrict__ mean, const A* __restrict__ invstd,
                                                 const A* __restrict__ w, const A* __restrict__ b, I c) {
   Coef<A> k;
+  const A wc = w ? w[c] : A(1), is = invstd[c];
   k.mean = mean[c];
-  k.scale = (w ? w[c] : A(1)) * invstd[c];
+  k.scale = wc * is;
   k.shift = b ? b[c] : A(0);
-  if constexpr (FromOut) k.inv_scale = A(1) / k.scale;
-  else k.inv_scale = A(0);
+  if constexpr (FromOut) k.hat = A(1) / wc;
+  else k.hat = is;
   return k;
 }
 
@@ -143,22 +145,22 @@ __device__ __forceinline__ A pre_act(A xc, A z, const Coef<A>& k) {
   else return pre;
 }
 
-// g = act'(pre) * dy of one element, and xc = x - mean, from the input v = x
-// or, in-place (FromOut), from the output v = y: pre = act.inverse(y),
-// xc = (pre - shift [- z]) * inv_scale (cpu_kernels.h: grad_pre).
+// g = act'(pre) * dy of one element, and xh = (x - mean) * invstd, from the
+// input v = x or, in-place (FromOut), from the output v = y: the derivative
+// from y (act.grad_from_output), xh = (act.inverse(y) - shift [- z]) / weight
+// (cpu_kernels.h: grad_pre).
 template <bool Res, bool FromOut, typename A, typename Act>
-__device__ __forceinline__ A grad_pre(A v, A z, A dy, const Coef<A>& k, const Act& act, A& xc) {
-  A pre;
+__device__ __forceinline__ A grad_pre(A v, A z, A dy, const Coef<A>& k, const Act& act, A& xh) {
   if constexpr (FromOut) {
-    pre = act.inverse(v);
-    A bn = pre - k.shift;
+    A bn = act.inverse(v) - k.shift;
     if constexpr (Res) bn -= z;
-    xc = bn * k.inv_scale;
+    xh = bn * k.hat;
+    return act.grad_from_output(dy, v);
   } else {
-    xc = v - k.mean;
-    pre = pre_act<Res>(xc, z, k);
+    const A xc = v - k.mean;
+    xh = xc * k.hat;
+    return act.grad(dy, pre_act<Res>(xc, z, k));
   }
-  return act.grad(dy, pre);
 }
 
 // ------------------------------------------------------------- merging
@@ -168,17 +170,53 @@ struct Moments {
   A n, mean, m2;
 };
 
+// Chan's update of (mean, m2) by a side of nb values with mean_b, m2_b, for
+// the merged count tot. When mean_b - mean is not finite, a side whose
+// values held inf/NaN (non-finite mean, M2 NaN) propagates as a sum would
+// (inf + finite = inf, inf + -inf = NaN: eager's mean = sum / n), and two
+// finite means too far apart (float64 only) are averaged without their
+// difference (cpu_kernels.h: merge_nonfinite).
+template <typename A>
+__device__ __forceinline__ void chan_update(A& mean, A& m2, A n, A nb, A tot, A mean_b, A m2_b) {
+  const A fb = nb / tot;
+  const A d = mean_b - mean;
+  if (isfinite(d)) {
+    mean += d * fb;
+    // d * (d * f), not d * d * f: a first merge has f = 0, and d * d may
+    // overflow (float64 near its maximum) where the product does not.
+    m2 += m2_b + d * (d * (n * fb));
+  } else if (isfinite(mean) && isfinite(mean_b)) {
+    mean = mean * (n / tot) + mean_b * fb;
+    m2 += m2_b + A(HUGE_VAL);
+  } else {
+    mean += mean_b;
+    m2 = A(NAN);
+  }
+}
+
 // Chan et al.: (n, mean, M2) of the union of two disjoint sets. Either side
 // may be empty.
 template <typename A>
 __device__ __forceinline__ void chan_merge(Moments<A>& a, const Moments<A>& b) {
   const A tot = a.n + b.n;
-  if (tot == A(0)) return;
-  const A fb = b.n / tot;
-  const A d = b.mean - a.mean;
-  a.mean += d * fb;
-  a.m2 += b.m2 + d * d * (a.n * fb);
+  if (tot == A(0) || b.n == A(0)) return;
+  chan_update(a.mean, a.m2, a.n, b.n, tot, b.mean, b.m2);
   a.n = tot;
+}
+
+// A batch's (mean, M2) from its two-pass sums, or, when that came out
+// non-finite, eager's pattern for a batch holding inf/NaN: mean = sum / n,
+// M2 = NaN. (Sums that overflowed without an inf/NaN input give an inf
+// mean too: values near float's maximum are not handled on the GPU yet.)
+template <typename A>
+__device__ __forceinline__ void batch_moments(A sum, A bmean0, A bs1, A bm2, A inv_nb, A& mean,
+                                              A& m2) {
+  mean = bmean0 + bs1 * inv_nb;
+  m2 = bm2 - bs1 * bs1 * inv_nb;
+  if (!isfinite(mean) || !isfinite(m2)) {
+    mean = sum * inv_nb;
+    m2 = A(NAN);
+  }
 }
 
 template <typename A>
@@ -342,7 +380,9 @@ stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __
             bs1 += d;
             bm2 += d * d;
           }
-      chan_merge(m, Moments<A>{nb, bmean + bs1 / nb, bm2 - bs1 * bs1 / nb});
+      Moments<A> b{nb, A(0), A(0)};
+      batch_moments(sum, bmean, bs1, bm2, A(1) / nb, b.mean, b.m2);
+      chan_merge(m, b);
     }
   }
   m = block_merge(m);
@@ -408,11 +448,15 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
             bs1 += d;
             bm2 += d * d;
           }
-        const A bmean = bmean0 + bs1 * inv_nb;
-        bm2 -= bs1 * bs1 * inv_nb;
+        A bmean, bm2f;
+        batch_moments(sum, bmean0, bs1, bm2, inv_nb, bmean, bm2f);
         const A d = bmean - mean[j];
-        mean[j] += d * fb;
-        m2[j] += bm2 + d * d * cross;
+        if (isfinite(d)) {
+          mean[j] += d * fb;
+          m2[j] += bm2f + d * (d * cross);  // as in chan_update
+        } else {
+          chan_update(mean[j], m2[j], n, nb, tot, bmean, bm2f);
+        }
       }
       n = tot;
     }
@@ -431,13 +475,10 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
     if (ty < h) {
       const int o = (ty + h) * BX + tx;
       const A nb = s_n[o], tot = n + nb;
-      if (tot > A(0)) {
-        const A fb = nb / tot, cross = n * fb;
+      if (nb > A(0)) {
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const A d = s_mean[o * V + j] - mean[j];
-          mean[j] += d * fb;
-          m2[j] += s_m2[o * V + j] + d * d * cross;
+          chan_update(mean[j], m2[j], n, nb, tot, s_mean[o * V + j], s_m2[o * V + j]);
           s_mean[slot * V + j] = mean[j];
           s_m2[slot * V + j] = m2[j];
         }
@@ -487,7 +528,9 @@ finalize_stats_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, con
     chan_merge(m, Moments<double>{s_part[0][r][tx], s_part[1][r][tx], s_part[2][r][tx]});
   const A mean = A(m.mean);
   const A var = A(m.m2 / m.n);
-  const A invstd = A(1) / sqrt_acc(var + A(eps));
+  // In double from the double M2: a variance beyond float's range still has
+  // a finite invstd.
+  const A invstd = A(1.0 / sqrt_acc(m.m2 / m.n + eps));
   mean_out[c] = mean;
   invstd_out[c] = invstd;
   if (running_mean) {
@@ -599,15 +642,16 @@ normalize_nsc_kernel(const T* x, const T* z, T* y, I M, I Cv, I rows,
 
 // --------------------------------------------------------------- backward
 //
-// With g and xc from grad_pre (cpu_kernels.h):
-//   grad_bias = sum(g), grad_weight = invstd * sum(g * xc)
-//   dx = g * scale + xc * k_xc + k_const, with k_xc, k_const from the sums
-//   (zero in eval); dz = g with a residual.
+// With g and xh from grad_pre (cpu_kernels.h):
+//   grad_bias = sum(g), grad_weight = sum(g * xh)
+//   training: dx = g * scale + xh * k_xh + k_const, with k_xh, k_const from
+//   the sums; eval: dx = g * scale (Train = false: no xh term, which would
+//   turn an inf input into 0 * inf = NaN); dz = g with a residual.
 // Res: z is read (and dz may be written); FromOut: x holds the forward's
 // output, only for invertible activations (the host never instantiates it
 // for the others). z and dz are unused (null) without Res.
 
-// Same grid and partial layout as stats_ncs_kernel; partials (sum g, sum g*xc).
+// Same grid and partial layout as stats_ncs_kernel; partials (sum g, sum g*xh).
 template <typename T, int V, typename I, typename Act, bool Res, bool FromOut>
 __global__ void __launch_bounds__(kThreads)
 sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z, I C,
@@ -643,11 +687,11 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
         if (u < nl) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            A xc;
+            A xh;
             const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                               to_acc(pd[u].v[j]), kc, act, xc);
+                                               to_acc(pd[u].v[j]), kc, act, xh);
             sg += g;
-            sgx += g * xc;
+            sgx += g * xh;
           }
         }
       }
@@ -705,11 +749,11 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
         if (u < nl) {
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            A xc;
+            A xh;
             const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                               to_acc(pd[u].v[j]), kc[j], act, xc);
+                                               to_acc(pd[u].v[j]), kc[j], act, xh);
             sg[j] += g;
-            sgx[j] += g * xc;
+            sgx[j] += g * xh;
           }
         }
       }
@@ -746,13 +790,13 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 }
 
 // Same shape as finalize_stats_kernel. Sums in double; writes grad_bias,
-// grad_weight and, when k_xc is given, the dx coefficients
+// grad_weight and, when k_xh is given, the dx coefficients
 // (cpu_kernels.h: backward_coef, dx_coefficients).
 template <typename A>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
 finalize_sums_kernel(const A* __restrict__ psg, const A* __restrict__ psgx, int64_t C, int64_t K,
                      int64_t cs, int64_t ks, const A* __restrict__ invstd, const A* __restrict__ w,
-                     A* __restrict__ grad_weight, A* __restrict__ grad_bias, A* __restrict__ k_xc,
+                     A* __restrict__ grad_weight, A* __restrict__ grad_bias, A* __restrict__ k_xh,
                      A* __restrict__ k_const, bool training, double count) {
   __shared__ double s_part[2][kFinalizeY][kFinalizeX];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -775,19 +819,19 @@ finalize_sums_kernel(const A* __restrict__ psg, const A* __restrict__ psgx, int6
   }
   const A is = invstd[c];
   grad_bias[c] = A(sg);
-  grad_weight[c] = A(sgx * double(is));
-  if (!k_xc) return;
+  grad_weight[c] = A(sgx);
+  if (!k_xh) return;
   if (training) {
     const A scale = (w ? w[c] : A(1)) * is;
-    k_xc[c] = A(-double(scale) * double(is) * double(is) * (sgx / count));
+    k_xh[c] = A(-double(scale) * (sgx / count));
     k_const[c] = A(-double(scale) * (sg / count));
   } else {
-    k_xc[c] = A(0);
+    k_xh[c] = A(0);
     k_const[c] = A(0);
   }
 }
 
-// dx = g * scale + xc * k_xc + k_const and, with a residual, dz = g. Without
+// dx (see above) and, with a residual, dz = g. Without
 // Res, dx is always written; with Res, each of dx, dz only where non-null
 // (a uniform branch per pack, outside the element loop).
 template <bool Res, typename T, int V, typename I>
@@ -800,13 +844,13 @@ __device__ __forceinline__ void store_grads(T* __restrict__ dx, T* __restrict__ 
 }
 
 // Same walk as normalize_ncs_kernel.
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut>
+template <typename T, int V, typename I, typename Act, bool Res, bool FromOut, bool Train>
 __global__ void __launch_bounds__(kThreads)
 dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z,
               T* __restrict__ dx, T* __restrict__ dz, I total, I C, I Sv, I per_block,
               const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
-              const acc_t<T>* __restrict__ k_xc, const acc_t<T>* __restrict__ k_const, Act act) {
+              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act) {
   using A = acc_t<T>;
   constexpr int U = bwd_unroll(Res, FromOut);
   const I v0 = I(blockIdx.x) * per_block;
@@ -835,14 +879,15 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
     for (int u = 0; u < U; ++u) {
       if (u < nl) {
         const Coef<A> k = channel_coef<FromOut>(mean, invstd, w, b, ch[u]);
-        const A kx = k_xc[ch[u]], k0 = k_const[ch[u]];
+        const A kx = k_xh[ch[u]], k0 = k_const[ch[u]];
         Pack<T, V> out, gz;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          A xc;
+          A xh;
           const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                             to_acc(pd[u].v[j]), k, act, xc);
-          out.v[j] = from_acc<T>(g * k.scale + xc * kx + k0);
+                                             to_acc(pd[u].v[j]), k, act, xh);
+          if constexpr (Train) out.v[j] = from_acc<T>(g * k.scale + xh * kx + k0);
+          else out.v[j] = from_acc<T>(g * k.scale);
           if constexpr (Res) gz.v[j] = from_acc<T>(g);
         }
         store_grads<Res>(dx, dz, off[u], out, gz);
@@ -852,13 +897,13 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
 }
 
 // Same shape as normalize_nsc_kernel.
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut>
+template <typename T, int V, typename I, typename Act, bool Res, bool FromOut, bool Train>
 __global__ void __launch_bounds__(kThreads)
 dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z,
               T* __restrict__ dx, T* __restrict__ dz, I M, I Cv, I rows,
               const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
-              const acc_t<T>* __restrict__ k_xc, const acc_t<T>* __restrict__ k_const, Act act) {
+              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act) {
   using A = acc_t<T>;
   constexpr int U = bwd_unroll(Res, FromOut);
   const int tx = threadIdx.x, ty = threadIdx.y, BY = blockDim.y;
@@ -874,7 +919,7 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
   for (int j = 0; j < V; ++j) {
     const I c = cv * V + j;
     k[j] = channel_coef<FromOut>(mean, invstd, w, b, c);
-    kx[j] = k_xc[c];
+    kx[j] = k_xh[c];
     k0[j] = k_const[c];
   }
   I off = (r0 + ty) * Cv + cv;
@@ -900,10 +945,11 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
         Pack<T, V> out, gz;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          A xc;
+          A xh;
           const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                             to_acc(pd[u].v[j]), k[j], act, xc);
-          out.v[j] = from_acc<T>(g * k[j].scale + xc * kx[j] + k0[j]);
+                                             to_acc(pd[u].v[j]), k[j], act, xh);
+          if constexpr (Train) out.v[j] = from_acc<T>(g * k[j].scale + xh * kx[j] + k0[j]);
+          else out.v[j] = from_acc<T>(g * k[j].scale);
           if constexpr (Res) gz.v[j] = from_acc<T>(g);
         }
         store_grads<Res>(dx, dz, offs[u], out, gz);
