@@ -49,7 +49,9 @@ def _run(fn, x, rm, rv, w, b, g):
 
 # Relative tolerance for a value eager got wrong (inf/NaN where float64 is
 # finite in the tested dtype): fusedbn may then be right instead.
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+# float32: channels with |mean| near the maximum are normalized folded, as
+# eager does (cpu_kernels.h: fold_mean), and lose the digits of mean * invstd.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
 def _check(name, actual, expected, ref64, dtype=None):

@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -149,6 +150,31 @@ void exact_moments(Each each, double n, double& mean, double& m2) {
 template <typename A>
 FUSEDBN_INLINE A invstd_of(const Moments& mo, double eps) {
   return A(1.0 / std::sqrt(mo.m2 / mo.n + eps));
+}
+
+// Near the dtype's maximum x - mean itself overflows where eager's folded
+// x * scale + (shift - mean * scale) does not. A channel whose |mean| is that
+// large (beyond max * 2^-26: below it, x - mean cannot round past the
+// maximum) and whose spread is too (|mean| * invstd <= 256, so x * invstd
+// stays finite and folding costs at most 8 bits of xhat, as in eager) is
+// normalized folded: the kernels see mean 0 and the shift adjusted, and the
+// backward's normalized values carry the offset mean * invstd, which the
+// sums' finishing takes out (BackwardCoef::sum_gxh, dx_coefficients).
+template <typename A>
+FUSEDBN_INLINE bool fold_mean(A mean, A invstd) {
+  return std::abs(mean) > std::numeric_limits<A>::max() * A(1.0 / 67108864.0) &&
+         std::abs(double(mean) * double(invstd)) <= 256.0;
+}
+// (mean, shift) as the element loops use them.
+template <typename A>
+FUSEDBN_INLINE void loop_mean_shift(A mean, A invstd, A scale, A shift, A& m_loop, A& h_loop) {
+  if (fold_mean(mean, invstd)) {
+    m_loop = A(0);
+    h_loop = A(double(shift) - double(mean) * double(scale));
+  } else {
+    m_loop = mean;
+    h_loop = shift;
+  }
 }
 
 // Channels whose planes are short get their statistics per channel but their
@@ -401,9 +427,13 @@ FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A 
 // Per-channel constants of the backward, in the accumulation type.
 // hat turns x - mean into the normalized value xhat (invstd) or, in-place,
 // pre - shift [- z] into xhat (1 / weight).
+// off: what the element loops' normalized values carry beyond xhat (the
+// folded mean's mean * invstd, see fold_mean; else 0).
 template <typename A>
 struct BackwardCoef {
-  A mean, scale, shift, invstd, hat;
+  A mean, scale, shift, invstd, hat, off;
+  // sum(g * xhat) from the loops' sums of g and g * (xhat + off).
+  FUSEDBN_INLINE double sum_gxh(double sg, double sgx) const { return sgx - double(off) * sg; }
 };
 
 template <bool Res, typename A>
@@ -462,10 +492,16 @@ void reduce_exact(const A* x, const A* z, const A* dy, int64_t n, int64_t stride
                   BackwardCoef<A> k, Act act, double& sg, double& sgx) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
-    const A g = grad_pre<Res, FromOut>(x[i * stride], z_at<Res>(z, i * stride), dy[i * stride],
-                                       k.mean, k.scale, k.shift, k.hat, act, xh);
+    const A v = x[i * stride], zi = z_at<Res>(z, i * stride);
+    const A g = grad_pre<Res, FromOut>(v, zi, dy[i * stride], k.mean, k.scale, k.shift, k.hat,
+                                       act, xh);
+    // xh again in double: in float it overflows (then g * xh is inf, or NaN
+    // at g = 0) where eager's double sum is finite.
+    double xd;
+    if constexpr (FromOut) xd = (double(act.inverse(v)) - double(k.shift) - double(zi)) * double(k.hat);
+    else xd = (double(v) - double(k.mean)) * double(k.hat);
     sg += double(g);
-    sgx += double(g) * double(xh);
+    sgx += double(g) * xd;
   }
 }
 
@@ -567,7 +603,8 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
       var[c] = v;
       if (short_planes(s)) continue;  // normalized afterwards, in memory order
       const A scale = (w ? w[c] : A(1)) * invstd;
-      const A shift = b ? b[c] : A(0);
+      A m_loop, shift;
+      loop_mean_shift(mean, invstd, scale, b ? b[c] : A(0), m_loop, shift);
       int64_t active = 0;
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
@@ -575,7 +612,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
           A* out = out_acc(y + o, obuf.data());
           active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
-                                              mean, scale, shift, act);
+                                              m_loop, scale, shift, act);
           if constexpr (Count == kCountInput) active += count_positive(x + o, len);
           narrow_to<T>(out, y + o, len);
         }
@@ -718,13 +755,14 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
   T* y = static_cast<T*>(p.y);
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
-  const A* m = static_cast<const A*>(p.mean);
   const A* invstd = static_cast<const A*>(p.invstd);
-  std::vector<A> scale(C), shift(C);
+  std::vector<A> mean(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
     scale[c] = (w ? w[c] : A(1)) * invstd[c];
-    shift[c] = b ? b[c] : A(0);
+    loop_mean_shift(static_cast<const A*>(p.mean)[c], invstd[c], scale[c], b ? b[c] : A(0),
+                    mean[c], shift[c]);
   }
+  const A* m = mean.data();
   const bool ncs = s.layout == Layout::NCS;
   const int64_t M = s.count(), R = rows_per_block<T>(C);
   // Work items: planes (NCS) or blocks of R rows (NSC).
@@ -847,8 +885,9 @@ FUSEDBN_INLINE void dx_coefficients(bool training, const BackwardCoef<A>& k, dou
     k_const = A(0);
     return;
   }
+  // (sgx is sum(g * xhat); the loops' values carry k.off: dx's constant takes it out.)
   k_xh = A(-double(k.scale) * (sgx / count));
-  k_const = A(-double(k.scale) * (sg / count));
+  k_const = A(-double(k.scale) * (sg / count) - double(k.off) * double(k_xh));
 }
 
 template <typename A>
@@ -857,9 +896,11 @@ FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c)
   const A* b = static_cast<const A*>(p.bias);
   const A invstd = static_cast<const A*>(p.invstd)[c];
   const A wc = w ? w[c] : A(1);
-  const A scale = wc * invstd;
-  return {static_cast<const A*>(p.mean)[c], scale, b ? b[c] : A(0), invstd,
-          p.from_output ? A(1) / wc : invstd};
+  const A scale = wc * invstd, mean = static_cast<const A*>(p.mean)[c];
+  A m_loop, shift;
+  loop_mean_shift(mean, invstd, scale, b ? b[c] : A(0), m_loop, shift);
+  const A off = fold_mean(mean, invstd) ? A(double(mean) * double(invstd)) : A(0);
+  return {m_loop, scale, shift, invstd, p.from_output ? A(1) / wc : invstd, off};
 }
 
 // Adds up per-thread sums tsg/tsgx ([nt][C], in thread order) into
@@ -876,6 +917,7 @@ void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx,
       s1 += tsg[size_t(u) * C + c];
       s2 += tsgx[size_t(u) * C + c];
     }
+    s2 = coef[c].sum_gxh(s1, s2);
     gb[c] = A(s1);
     gw[c] = A(s2);
     dx_coefficients(p.training, coef[c], s1, s2, double(p.shape.count()), k_xh[c], k_const[c]);
@@ -972,6 +1014,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
                                      as_acc(dy + o, len, dybuf.data()), len, 1, k, act, sg, sgx);
         }
       });
+      sgx = k.sum_gxh(sg, sgx);
       gb[c] = A(sg);
       gw[c] = A(sgx);
       if (!dx && !dz) continue;

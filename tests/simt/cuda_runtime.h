@@ -22,6 +22,11 @@
 #define FUSEDBN_SIMT 1
 #endif
 
+// CUDA's device math is in the global namespace.
+using std::isfinite;
+using std::isinf;
+using std::isnan;
+
 #define __global__
 #define __device__
 #define __host__
