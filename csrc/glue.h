@@ -53,24 +53,8 @@ struct NoGuard {
   explicit NoGuard(const c10::Device&) {}
 };
 
-template <typename Guard, ForwardKernel K>
-std::tuple<Tensor, Tensor, Tensor> forward_op(
-    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
-    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
-    double activity_momentum) {
-  check_devices(input, {{"residual", &residual}, {"weight", &weight}, {"bias", &bias},
-                        {"running_mean", &running_mean}, {"running_var", &running_var},
-                        {"num_batches_tracked", &nbt}, {"activity", &activity}});
-  const Guard guard(input.device());
-  auto r = forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
-                        momentum, eps, std::string(activation), negative_slope, alpha,
-                        std::string(order), activity, activity_momentum, false, K);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
-}
-
-template <typename Guard, ForwardKernel K>
+// forward (Inplace = false; kept_input, kept_channels undefined) and forward_.
+template <typename Guard, ForwardKernel K, bool Inplace>
 ForwardResult forward_inplace_op(
     const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
     const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
@@ -83,7 +67,21 @@ ForwardResult forward_inplace_op(
   const Guard guard(input.device());
   return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
                       momentum, eps, std::string(activation), negative_slope, alpha,
-                      std::string(order), activity, activity_momentum, true, K);
+                      std::string(order), activity, activity_momentum, Inplace, K);
+}
+
+template <typename Guard, ForwardKernel K>
+std::tuple<Tensor, Tensor, Tensor> forward_op(
+    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
+    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
+    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
+    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
+    double activity_momentum) {
+  auto r = forward_inplace_op<Guard, K, false>(input, residual, weight, bias, running_mean,
+                                               running_var, nbt, training, momentum, eps,
+                                               activation, negative_slope, alpha, order, activity,
+                                               activity_momentum);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
 }
 
 template <typename Guard, BackwardKernel K>

@@ -47,6 +47,6 @@ TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
   using namespace fusedbn;
   using Guard = c10::cuda::CUDAGuard;
   m.impl("forward", &forward_op<Guard, &forward_kernel>);
-  m.impl("forward_", &forward_inplace_op<Guard, &forward_kernel>);
+  m.impl("forward_", &forward_inplace_op<Guard, &forward_kernel, true>);
   m.impl("backward", &backward_op<Guard, &backward_kernel>);
 }
