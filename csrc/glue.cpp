@@ -92,18 +92,14 @@ void check_per_channel(const OptTensor& t, const char* name, const Tensor& input
 
 bool defined(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-// What order="act_bn" cannot be combined with, and what CUDA does not do yet.
-void check_mode(const ActParams& act, const Tensor& input, const OptTensor& residual,
-                bool inplace, bool counts_activity) {
+// What order="act_bn" cannot be combined with.
+void check_mode(const ActParams& act, const OptTensor& residual, bool inplace) {
   if (act.order == Order::ActBn) {
     TORCH_CHECK_VALUE(!defined(residual),
                       "fusedbn: order='act_bn' (bn(act(x))) takes no residual; the residual form "
                       "is act(bn(x) + residual)");
     TORCH_CHECK_VALUE(!inplace, "fusedbn: inplace=True is not supported with order='act_bn'");
   }
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !input.is_cuda() || (act.order == Order::BnAct && !counts_activity),
-      "fusedbn: order='act_bn' and activity tracking are implemented on CPU only so far");
 }
 
 void check_activity(const OptTensor& activity, const Tensor& input, double momentum) {
@@ -122,31 +118,6 @@ void check_activity(const OptTensor& activity, const Tensor& input, double momen
                     "shape ", size_str(*activity));
   TORCH_CHECK_VALUE(momentum >= 0 && momentum <= 1,
                     "fusedbn: activity_momentum must be in [0, 1], got ", momentum);
-}
-
-// activity[0] = fraction of active values; with 3 rows also the running
-// average (row 1, NaN until the first batch) and the number of calls in a row
-// with no active value (row 2). A C-long loop, no tensor ops: the counting is
-// meant to cost nothing measurable even on small layers.
-void update_activity(Tensor& activity, const int64_t* counts, int64_t per_channel,
-                     double momentum) {
-  const int64_t C = activity.size(-1);
-  float* a = activity.data_ptr<float>();
-  if (per_channel == 0) {
-    // An empty batch has no fraction; the average and streak stay as they
-    // are, as the running statistics do.
-    for (int64_t c = 0; c < C; ++c) a[c] = std::numeric_limits<float>::quiet_NaN();
-    return;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const float frac = float(double(counts[c]) / double(per_channel));
-    a[c] = frac;
-    if (activity.dim() == 2) {
-      float& avg = a[C + c];
-      avg = std::isnan(avg) ? frac : avg + float(momentum) * (frac - avg);
-      a[2 * C + c] = counts[c] == 0 ? a[2 * C + c] + 1.0f : 0.0f;
-    }
-  }
 }
 
 void check_residual(const OptTensor& z, const Tensor& input) {
@@ -329,7 +300,7 @@ ForwardResult forward_impl(
       defined(residual_arg) ? OptTensor(with_channel_dim(*residual_arg)) : residual_arg;
   // Every check comes before any buffer is touched.
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
-  check_mode(act, input, residual, inplace, defined(activity));
+  check_mode(act, residual, inplace);
   if (inplace) check_invertible(act);
   check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
                 training, momentum, eps);
@@ -368,11 +339,21 @@ ForwardResult forward_impl(
   p.bias = ptr_or_null(b);
   p.eps = eps;
   p.num_threads = at::get_num_threads();
-  // Host memory: activity tracking runs on CPU only so far (check_mode).
-  std::vector<int64_t> active_count;
+  // The kernels update a float32 activity (bn_math.h: update_activity), a
+  // copy when the buffer is not one.
+  Tensor act32;
   if (defined(activity)) {
-    active_count.assign(C, 0);
-    p.active_count = active_count.data();
+    const bool direct = activity->scalar_type() == at::kFloat && activity->is_contiguous();
+    act32 = direct ? *activity : activity->to(at::kFloat).contiguous();
+    if (v.shape.count() > 0) {
+      p.activity = act32.data_ptr<float>();
+      p.activity_rows = act32.dim() == 2 ? 3 : 1;
+      p.activity_momentum = activity_momentum;
+    } else {
+      // An empty batch has no fraction; the average and streak stay as they
+      // are, as the running statistics do.
+      (act32.dim() == 2 ? act32[0] : act32).fill_(std::numeric_limits<double>::quiet_NaN());
+    }
   }
 
   const bool update = training && defined(running_mean);
@@ -390,9 +371,9 @@ ForwardResult forward_impl(
         p.running_mean = rm.data_ptr();
         p.running_var = rv.data_ptr();
         p.running_dtype = to_dtype(rm.scalar_type());
-        p.momentum = momentum.has_value()
-                         ? *momentum
-                         : 1.0 / double(num_batches_tracked->item<int64_t>() + 1);
+        // momentum=None: the kernels read the count where it lives (no sync).
+        if (momentum.has_value()) p.momentum = *momentum;
+        else p.num_batches_tracked = num_batches_tracked->const_data_ptr<int64_t>();
       }
       kernel(p, true);
       if (update) {
@@ -410,12 +391,7 @@ ForwardResult forward_impl(
     kernel(p, false);
   }
   if (!v.native) out.copy_(y);
-  if (defined(activity)) {
-    const bool direct = activity->scalar_type() == at::kFloat && activity->is_contiguous();
-    Tensor a = direct ? *activity : activity->to(at::kFloat).contiguous();
-    update_activity(a, active_count.data(), v.shape.count(), activity_momentum);
-    if (!direct) activity->copy_(a);
-  }
+  if (defined(activity) && !act32.is_same(*activity)) activity->copy_(act32);
   if (inplace) out = input_arg;
   // (A 1-D input passes the checks only when empty.)
   else if (input_arg.dim() == 1) out = at::empty_like(input_arg);
@@ -433,7 +409,7 @@ Grads backward_channels(
     double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
     const std::string& order, BackwardKernel kernel) {
   const ActParams act = parse_activation(activation, negative_slope, alpha, order);
-  check_mode(act, input, residual, from_output, false);
+  check_mode(act, residual, from_output);
   if (from_output) check_invertible(act);
   check_input(input);
   check_residual(residual, input);

@@ -74,7 +74,7 @@ def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, tra
     normalization, in the same passes (no residual, no in-place mode).
 
     activity: optional floating tensor (float32 preferably) of shape ``[C]``
-    or ``[3, C]`` (CPU only so far). Row 0 is set to the fraction of each channel's values whose
+    or ``[3, C]``. Row 0 is set to the fraction of each channel's values whose
     activation input is positive -- not zeroed by relu, not in the negative
     branch of leaky_relu / elu; with ``order="act_bn"`` the activation input is
     ``input`` itself (also with the identity, where both orders give the same

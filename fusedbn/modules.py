@@ -24,8 +24,7 @@ class _BatchNormAct(_BatchNorm):
     in the active branch.
     track_activity: in every forward (training and eval) the kernel also
     counts, per channel, the values whose activation input is positive (not
-    zeroed by relu, not in the negative branch of leaky_relu / elu), CPU only
-    so far. Kept in the buffer ``activity`` (float32 [3, C], not in the
+    zeroed by relu, not in the negative branch of leaky_relu / elu). Kept in the buffer ``activity`` (float32 [3, C], not in the
     state_dict), read through ``active_fraction`` (last batch),
     ``active_fraction_avg`` (exponential average, factor
     ``activity_momentum``, starting from the first batch; NaN before it) and

@@ -258,8 +258,10 @@ def in_layout(t, case):
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype, eps=1e-5, mom=0.1):
-    """act(bn(x) [+ z]) and its gradients, in dtype (params in pdtype):
+def reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype, eps=1e-5, mom=0.1,
+              order="bn_act"):
+    """act(bn(x) [+ z]) (order act_bn: bn(act(x))) and its gradients, in
+    dtype (params in pdtype):
     (out, mean, invstd, running_mean, running_var, dx, dw, db, dz)."""
     if x.numel() == 0:
         # The glue's empty batch (F.batch_norm's semantics where it has any):
@@ -279,13 +281,14 @@ def reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype, eps=1e-5,
     wr = w.detach().to(pdtype).requires_grad_() if w is not None else None
     br = b.detach().to(pdtype).requires_grad_() if b is not None else None
     rmr, rvr = rm.detach().to(pdtype).clone(), rv.detach().to(pdtype).clone()
+    a = act_fn(xr, act, kw) if order == "act_bn" else xr
     with torch.no_grad():
         _, smean, sinv = torch.ops.aten.native_batch_norm(
-            xr, wr, br, rmr.clone(), rvr.clone(), training, mom, eps)
-    y = F.batch_norm(xr, rmr, rvr, wr, br, training, mom, eps)
+            a, wr, br, rmr.clone(), rvr.clone(), training, mom, eps)
+    y = F.batch_norm(a, rmr, rvr, wr, br, training, mom, eps)
     if zr is not None:
         y = y + zr
-    out = act_fn(y, act, kw)
+    out = y if order == "act_bn" else act_fn(y, act, kw)
     out.backward(g.to(dtype))
     return (out.detach(), smean, sinv, rmr, rvr, xr.grad, wr.grad if wr is not None else None,
             br.grad if br is not None else None, zr.grad if zr is not None else None)
@@ -410,6 +413,34 @@ def judge_exact(name, got, ref, dtype, count, fails):
                      f"the same formula (bound {bound.reshape(-1)[i].item():.3g})")
 
 
+def check_activity(activity, x, z, w, b, rm, rv, training, order, fails):
+    """The kernels' activity update against the count of positive float64
+    activation inputs (x kept off 0 by run_case): the fraction exactly, the
+    first running average equal to it, the streak 5 + 1 or reset to 0; an
+    empty batch: fraction NaN, the rest unchanged."""
+    C = x.shape[1]
+    n = x.numel() // C if C else 0
+    if n == 0:
+        ok = torch.isnan(activity[0]).all() and torch.isnan(activity[1]).all() and \
+            (activity[2] == 5).all()
+        if not ok:
+            fails.append(f"activity of an empty batch: {activity}")
+        return
+    if order == "act_bn":
+        pre = x.double()
+    else:
+        pre = F.batch_norm(x.double(), rm.double().clone(), rv.double().clone(),
+                           None if w is None else w.double(), None if b is None else b.double(),
+                           training, 0.0, 1e-5)
+        if z is not None:
+            pre = pre + z.double()
+    count = (pre > 0).transpose(0, 1).reshape(C, -1).sum(1)
+    frac = (count.double() / n).float()
+    want = torch.stack([frac, frac, torch.where(count == 0, 6.0, 0.0)])
+    if not torch.equal(activity, want):
+        fails.append(f"activity: {activity.tolist()} vs {want.tolist()}")
+
+
 LAUNCHES = []  # (kernel line) of every launch, for test_paths_covered
 
 
@@ -417,11 +448,13 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     """Runs forward + backward of one case through the emulated kernels and
     returns the list of mismatches against the reference (empty: pass).
     mode: train | eval | train_res | eval_res | inplace | inplace_res
-    (in-place forward, then the from-output backward on its output)."""
+    (in-place forward, then the from-output backward on its output) |
+    act_bn | eval_act_bn (order act_bn). Every case also tracks activity."""
     fails = []
     training = not mode.startswith("eval")
     res = mode.endswith("_res")
     inplace = "inplace" in mode
+    order = "act_bn" if "act_bn" in mode else "bn_act"
     low = dtype in (torch.bfloat16, torch.float16)
     # Reproducible data per case (FUSEDBN_TEST_SEED salts it, as in helpers.seed).
     key = (os.environ.get("FUSEDBN_TEST_SEED", ""), repr(case), str(dtype), act, mode, seed)
@@ -442,7 +475,15 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     # ELU in place: an output saturated at -alpha has lost its input (see
     # test_elu_from_output_saturated); keep the pre-activation above -6.
     floor = -6.0 if inplace and act == "elu" else None
-    x, z = avoid_kink(x, z, w, b, rm, rv, training, act, floor=floor)
+    if order == "act_bn":
+        # The kink (and what activity counts) is at x = 0.
+        xd = x.double()
+        xd[xd.abs() < 1e-3] += 0.0625
+        x = xd.to(dtype)
+    else:
+        # (identity: what activity counts still has its kink at 0)
+        x, z = avoid_kink(x, z, w, b, rm, rv, training, "relu" if act == "identity" else act,
+                          floor=floor)
     g = torch.randn(case.shape, dtype=torch.float64, generator=gen).to(dtype)
 
     m.set("sm_count", case.sms)
@@ -452,10 +493,13 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     zin = in_layout(z, case) if z is not None else None
     gin = in_layout(g, case)
     rm_k, rv_k = rm.clone(), rv.clone()
+    # Activity: fraction, running average (NaN: no batch yet), inactive streak.
+    activity = torch.stack([torch.zeros(C), torch.full((C,), float("nan")), torch.full((C,), 5.0)])
     slope, alpha = kw.get("negative_slope", 0.01), kw.get("alpha", 1.0)
     try:
         out, mean, invstd, kept, kept_idx = m.forward(
-            xin, zin, w, b, rm_k, rv_k, None, training, 0.1, 1e-5, act, slope, alpha, inplace)
+            xin, zin, w, b, rm_k, rv_k, None, training, 0.1, 1e-5, act, slope, alpha, inplace,
+            order=order, activity=activity)
         mask = list(case.mask)
         # In place: the backward of the output (x holds y) with the glue's
         # kept channels (16-bit dtypes keep every input), then the same with
@@ -466,7 +510,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
         grads = []
         for inp, from_out, ki, kc in variants:
             grads.append(m.backward(gin, inp, zin, w, b, mean, invstd, training, act, slope,
-                                    alpha, mask, from_out, ki, kc))
+                                    alpha, mask, from_out, ki, kc, order=order))
     except RuntimeError as e:
         return [f"kernel error: {e}"]
     finally:
@@ -475,9 +519,11 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     if inplace and out.data_ptr() != xin.data_ptr():
         fails.append("inplace: output is not the input")
 
-    r64 = reference(x, z, w, b, rm, rv, g, training, act, kw, torch.float64, torch.float64)
-    eag = reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype)
+    r64 = reference(x, z, w, b, rm, rv, g, training, act, kw, torch.float64, torch.float64,
+                    order=order)
+    eag = reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype, order=order)
     judge("out", out, eag[0], r64[0], dtype, fails)
+    check_activity(activity, x, z, w, b, rm, rv, training, order, fails)
     if training:
         judge("mean", mean, eag[1], r64[1], dtype, fails)
         judge("invstd", invstd, eag[2], r64[2], dtype, fails)
@@ -521,7 +567,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
 
 
 MODES = ["train", "eval", "train_res", "eval_res", "inplace", "inplace_res", "eval_inplace",
-         "eval_inplace_res"]
+         "eval_inplace_res", "act_bn", "eval_act_bn"]
 
 
 def cases_for(mode, act):
@@ -583,19 +629,15 @@ def test_elu_from_output_saturated(simt, training):
     torch.testing.assert_close(gw.double(), wr.grad, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the statistics kernels merge per-thread "
-                   "batches, warps and blocks in float, so each merged mean is rounded to an ulp "
-                   "of |mean| and the variance is off by about ulp(mean) / std (only finalize "
-                   "merges in double; cpu_kernels.h merges its L1 blocks in double)")
 @pytest.mark.parametrize("case", [Case((7, 5), "nsc"), Case((16, 3, 11, 13), "ncs"),
                                   Case((32, 2, 16, 32), "ncs"), Case((32, 3, 4, 4), "nsc")],
                          ids=repr)
 def test_large_mean_small_spread(simt, case):
     """float32 values around 1e5 with a spread of about 1 (|mean| / std =
     1e5; 7 bits of each value below the mean's leading bit): the statistics
-    must match float64 as well as eager's do (2x, as everywhere here). The
-    float merges give invstd errors 100-1000x eager's (CPU eager and the CPU
-    kernels accumulate in double)."""
+    must match float64 as well as eager's do (2x, as everywhere here).
+    Merged in float without the pivot (pivot_of), invstd was off by
+    100-1000x eager's error."""
     gen = torch.Generator().manual_seed(3)
     C = case.shape[1]
     x = (torch.randn(case.shape, dtype=torch.float64, generator=gen) + 1e5).float()
@@ -639,9 +681,13 @@ T_NAMES = {"float": "float32", "double": "float64", "__nv_bfloat16": "bfloat16",
 
 def parse_launch(line):
     """'void fusedbn::cuda::NAME<A, B, ...>(params) grid=(x,y,z) block=(..)'
+    (or 'fusedbn::cuda::NAME(params) ...' for a plain kernel)
     -> (NAME, [template args], (gx, gy, gz))."""
-    m = re.match(r"void fusedbn::cuda::(\w+)<", line)
+    m = re.match(r"(?:void )?fusedbn::cuda::(\w+)([<(])", line)
     assert m, line
+    grid = tuple(int(v) for v in re.search(r"grid=\((\d+),(\d+),(\d+)\)", line).groups())
+    if m.group(2) == "(":
+        return m.group(1), [], grid
     i, depth, args, cur = m.end(), 1, [], ""
     while depth:
         ch = line[i]
@@ -658,7 +704,6 @@ def parse_launch(line):
         else:
             cur += ch
     args.append(cur.strip())
-    grid = tuple(int(v) for v in re.search(r"grid=\((\d+),(\d+),(\d+)\)", line).groups())
     return m.group(1), args, grid
 
 
@@ -668,14 +713,23 @@ def test_paths_covered():
     and several partials per channel (and more partials than finalize's 8
     lanes), every activation with and without a residual, the from-output
     backward of every invertible activation, finalize over several channel
-    blocks and with each running-stat dtype."""
+    blocks and with each running-stat dtype, order act_bn (the activation as
+    the kernels' Pre) for every kernel family, and activity counting of the
+    pre-activation and of the input."""
     expected = {(a, str(d), mo) for a, _ in ACTS for d in DTYPES for mo in MODES
                 if cases_for(mo, a)}
     if RAN != expected:
         pytest.skip("needs the whole test_kernels sweep in this session")
     seen = set()
+
+    def act_of(arg):
+        return re.match(r"fusedbn::(\w+)Act", arg).group(1)
+
     for line in LAUNCHES:
         name, args, grid = parse_launch(line)
+        if not args:
+            seen.add((name,))
+            continue
         if name.startswith("finalize"):
             seen.add((name, tuple(T_NAMES.get(a, a) for a in args), grid[0] > 1))
             continue
@@ -686,11 +740,15 @@ def test_paths_covered():
             seen.add((name, T, "K>1" if grid[1] > 1 else "K=1"))
             if grid[1] > 8:
                 seen.add((name, "K>8"))
-        if len(args) > 3:
-            act = re.match(r"fusedbn::(\w+)Act", args[3]).group(1)
-            seen.add((name, T, act, "res=" + args[4]))
-            if len(args) > 5:
-                seen.add((name, T, act, "from_out=" + args[5]))
+        if name.startswith("stats"):
+            seen.add((name, T, "pre=" + act_of(args[3])))
+        else:
+            act, pre = act_of(args[3]), act_of(args[4])
+            seen.add((name, T, act, pre, "res=" + args[5]))
+            if name.startswith("normalize"):
+                seen.add((name, T, act, pre, "count=" + args[6]))
+            else:
+                seen.add((name, T, act, "from_out=" + args[6]))
     want = set()
     for d in DTYPES:
         T = str(d).split(".")[-1]
@@ -700,11 +758,18 @@ def test_paths_covered():
                 want |= {(name, T, "V=1"), (name, T, "V>1"), (name, T, "int"), (name, T, "long")}
                 if fam in ("stats", "sums"):
                     want |= {(name, T, "K=1"), (name, T, "K>1")}
-                if fam != "stats":
-                    for act in ("Identity", "ReLU", "LeakyReLU", "ELU"):
-                        want |= {(name, T, act, "res=false"), (name, T, act, "res=true")}
-                        if fam != "normalize" and act != "ReLU":
-                            want |= {(name, T, act, "from_out=true")}
+                for act in ("Identity", "ReLU", "LeakyReLU", "ELU"):
+                    if fam == "stats":
+                        want.add((name, T, "pre=" + act))
+                        continue
+                    want |= {(name, T, act, "Identity", "res=false"),
+                             (name, T, act, "Identity", "res=true"),
+                             (name, T, "Identity", act, "res=false")}
+                    if fam == "normalize":
+                        want |= {(name, T, act, "Identity", "count=1"),
+                                 (name, T, "Identity", act, "count=2")}
+                    elif act != "ReLU":
+                        want |= {(name, T, act, "from_out=true")}
     want |= {(f"{fam}_{lay}_kernel", "K>8") for fam in ("stats", "sums") for lay in ("ncs", "nsc")}
     for A in ("float32", "float64"):
         for many in (False, True):
@@ -713,6 +778,7 @@ def test_paths_covered():
     for P in ("bfloat16", "float16"):
         want.add(("finalize_stats_kernel", ("float32", P), False))
     want.add(("finalize_stats_kernel", ("float64", "float32"), False))
+    want.add(("activity_kernel",))
     missing = sorted(want - seen, key=str)
     assert not missing, f"paths not taken: {missing}"
 

@@ -2,6 +2,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <vector>
+
+#include "bn_math.h"
 
 namespace fusedbn {
 // One copy of each entry point per instruction set, from cpu_isa_*.cpp.
@@ -43,11 +46,20 @@ Isa isa() {
 }  // namespace
 
 void forward(const ForwardParams& p, bool training) {
+  ForwardParams q = p;
+  std::vector<int64_t> counts(p.activity ? size_t(p.shape.C) : 0, 0);
+  q.active_count = p.activity ? counts.data() : nullptr;
   switch (isa()) {
-    case Isa::AVX512: return avx512::forward(p, training);
-    case Isa::AVX2: return avx2::forward(p, training);
-    default: return baseline::forward(p, training);
+    case Isa::AVX512: avx512::forward(q, training); break;
+    case Isa::AVX2: avx2::forward(q, training); break;
+    default: baseline::forward(q, training); break;
   }
+  // Here, in the baseline build, not in the FMA copies: the float average is
+  // rounded as on the GPU (no contraction).
+  if (p.activity)
+    for (int64_t c = 0; c < p.shape.C; ++c)
+      update_activity(p.activity, p.shape.C, p.activity_rows, c, counts[c], p.shape.count(),
+                      p.activity_momentum);
 }
 
 void backward(const BackwardParams& p) {

@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "activations.h"
+#include "bn_math.h"
 #include "cpu_types.h"
 #include "params.h"
 
@@ -72,42 +73,6 @@ FUSEDBN_INLINE A lane_sum(const A* a) {
   return t[0];
 }
 
-// Chan's merge when mean_b - mean is not finite: a side whose values held
-// inf/NaN (its mean non-finite, its M2 NaN) propagates as a sum would,
-// inf + finite = inf, inf + -inf = NaN, as eager's mean = sum / n does; two
-// finite means too far apart for double (float64 data only) are averaged
-// without their difference, and then M2 overflows anyway.
-FUSEDBN_INLINE void merge_nonfinite(double n, double nb, double mean_b, double m2_b, double& mean,
-                                    double& m2) {
-  const double tot = n + nb;
-  if (std::isfinite(mean) && std::isfinite(mean_b)) {
-    mean = mean * (n / tot) + mean_b * (nb / tot);
-    m2 += m2_b + HUGE_VAL;
-  } else {
-    mean += mean_b;
-    m2 = NAN;
-  }
-}
-
-// (count, mean, M2) merged with Chan et al.'s formula, in double.
-struct Moments {
-  double n = 0, mean = 0, m2 = 0;
-  FUSEDBN_INLINE void merge(double nb, double mean_b, double m2_b) {
-    if (nb == 0) return;
-    double tot = n + nb;
-    double d = mean_b - mean;
-    if (std::isfinite(d)) {
-      mean += d * (nb / tot);
-      // d * (d * f), not d * d * f: the first merge has f = 0, and d * d
-      // may overflow (float64 near its maximum) where the product does not.
-      m2 += m2_b + d * (d * (n * nb / tot));
-    } else {
-      merge_nonfinite(n, nb, mean_b, m2_b, mean, m2);
-    }
-    n = tot;
-  }
-};
-
 // Mean and M2 of a block whose fast two-pass (block_moments, moments_nsc)
 // came out non-finite: each(f) calls f on the block's n values in order.
 // With an inf or NaN among them, eager's pattern: mean = sum / n (inf, -inf
@@ -143,38 +108,6 @@ void exact_moments(Each each, double n, double& mean, double& m2) {
   });
   mean = (m + s1 / n) * up;
   m2 = (s2 - s1 * s1 / n) * up * up;
-}
-
-// 1 / sqrt(var + eps) from the double M2: computed in double so that a
-// variance beyond float's range still gives its (finite) invstd.
-template <typename A>
-FUSEDBN_INLINE A invstd_of(const Moments& mo, double eps) {
-  return A(1.0 / std::sqrt(mo.m2 / mo.n + eps));
-}
-
-// Near the dtype's maximum x - mean itself overflows where eager's folded
-// x * scale + (shift - mean * scale) does not. A channel whose |mean| is that
-// large (beyond max * 2^-26: below it, x - mean cannot round past the
-// maximum) and whose spread is too (|mean| * invstd <= 256, so x * invstd
-// stays finite and folding costs at most 8 bits of xhat, as in eager) is
-// normalized folded: the kernels see mean 0 and the shift adjusted, and the
-// backward's normalized values carry the offset mean * invstd, which the
-// sums' finishing takes out (BackwardCoef::sum_gxh, dx_coefficients).
-template <typename A>
-FUSEDBN_INLINE bool fold_mean(A mean, A invstd) {
-  return std::abs(mean) > std::numeric_limits<A>::max() * A(1.0 / 67108864.0) &&
-         std::abs(double(mean) * double(invstd)) <= 256.0;
-}
-// (mean, shift) as the element loops use them.
-template <typename A>
-FUSEDBN_INLINE void loop_mean_shift(A mean, A invstd, A scale, A shift, A& m_loop, A& h_loop) {
-  if (fold_mean(mean, invstd)) {
-    m_loop = A(0);
-    h_loop = A(double(shift) - double(mean) * double(scale));
-  } else {
-    m_loop = mean;
-    h_loop = shift;
-  }
 }
 
 // Channels whose planes are short get their statistics per channel but their
@@ -319,6 +252,13 @@ FUSEDBN_INLINE void narrow_to(const acc_t<T>* src, T* y, int64_t n) {
   if constexpr (is_16bit<T>) narrow(src, y, n);
 }
 
+// z[i], or 0 without a residual (z is then null and never read).
+template <bool Res, typename A>
+FUSEDBN_INLINE A z_at(const A* z, int64_t i) {
+  if constexpr (Res) return z[i];
+  else return A(0);
+}
+
 // The residual values z[off..off+n) as acc_t<T>, or null without a residual.
 template <bool Res, typename T>
 FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, acc_t<T>* buf) {
@@ -395,10 +335,7 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
 // |mean| >> std; the backward recomputes the pre-activation with this same
 // expression, so the branch it takes matches the forward bit for bit.
 // Res: a residual z is added before the activation (z is null otherwise).
-// Activity counting (p.active_count): a value is active when its activation
-// input is positive -- the pre-activation for order BnAct (kCountPre), the
-// input x itself for order ActBn (kCountInput).
-enum Count : int { kCountNone = 0, kCountPre = 1, kCountInput = 2 };
+// Activity counting (p.active_count): see bn_math.h, Count.
 
 // How many of x[0..n) are positive (an integer reduction, which the
 // compiler vectorizes freely).
@@ -416,56 +353,16 @@ FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A 
                                      A shift, Act act) {
   int32_t active = 0;  // n <= kBlock
   for (int64_t i = 0; i < n; ++i) {
-    A pre = (x[i] - mean) * scale + shift;
-    if constexpr (Res) pre += z[i];
+    const A pre = pre_activation<Res>(x[i] - mean, z_at<Res>(z, i), scale, shift);
     if constexpr (Count == kCountPre) active += pre > A(0);
     y[i] = act.fwd(pre);
   }
   return active;
 }
 
-// Per-channel constants of the backward, in the accumulation type.
-// hat turns x - mean into the normalized value xhat (invstd) or, in-place,
-// pre - shift [- z] into xhat (1 / weight).
-// off: what the element loops' normalized values carry beyond xhat (the
-// folded mean's mean * invstd, see fold_mean; else 0).
-template <typename A>
-struct BackwardCoef {
-  A mean, scale, shift, invstd, hat, off;
-  // sum(g * xhat) from the loops' sums of g and g * (xhat + off).
-  FUSEDBN_INLINE double sum_gxh(double sg, double sgx) const { return sgx - double(off) * sg; }
-};
-
-template <bool Res, typename A>
-FUSEDBN_INLINE A z_at(const A* z, int64_t i) {
-  if constexpr (Res) return z[i];
-  else return A(0);
-}
-
-// g = act'(pre) * dy and the normalized value xh = (x - mean) * invstd of
-// one element, from the input v = x or, in-place (FromOut), from the output
-// v = y (the derivative then from y itself: see grad_from_output).
-// The sums use xh rather than x - mean: near the dtype's maximum x - mean
-// overflows a float sum where xh (bounded by sqrt(count)) does not.
-template <bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE A grad_pre(A v, A z, A dy, A mean, A scale, A shift, A hat, const Act& act, A& xh) {
-  if constexpr (FromOut) {
-    A bn = act.inverse(v) - shift;
-    if constexpr (Res) bn -= z;
-    xh = bn * hat;
-    return act.grad_from_output(dy, v);
-  } else {
-    const A xc = v - mean;
-    A pre = xc * scale + shift;
-    if constexpr (Res) pre += z;
-    xh = xc * hat;
-    return act.grad(dy, pre);
-  }
-}
-
 // Adds the run's sum(g) and sum(g * xh) to the lanes sg, sgx.
 template <bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, BackwardCoef<A> k,
+FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, ChannelCoef<A> k,
                                Act act, Lanes<A>& sg, Lanes<A>& sgx) {
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)
@@ -489,7 +386,7 @@ FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, B
 // non-finite (|dy| near float's maximum): adds them to sg, sgx.
 template <bool Res, bool FromOut, typename A, typename Act>
 void reduce_exact(const A* x, const A* z, const A* dy, int64_t n, int64_t stride,
-                  BackwardCoef<A> k, Act act, double& sg, double& sgx) {
+                  ChannelCoef<A> k, Act act, double& sg, double& sgx) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
     const A v = x[i * stride], zi = z_at<Res>(z, i * stride);
@@ -518,7 +415,7 @@ FUSEDBN_INLINE bool sums_overflowed(A sg, A sgx) {
 template <bool Res, bool FromOut, typename A, typename Act>
 __attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, int64_t c0,
                                                const A* xb, const A* zb, const A* dyb, int64_t rr,
-                                               int64_t C, const BackwardCoef<A>* coef, Act act,
+                                               int64_t C, const ChannelCoef<A>* coef, Act act,
                                                double* sg, double* sgx) {
   for (int j = 0; j < W; ++j) {
     const int64_t e = c0 + j;
@@ -537,16 +434,12 @@ __attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, 
 // eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
 template <bool Train, bool Res, bool FromOut, typename A, typename Act>
 FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, int64_t n,
-                           BackwardCoef<A> k, A k_xh, A k_const, Act act) {
+                           ChannelCoef<A> k, A k_xh, A k_const, Act act) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
     const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
                                        k.hat, act, xh);
-    if constexpr (Train) {
-      if (dx) dx[i] = g * k.scale + xh * k_xh + k_const;
-    } else {
-      if (dx) dx[i] = g * k.scale;
-    }
+    if (dx) dx[i] = dx_value<Train>(g, xh, k.scale, k_xh, k_const);
     if (Res && dz) dz[i] = g;
   }
 }
@@ -577,7 +470,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
       const int64_t base = c * s.S, stride = s.C * s.S;
-      Moments mo;
+      Moments<double> mo{};
       for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
         prefetch_next_block(s, x + base, n0, n1, len);
         // Buffered planes are loaded side by side into one buffer first.
@@ -597,14 +490,12 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
       });
       const A mean = A(mo.mean);
       const A v = A(mo.m2 / mo.n);
-      const A invstd = invstd_of<A>(mo, p.eps);
+      const A invstd = invstd_of<A>(mo.m2, mo.n, p.eps);
       mean_out[c] = mean;
       invstd_out[c] = invstd;
       var[c] = v;
       if (short_planes(s)) continue;  // normalized afterwards, in memory order
-      const A scale = (w ? w[c] : A(1)) * invstd;
-      A m_loop, shift;
-      loop_mean_shift(mean, invstd, scale, b ? b[c] : A(0), m_loop, shift);
+      const ChannelCoef<A> k = channel_coef(mean, invstd, w ? w[c] : A(1), b ? b[c] : A(0), false);
       int64_t active = 0;
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
@@ -612,7 +503,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
           A* out = out_acc(y + o, obuf.data());
           active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
-                                              m_loop, scale, shift, act);
+                                              k.mean, k.scale, k.shift, act);
           if constexpr (Count == kCountInput) active += count_positive(x + o, len);
           narrow_to<T>(out, y + o, len);
         }
@@ -722,9 +613,9 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
         const double d = bmean[c] - pm[c];
         if (__builtin_expect(std::isfinite(d), 1)) {
           pm[c] += d * fa;
-          pm2[c] += bm2[c] + d * (d * fb);  // as in Moments::merge
+          pm2[c] += bm2[c] + d * (d * fb);  // as in chan_update
         } else {
-          merge_nonfinite(n, nb, bmean[c], bm2[c], pm[c], pm2[c]);
+          chan_update(pm[c], pm2[c], n, nb, tot, bmean[c], bm2[c]);
         }
       }
       n = tot;
@@ -734,11 +625,11 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
   A* mean_out = static_cast<A*>(p.mean);
   A* invstd_out = static_cast<A*>(p.invstd);
   for (int64_t c = 0; c < C; ++c) {
-    Moments mo;
+    Moments<double> mo{};
     for (int t = 0; t < nt; ++t) mo.merge(tn[t], tmean[size_t(t) * C + c], tm2[size_t(t) * C + c]);
     const A v = A(mo.m2 / mo.n);
     mean_out[c] = A(mo.mean);
-    invstd_out[c] = invstd_of<A>(mo, p.eps);
+    invstd_out[c] = invstd_of<A>(mo.m2, mo.n, p.eps);
     var[c] = v;
   }
 }
@@ -758,9 +649,11 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
   const A* invstd = static_cast<const A*>(p.invstd);
   std::vector<A> mean(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    scale[c] = (w ? w[c] : A(1)) * invstd[c];
-    loop_mean_shift(static_cast<const A*>(p.mean)[c], invstd[c], scale[c], b ? b[c] : A(0),
-                    mean[c], shift[c]);
+    const ChannelCoef<A> k = channel_coef(static_cast<const A*>(p.mean)[c], invstd[c],
+                                          w ? w[c] : A(1), b ? b[c] : A(0), false);
+    mean[c] = k.mean;
+    scale[c] = k.scale;
+    shift[c] = k.shift;
   }
   const A* m = mean.data();
   const bool ncs = s.layout == Layout::NCS;
@@ -808,8 +701,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         for (int64_t i = 0; i < rr; ++i)
 #pragma GCC ivdep
           for (int64_t c = 0; c < C; ++c) {
-            A v = (xb[i * C + c] - mp[c]) * sc[c] + sh[c];
-            if constexpr (Res) v += zb[i * C + c];
+            const A v = pre_activation<Res>(xb[i * C + c] - mp[c], z_at<Res>(zb, i * C + c), sc[c], sh[c]);
             if constexpr (Count == kCountPre) bc[c] += v > A(0) ? A(1) : A(0);
             if constexpr (Count == kCountInput)
               bc[c] += A(load(x[(r + i) * C + c])) > A(0) ? A(1) : A(0);
@@ -832,11 +724,10 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
 template <typename P, typename A>
 void update_running_stats(P* rm, P* rv, const A* mean, const A* var, int64_t C, double count,
                           double momentum) {
-  const A m = A(momentum), keep = A(1.0 - momentum);
-  const A unbias = A(count / (count - 1.0));
+  const RunningUpdate<A> u(momentum, count);
   for (int64_t c = 0; c < C; ++c) {
-    rm[c] = store<P>(acc_t<P>(keep * A(load(rm[c])) + m * mean[c]));
-    rv[c] = store<P>(acc_t<P>(keep * A(load(rv[c])) + m * var[c] * unbias));
+    rm[c] = store<P>(acc_t<P>(u.mean(A(load(rm[c])), mean[c])));
+    rv[c] = store<P>(acc_t<P>(u.var(A(load(rv[c])), var[c])));
   }
 }
 
@@ -856,58 +747,36 @@ void forward_typed(const ForwardParams& p, bool training, Act act, Pre pre) {
     const A* mean = static_cast<const A*>(p.mean);
     const int64_t C = p.shape.C;
     const double cnt = double(p.shape.count());
+    const double mom = momentum_of(p.momentum, p.num_batches_tracked);
     switch (p.running_dtype) {
       case DType::Float32:
-        return update_running_stats(static_cast<float*>(p.running_mean), static_cast<float*>(p.running_var), mean, var.data(), C, cnt, p.momentum);
+        return update_running_stats(static_cast<float*>(p.running_mean), static_cast<float*>(p.running_var), mean, var.data(), C, cnt, mom);
       case DType::Float64:
-        return update_running_stats(static_cast<double*>(p.running_mean), static_cast<double*>(p.running_var), mean, var.data(), C, cnt, p.momentum);
+        return update_running_stats(static_cast<double*>(p.running_mean), static_cast<double*>(p.running_var), mean, var.data(), C, cnt, mom);
       case DType::BFloat16:
-        return update_running_stats(static_cast<bf16_t*>(p.running_mean), static_cast<bf16_t*>(p.running_var), mean, var.data(), C, cnt, p.momentum);
+        return update_running_stats(static_cast<bf16_t*>(p.running_mean), static_cast<bf16_t*>(p.running_var), mean, var.data(), C, cnt, mom);
       case DType::Float16:
-        return update_running_stats(static_cast<fp16_t*>(p.running_mean), static_cast<fp16_t*>(p.running_var), mean, var.data(), C, cnt, p.momentum);
+        return update_running_stats(static_cast<fp16_t*>(p.running_mean), static_cast<fp16_t*>(p.running_var), mean, var.data(), C, cnt, mom);
     }
   }
 }
 
 //
-// With g = dy * act'(y) and xh = (x - mean) * invstd:
-//   grad_bias = sum(g), grad_weight = sum(g * xh)
-//   training: dx = scale * (g - mean(g)) - xh * scale * mean(g * xh)
-//   eval:     dx = scale * g
-
-// The dx coefficients for one channel given its sums over `count` values
-// (unused in eval).
-template <typename A>
-FUSEDBN_INLINE void dx_coefficients(bool training, const BackwardCoef<A>& k, double sg, double sgx,
-                                    double count, A& k_xh, A& k_const) {
-  if (!training) {
-    k_xh = A(0);
-    k_const = A(0);
-    return;
-  }
-  // (sgx is sum(g * xhat); the loops' values carry k.off: dx's constant takes it out.)
-  k_xh = A(-double(k.scale) * (sgx / count));
-  k_const = A(-double(k.scale) * (sg / count) - double(k.off) * double(k_xh));
-}
+// The formulas are bn_math.h's (grad_pre, dx_coefficients, dx_value).
 
 template <typename A>
-FUSEDBN_INLINE BackwardCoef<A> backward_coef(const BackwardParams& p, int64_t c) {
+FUSEDBN_INLINE ChannelCoef<A> backward_coef(const BackwardParams& p, int64_t c) {
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
-  const A invstd = static_cast<const A*>(p.invstd)[c];
-  const A wc = w ? w[c] : A(1);
-  const A scale = wc * invstd, mean = static_cast<const A*>(p.mean)[c];
-  A m_loop, shift;
-  loop_mean_shift(mean, invstd, scale, b ? b[c] : A(0), m_loop, shift);
-  const A off = fold_mean(mean, invstd) ? A(double(mean) * double(invstd)) : A(0);
-  return {m_loop, scale, shift, invstd, p.from_output ? A(1) / wc : invstd, off};
+  return channel_coef(static_cast<const A*>(p.mean)[c], static_cast<const A*>(p.invstd)[c],
+                      w ? w[c] : A(1), b ? b[c] : A(0), p.from_output);
 }
 
 // Adds up per-thread sums tsg/tsgx ([nt][C], in thread order) into
 // grad_bias, grad_weight and each channel's dx coefficients.
 template <typename A>
 void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx, int nt,
-                 const BackwardCoef<A>* coef, A* k_xh, A* k_const) {
+                 const ChannelCoef<A>* coef, A* k_xh, A* k_const) {
   const int64_t C = p.shape.C;
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
@@ -939,7 +808,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   const bool stream = stream_planes(s);
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, stream ? s.N * s.C : s.C);
   std::vector<A> k_xh(s.C), k_const(s.C);
-  std::vector<BackwardCoef<A>> coef(s.C);
+  std::vector<ChannelCoef<A>> coef(s.C);
   for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
   std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
@@ -947,7 +816,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     const size_t nb = is_16bit<T> ? kBlock : 0;
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
     // dx (and dz) of the len values at offset o, which belong to one channel.
-    auto dx_run = [&](int64_t o, int64_t len, const BackwardCoef<A>& k, A kx, A kc) {
+    auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
       const A* xa = load_input(x + o, len, xbuf.data(), pre);
       const A* za = residual_acc<Res>(z, o, len, zbuf.data());
       const A* dya = as_acc(dy + o, len, dybuf.data());
@@ -987,7 +856,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     }
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < (stream ? 0 : s.C); ++c) {
-      const BackwardCoef<A> k = coef[c];
+      const ChannelCoef<A> k = coef[c];
       const int64_t base = c * s.S, stride = s.C * s.S;
       double sg = 0, sgx = 0;
       // Sums per block of about kBlock values, added in double.
@@ -1044,11 +913,7 @@ FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* d
       A xh;
       const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c), dyb[i * C + c],
                                          mp[c], sc[c], sh[c], ht[c], act, xh);
-      if constexpr (Train) {
-        if (out) out[i * C + c] = g * sc[c] + xh * kx[c] + kc[c];
-      } else {
-        if (out) out[i * C + c] = g * sc[c];
-      }
+      if (out) out[i * C + c] = dx_value<Train>(g, xh, sc[c], kx[c], kc[c]);
       if (Res && dzo) dzo[i * C + c] = g;
     }
 }
@@ -1067,7 +932,7 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const int64_t blocks = (M + R - 1) / R, rblocks = (M + RR - 1) / RR;
   const int nt = threads_for(M * C, p.num_threads, rblocks);
   // The constants as flat arrays too, for the vectorized row loops.
-  std::vector<BackwardCoef<A>> coef(C);
+  std::vector<ChannelCoef<A>> coef(C);
   std::vector<A> mean(C), scale(C), shift(C), hat(C);
   for (int64_t c = 0; c < C; ++c) {
     coef[c] = backward_coef<A>(p, c);

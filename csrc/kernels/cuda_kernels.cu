@@ -13,11 +13,11 @@ namespace fusedbn {
 namespace cuda {
 namespace {
 
-// A reduction wants about one wave of resident blocks: enough to saturate
-// DRAM, few enough partials that the finalize kernel stays negligible.
-constexpr int64_t kReduceBlocksPerSm = 8;
-// Elementwise kernels: a few waves, so the last one's tail is short.
-constexpr int64_t kElemBlocksPerSm = 16;
+// A reduction wants one wave of resident blocks (the occupancy API's count
+// for the kernel): enough to saturate DRAM, few enough partials that the
+// finalize kernel stays negligible. Elementwise kernels: two waves, so the
+// last one's tail is short.
+constexpr int64_t kElemWaves = 2;
 constexpr int64_t kMaxElemIters = 8;  // kUnroll-pack batches per thread and block
 constexpr int64_t kMaxGridY = 65535;
 // Values behind one block partial: below 2^24 its count is exact in float.
@@ -25,12 +25,37 @@ constexpr int64_t kMaxBlockValues = int64_t(1) << 24;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int sm_count() {
+// A device attribute, or `fallback` when it cannot be read: it only shapes
+// the launch, and a real failure shows at the first launch.
+int device_attribute(cudaDeviceAttr attr, int fallback) {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0)
-    return 132;  // only shapes the launch; a real failure shows at the first launch
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, attr, dev) != cudaSuccess ||
+      n <= 0) {
+    cudaGetLastError();
+    return fallback;
+  }
   return n;
+}
+
+int sm_count() { return device_attribute(cudaDevAttrMultiProcessorCount, 132); }
+
+// Blocks of kThreads that one SM can hold at most, whatever the kernel: the
+// bound the workspace is sized for before a kernel is picked.
+int max_resident_blocks() {
+  return std::max(1, device_attribute(cudaDevAttrMaxThreadsPerMultiProcessor, 2048) / kThreads);
+}
+
+// Blocks of `kernel` (kThreads each, no dynamic shared memory) resident per
+// SM, from the occupancy API: registers and static shared memory decide it.
+template <typename K>
+int resident_blocks(K kernel) {
+  int n = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0) != cudaSuccess ||
+      n <= 0) {
+    cudaGetLastError();
+    return 1;
+  }
+  return std::min(n, max_resident_blocks());
 }
 
 template <typename T>
@@ -72,10 +97,12 @@ struct ReducePlan {
   dim3 grid, block;
 };
 
-ReducePlan plan_reduce(const Shape& s, int vec, int sms) {
+// blocks: the wave to fill (SMs x resident blocks per SM). K grows with it,
+// so a plan for max_resident_blocks() bounds every kernel's partials.
+ReducePlan plan_reduce(const Shape& s, int vec, int64_t blocks) {
   ReducePlan r;
   r.vec = vec;
-  const int64_t target = int64_t(sms) * kReduceBlocksPerSm;
+  const int64_t target = blocks;
   if (s.layout == Layout::NCS) {
     r.inner = s.S / vec;
     const int64_t Mv = s.N * r.inner;
@@ -116,10 +143,11 @@ struct ElemPlan {
   dim3 grid, block;
 };
 
-ElemPlan plan_elem(const Shape& s, int vec, int sms) {
+// blocks: one wave (SMs x resident blocks of the kernel per SM).
+ElemPlan plan_elem(const Shape& s, int vec, int64_t blocks) {
   ElemPlan e;
   e.vec = vec;
-  const int64_t target = int64_t(sms) * kElemBlocksPerSm;
+  const int64_t target = blocks * kElemWaves;
   if (s.layout == Layout::NCS) {
     e.inner = s.S / vec;
     e.total = s.N * s.C * e.inner;
@@ -202,19 +230,58 @@ cudaError_t with_pack(int vec, F&& f) {
   return f(std::integral_constant<int, 1>{});
 }
 
-// The residual and in-place template flags. FromOut is instantiated only for
-// invertible activations; the glue refuses the others, and the kernels report
-// an invalid value rather than compute with a wrong inverse.
-template <typename Act, typename F>
-cudaError_t with_mode(bool res, bool from_out, F&& f) {
-  using Yes = std::true_type;
-  using No = std::false_type;
-  if constexpr (Act::invertible) {
-    if (from_out) return res ? f(Yes{}, Yes{}) : f(No{}, Yes{});
-  } else {
-    if (from_out) return cudaErrorInvalidValue;
-  }
-  return res ? f(Yes{}, No{}) : f(No{}, No{});
+template <bool B>
+using Flag = std::integral_constant<bool, B>;
+template <int C>
+using CountTag = std::integral_constant<int, C>;
+
+// The forward's switches: f(act, pre, Res, Count) with Act the activation
+// after the normalization and Pre the one before it (order ActBn), one of
+// them IdentityAct. (The glue sends ActBn without a residual.)
+template <typename A, typename F>
+cudaError_t with_forward_mode(const ForwardParams& p, F&& f) {
+  using Id = IdentityAct<A>;
+  const bool count = p.activity != nullptr, res = p.residual != nullptr;
+  return dispatch_activation<A>(p.act, [&](auto act) {
+    // With the identity, ActBn is BnAct except for what activity counts.
+    if (p.act.order == Order::ActBn)
+      return count ? f(Id{}, act, Flag<false>{}, CountTag<kCountInput>{})
+                   : f(Id{}, act, Flag<false>{}, CountTag<kCountNone>{});
+    if (count)
+      return res ? f(act, Id{}, Flag<true>{}, CountTag<kCountPre>{})
+                 : f(act, Id{}, Flag<false>{}, CountTag<kCountPre>{});
+    return res ? f(act, Id{}, Flag<true>{}, CountTag<kCountNone>{})
+               : f(act, Id{}, Flag<false>{}, CountTag<kCountNone>{});
+  });
+}
+
+// The backward's switches: f(act, pre, Res, FromOut). FromOut is instantiated
+// only for invertible activations; the glue refuses the others, and the
+// kernels report an invalid value rather than compute with a wrong inverse.
+template <typename A, typename F>
+cudaError_t with_backward_mode(const BackwardParams& p, F&& f) {
+  using Id = IdentityAct<A>;
+  const bool res = p.residual != nullptr;
+  return dispatch_activation<A>(p.act, [&](auto act) {
+    using Act = decltype(act);
+    if (p.act.order == Order::ActBn) return f(Id{}, act, Flag<false>{}, Flag<false>{});
+    if constexpr (Act::invertible) {
+      if (p.from_output)
+        return res ? f(act, Id{}, Flag<true>{}, Flag<true>{})
+                   : f(act, Id{}, Flag<false>{}, Flag<true>{});
+    } else {
+      if (p.from_output) return cudaErrorInvalidValue;
+    }
+    return res ? f(act, Id{}, Flag<true>{}, Flag<false>{})
+               : f(act, Id{}, Flag<false>{}, Flag<false>{});
+  });
+}
+
+// The forward's statistics see pre(x): its activation, or the identity.
+template <typename A, typename F>
+cudaError_t with_input_act(const ActParams& a, F&& f) {
+  if (a.order == Order::ActBn) return dispatch_activation<A>(a, f);
+  return f(IdentityAct<A>{});
 }
 
 template <typename T>
@@ -222,61 +289,82 @@ const acc_t<T>* acc_ptr(const void* p) {
   return static_cast<const acc_t<T>*>(p);
 }
 
+int64_t inner_of(const Shape& s) { return s.layout == Layout::NCS ? s.S : s.C; }
+
 // ------------------------------------------------------------------ forward
 
+// The workspace: the statistics' partials, sized for the most partials any
+// stats kernel can get (plan_reduce with max_resident_blocks), the pivots,
+// and the activity counts.
 template <typename T>
 struct ForwardWork {
-  ReducePlan plan;
-  acc_t<T> *pn = nullptr, *pmean = nullptr, *pm2 = nullptr;
+  int vec = 1;
+  acc_t<T> *pn = nullptr, *pmean = nullptr, *pm2 = nullptr, *pivot = nullptr;
+  int64_t* counts = nullptr;
   size_t bytes = 0;
 };
 
 template <typename T>
-ForwardWork<T> forward_work(const ForwardParams& p, void* ws, int sms) {
+ForwardWork<T> forward_work(const ForwardParams& p, bool training, void* ws, int sms) {
   using A = acc_t<T>;
   const Shape& s = p.shape;
   ForwardWork<T> w;
-  w.plan = plan_reduce(s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x}), sms);
   Carve carve{static_cast<char*>(ws)};
-  const int64_t n = s.C * w.plan.K;
-  w.pn = carve.take<A>(n);
-  w.pmean = carve.take<A>(n);
-  w.pm2 = carve.take<A>(n);
+  if (training) {
+    w.vec = pack_width<T>(inner_of(s), {p.x});
+    const int64_t n = s.C * plan_reduce(s, w.vec, int64_t(sms) * max_resident_blocks()).K;
+    w.pn = carve.take<A>(n);
+    w.pmean = carve.take<A>(n);
+    w.pm2 = carve.take<A>(n);
+    w.pivot = carve.take<A>(s.C);
+  }
+  if (p.activity) w.counts = carve.take<int64_t>(s.C);
   w.bytes = carve.used;
   return w;
 }
 
+// Launches the statistics kernel; `used` gets its plan (the partials' layout).
 template <typename T>
-cudaError_t launch_stats(const ForwardParams& p, const ForwardWork<T>& w, cudaStream_t st) {
+cudaError_t launch_stats(const ForwardParams& p, const ForwardWork<T>& w, int sms,
+                         cudaStream_t st, ReducePlan& used) {
+  using A = acc_t<T>;
   const Shape& s = p.shape;
-  const ReducePlan& r = w.plan;
   const T* x = static_cast<const T*>(p.x);
-  return with_index(wide_index(s), [&](auto itag) {
-    using I = decltype(itag);
-    return with_pack<T>(r.vec, [&](auto vtag) {
-      constexpr int V = decltype(vtag)::value;
-      if (s.layout == Layout::NCS)
-        launch(stats_ncs_kernel<T, V, I>, r.grid, r.block, st,
-            x, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
-      else
-        launch(stats_nsc_kernel<T, V, I>, r.grid, r.block, st,
-            x, I(s.count()), I(s.C), I(r.inner), I(r.chunk), w.pn, w.pmean, w.pm2);
-      return cudaGetLastError();
+  return with_input_act<A>(p.act, [&](auto pre) {
+    using Pre = decltype(pre);
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(w.vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS) {
+          auto kernel = stats_ncs_kernel<T, V, I, Pre>;
+          const ReducePlan r = used = plan_reduce(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, r.grid, r.block, st, x, I(s.C), I(r.inner), I(s.N * r.inner),
+                 I(r.chunk), pre, w.pn, w.pmean, w.pm2, w.pivot);
+        } else {
+          auto kernel = stats_nsc_kernel<T, V, I, Pre>;
+          const ReducePlan r = used = plan_reduce(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, r.grid, r.block, st, x, I(s.count()), I(s.C), I(r.inner), I(r.chunk),
+                 pre, w.pn, w.pmean, w.pm2, w.pivot);
+        }
+        return cudaGetLastError();
+      });
     });
   });
 }
 
 template <typename T>
-cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& w, cudaStream_t st) {
+cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& w,
+                                  const ReducePlan& r, cudaStream_t st) {
   using A = acc_t<T>;
   const Shape& s = p.shape;
   const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
   auto go = [&](auto ptag) {
     using P = decltype(ptag);
     launch(finalize_stats_kernel<A, P>, grid, block, st,
-        w.pn, w.pmean, w.pm2, s.C, w.plan.K, w.plan.cs, w.plan.ks, static_cast<A*>(p.mean),
+        w.pn, w.pmean, w.pm2, w.pivot, s.C, r.K, r.cs, r.ks, static_cast<A*>(p.mean),
         static_cast<A*>(p.invstd), static_cast<P*>(p.running_mean), static_cast<P*>(p.running_var),
-        p.eps, p.momentum, double(s.count()));
+        p.eps, p.momentum, p.num_batches_tracked, double(s.count()));
     return cudaGetLastError();
   };
   if (!p.running_mean || !p.running_var) return go(A{});
@@ -284,48 +372,65 @@ cudaError_t launch_finalize_stats(const ForwardParams& p, const ForwardWork<T>& 
 }
 
 template <typename T>
-cudaError_t launch_normalize(const ForwardParams& p, int sms, cudaStream_t st) {
+cudaError_t launch_normalize(const ForwardParams& p, const ForwardWork<T>& wk, int sms,
+                             cudaStream_t st) {
+  using A = acc_t<T>;
   const Shape& s = p.shape;
-  const ElemPlan e = plan_elem(
-      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.y, p.residual}), sms);
+  const int vec = pack_width<T>(inner_of(s), {p.x, p.y, p.residual});
   // x and y are the same buffer in the in-place forward (see normalize_*_kernel).
   const T* x = static_cast<const T*>(p.x);
   const T* z = static_cast<const T*>(p.residual);
   T* y = static_cast<T*>(p.y);
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *w = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
-  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+  return with_forward_mode<A>(p, [&](auto act, auto pre, auto rtag, auto ctag) {
     using Act = decltype(act);
-    return with_mode<Act>(z != nullptr, false, [&](auto rtag, auto) {
-      constexpr bool Res = decltype(rtag)::value;
-      return with_index(wide_index(s), [&](auto itag) {
-        using I = decltype(itag);
-        return with_pack<T>(e.vec, [&](auto vtag) {
-          constexpr int V = decltype(vtag)::value;
-          if (s.layout == Layout::NCS)
-            launch(normalize_ncs_kernel<T, V, I, Act, Res>, e.grid, e.block, st,
-                x, z, y, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
-          else
-            launch(normalize_nsc_kernel<T, V, I, Act, Res>, e.grid, e.block, st,
-                x, z, y, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, w, b, act);
-          return cudaGetLastError();
-        });
+    using Pre = decltype(pre);
+    constexpr bool Res = decltype(rtag)::value;
+    constexpr int Count = decltype(ctag)::value;
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS) {
+          auto kernel = normalize_ncs_kernel<T, V, I, Act, Pre, Res, Count>;
+          const ElemPlan e = plan_elem(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, e.grid, e.block, st, x, z, y, I(e.total), I(s.C), I(e.inner),
+                 I(e.chunk), mean, invstd, w, b, act, pre, wk.counts);
+        } else {
+          auto kernel = normalize_nsc_kernel<T, V, I, Act, Pre, Res, Count>;
+          const ElemPlan e = plan_elem(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, e.grid, e.block, st, x, z, y, I(s.count()), I(e.inner), I(e.chunk),
+                 mean, invstd, w, b, act, pre, wk.counts);
+        }
+        return cudaGetLastError();
       });
     });
   });
 }
 
+cudaError_t launch_activity(const ForwardParams& p, const int64_t* counts, cudaStream_t st) {
+  const Shape& s = p.shape;
+  launch(activity_kernel, dim3(unsigned(ceil_div(s.C, kThreads))), dim3(kThreads), st, counts,
+         p.activity, s.C, p.activity_rows, s.count(), p.activity_momentum);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t forward_typed(const ForwardParams& p, bool training, void* ws, cudaStream_t st) {
   const int sms = sm_count();
+  const ForwardWork<T> w = forward_work<T>(p, training, ws, sms);
+  cudaError_t err = cudaSuccess;
   if (training) {
-    const ForwardWork<T> w = forward_work<T>(p, ws, sms);
-    cudaError_t err = launch_stats<T>(p, w, st);
-    if (err != cudaSuccess) return err;
-    err = launch_finalize_stats<T>(p, w, st);
-    if (err != cudaSuccess) return err;
+    ReducePlan r;
+    err = launch_stats<T>(p, w, sms, st, r);
+    if (err == cudaSuccess) err = launch_finalize_stats<T>(p, w, r, st);
   }
-  return launch_normalize<T>(p, sms, st);
+  if (err == cudaSuccess && w.counts)
+    err = cudaMemsetAsync(w.counts, 0, size_t(p.shape.C) * sizeof(int64_t), st);
+  if (err == cudaSuccess) err = launch_normalize<T>(p, w, sms, st);
+  if (err == cudaSuccess && w.counts) err = launch_activity(p, w.counts, st);
+  return err;
 }
 
 // ----------------------------------------------------------------- backward
@@ -334,9 +439,11 @@ cudaError_t forward_typed(const ForwardParams& p, bool training, void* ws, cudaS
 // residual.
 bool wants_dx_pass(const BackwardParams& p) { return p.dx || (p.residual && p.grad_residual); }
 
+// The workspace: the sums' partials (sized as ForwardWork's) and the dx
+// coefficients.
 template <typename T>
 struct BackwardWork {
-  ReducePlan plan;
+  int vec = 1;
   acc_t<T> *psg = nullptr, *psgx = nullptr, *k_xh = nullptr, *k_const = nullptr;
   size_t bytes = 0;
 };
@@ -346,10 +453,9 @@ BackwardWork<T> backward_work(const BackwardParams& p, void* ws, int sms) {
   using A = acc_t<T>;
   const Shape& s = p.shape;
   BackwardWork<T> w;
-  w.plan = plan_reduce(
-      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, p.residual}), sms);
+  w.vec = pack_width<T>(inner_of(s), {p.x, p.dy, p.residual});
   Carve carve{static_cast<char*>(ws)};
-  const int64_t n = s.C * w.plan.K;
+  const int64_t n = s.C * plan_reduce(s, w.vec, int64_t(sms) * max_resident_blocks()).K;
   w.psg = carve.take<A>(n);
   w.psgx = carve.take<A>(n);
   if (wants_dx_pass(p)) {
@@ -361,86 +467,92 @@ BackwardWork<T> backward_work(const BackwardParams& p, void* ws, int sms) {
 }
 
 template <typename T>
-cudaError_t launch_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaStream_t st) {
+cudaError_t launch_sums(const BackwardParams& p, const BackwardWork<T>& w, int sms,
+                        cudaStream_t st, ReducePlan& used) {
+  using A = acc_t<T>;
   const Shape& s = p.shape;
-  const ReducePlan& r = w.plan;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const T* z = static_cast<const T*>(p.residual);
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
-  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+  return with_backward_mode<A>(p, [&](auto act, auto pre, auto rtag, auto ftag) {
     using Act = decltype(act);
-    return with_mode<Act>(z != nullptr, p.from_output, [&](auto rtag, auto ftag) {
-      constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
-      return with_index(wide_index(s), [&](auto itag) {
-        using I = decltype(itag);
-        return with_pack<T>(r.vec, [&](auto vtag) {
-          constexpr int V = decltype(vtag)::value;
-          if (s.layout == Layout::NCS)
-            launch(sums_ncs_kernel<T, V, I, Act, Res, FromOut>, r.grid, r.block, st,
-                x, dy, z, I(s.C), I(r.inner), I(s.N * r.inner), I(r.chunk), mean, invstd, wt, b,
-                act, w.psg, w.psgx);
-          else
-            launch(sums_nsc_kernel<T, V, I, Act, Res, FromOut>, r.grid, r.block, st,
-                x, dy, z, I(s.count()), I(s.C), I(r.inner), I(r.chunk), mean, invstd, wt, b, act,
-                w.psg, w.psgx);
-          return cudaGetLastError();
-        });
+    using Pre = decltype(pre);
+    constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(w.vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        if (s.layout == Layout::NCS) {
+          auto kernel = sums_ncs_kernel<T, V, I, Act, Pre, Res, FromOut>;
+          const ReducePlan r = used = plan_reduce(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, r.grid, r.block, st, x, dy, z, I(s.C), I(r.inner), I(s.N * r.inner),
+                 I(r.chunk), mean, invstd, wt, b, act, pre, w.psg, w.psgx);
+        } else {
+          auto kernel = sums_nsc_kernel<T, V, I, Act, Pre, Res, FromOut>;
+          const ReducePlan r = used = plan_reduce(s, V, int64_t(sms) * resident_blocks(kernel));
+          launch(kernel, r.grid, r.block, st, x, dy, z, I(s.count()), I(s.C), I(r.inner),
+                 I(r.chunk), mean, invstd, wt, b, act, pre, w.psg, w.psgx);
+        }
+        return cudaGetLastError();
       });
     });
   });
 }
 
 template <typename T>
-cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>& w, cudaStream_t st) {
+cudaError_t launch_finalize_sums(const BackwardParams& p, const BackwardWork<T>& w,
+                                 const ReducePlan& r, cudaStream_t st) {
   using A = acc_t<T>;
   const Shape& s = p.shape;
   const dim3 grid(unsigned(ceil_div(s.C, kFinalizeX))), block(kFinalizeX, kFinalizeY);
   launch(finalize_sums_kernel<A>, grid, block, st,
-      w.psg, w.psgx, s.C, w.plan.K, w.plan.cs, w.plan.ks, acc_ptr<T>(p.invstd),
-      acc_ptr<T>(p.weight), static_cast<A*>(p.grad_weight), static_cast<A*>(p.grad_bias), w.k_xh,
-      w.k_const, p.training, double(s.count()));
+      w.psg, w.psgx, s.C, r.K, r.cs, r.ks, acc_ptr<T>(p.mean), acc_ptr<T>(p.invstd),
+      acc_ptr<T>(p.weight), acc_ptr<T>(p.bias), p.from_output, static_cast<A*>(p.grad_weight),
+      static_cast<A*>(p.grad_bias), w.k_xh, w.k_const, p.training, double(s.count()));
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t launch_dx(const BackwardParams& p, const BackwardWork<T>& w, int sms, cudaStream_t st) {
+  using A = acc_t<T>;
   const Shape& s = p.shape;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   const T* z = static_cast<const T*>(p.residual);
   T* dx = static_cast<T*>(p.dx);
   T* dz = z ? static_cast<T*>(p.grad_residual) : nullptr;  // dz needs a residual
-  const ElemPlan e = plan_elem(
-      s, pack_width<T>(s.layout == Layout::NCS ? s.S : s.C, {p.x, p.dy, dx, z, dz}), sms);
+  const int vec = pack_width<T>(inner_of(s), {p.x, p.dy, dx, z, dz});
   const auto *mean = acc_ptr<T>(p.mean), *invstd = acc_ptr<T>(p.invstd);
   const auto *wt = acc_ptr<T>(p.weight), *b = acc_ptr<T>(p.bias);
-  return dispatch_activation<acc_t<T>>(p.act, [&](auto act) {
+  return with_backward_mode<A>(p, [&](auto act, auto pre, auto rtag, auto ftag) {
     using Act = decltype(act);
-    return with_mode<Act>(z != nullptr, p.from_output, [&](auto rtag, auto ftag) {
-      constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
-      return with_index(wide_index(s), [&](auto itag) {
-        using I = decltype(itag);
-        return with_pack<T>(e.vec, [&](auto vtag) {
-          constexpr int V = decltype(vtag)::value;
-          // Training and eval as a template switch: the eval kernels have no
-          // xh term (dx = g * scale).
-          auto go = [&](auto ttag) {
-            constexpr bool Train = decltype(ttag)::value;
-            if (s.layout == Layout::NCS)
-              launch(dx_ncs_kernel<T, V, I, Act, Res, FromOut, Train>, e.grid, e.block, st,
-                  x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner), I(e.chunk), mean, invstd, wt,
-                  b, w.k_xh, w.k_const, act);
-            else
-              launch(dx_nsc_kernel<T, V, I, Act, Res, FromOut, Train>, e.grid, e.block, st,
-                  x, dy, z, dx, dz, I(s.count()), I(e.inner), I(e.chunk), mean, invstd, wt, b,
-                  w.k_xh, w.k_const, act);
-          };
-          if (p.training) go(std::true_type{});
-          else go(std::false_type{});
-          return cudaGetLastError();
-        });
+    using Pre = decltype(pre);
+    constexpr bool Res = decltype(rtag)::value, FromOut = decltype(ftag)::value;
+    return with_index(wide_index(s), [&](auto itag) {
+      using I = decltype(itag);
+      return with_pack<T>(vec, [&](auto vtag) {
+        constexpr int V = decltype(vtag)::value;
+        // Training and eval as a template switch: the eval kernels have no
+        // xh term (dx = g * scale).
+        auto go = [&](auto ttag) {
+          constexpr bool Train = decltype(ttag)::value;
+          if (s.layout == Layout::NCS) {
+            auto kernel = dx_ncs_kernel<T, V, I, Act, Pre, Res, FromOut, Train>;
+            const ElemPlan e = plan_elem(s, V, int64_t(sms) * resident_blocks(kernel));
+            launch(kernel, e.grid, e.block, st, x, dy, z, dx, dz, I(e.total), I(s.C), I(e.inner),
+                   I(e.chunk), mean, invstd, wt, b, w.k_xh, w.k_const, act, pre);
+          } else {
+            auto kernel = dx_nsc_kernel<T, V, I, Act, Pre, Res, FromOut, Train>;
+            const ElemPlan e = plan_elem(s, V, int64_t(sms) * resident_blocks(kernel));
+            launch(kernel, e.grid, e.block, st, x, dy, z, dx, dz, I(s.count()), I(e.inner),
+                   I(e.chunk), mean, invstd, wt, b, w.k_xh, w.k_const, act, pre);
+          }
+        };
+        if (p.training) go(std::true_type{});
+        else go(std::false_type{});
+        return cudaGetLastError();
       });
     });
   });
@@ -450,9 +562,10 @@ template <typename T>
 cudaError_t backward_typed(const BackwardParams& p, void* ws, cudaStream_t st) {
   const int sms = sm_count();
   const BackwardWork<T> w = backward_work<T>(p, ws, sms);
-  cudaError_t err = launch_sums<T>(p, w, st);
+  ReducePlan r;
+  cudaError_t err = launch_sums<T>(p, w, sms, st, r);
   if (err != cudaSuccess) return err;
-  err = launch_finalize_sums<T>(p, w, st);
+  err = launch_finalize_sums<T>(p, w, r, st);
   if (err != cudaSuccess || !wants_dx_pass(p)) return err;
   return launch_dx<T>(p, w, sms, st);
 }
@@ -462,10 +575,10 @@ cudaError_t backward_typed(const BackwardParams& p, void* ws, cudaStream_t st) {
 // ------------------------------------------------------------ entry points
 
 size_t forward_workspace_bytes(const ForwardParams& p, bool training) {
-  if (!training || empty(p.shape) || !grid_fits(p.shape)) return 0;
+  if (empty(p.shape) || !grid_fits(p.shape)) return 0;
   size_t bytes = 0;
   dispatch_dtype(p.dtype, [&](auto tag) {
-    bytes = forward_work<decltype(tag)>(p, nullptr, sm_count()).bytes;
+    bytes = forward_work<decltype(tag)>(p, training, nullptr, sm_count()).bytes;
     return cudaSuccess;
   });
   return bytes;

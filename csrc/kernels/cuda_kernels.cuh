@@ -1,7 +1,7 @@
 // CUDA kernel templates for fused BatchNorm + activation. Torch-free: raw
 // pointers and sizes in, the host side (cuda_kernels.cu) picks the launch
-// shapes. The formulas mirror cpu_kernels.h; the activation math comes from
-// activations.h.
+// shapes. The formulas are bn_math.h's and the activations activations.h's,
+// both shared with cpu_kernels.h.
 //
 // Pass structure (one pass = one read or write of a full tensor in DRAM):
 //   forward, training: stats (read x) -> finalize (per channel)
@@ -9,9 +9,10 @@
 //   forward, eval:     normalize                                = 2 passes (+1 with z)
 //   backward:          sums (read x, dy [, z]) -> finalize (per channel)
 //                      -> dx (read x, dy [, z], write dx [, dz]) = 5 passes (+2 or 3 with z)
-// Residual z (Res) and the in-place backward (FromOut: x holds the output y)
-// are template flags, as in cpu_kernels.h, so the element loops never branch
-// on them. In-place forward passes the same pointer as x and y: the normalize
+// Residual z (Res), the in-place backward (FromOut: x holds the output y),
+// order ActBn (Pre: the activation applied to x as it is loaded) and
+// activity counting (Count) are template switches, as in cpu_kernels.h, so
+// the element loops never branch on them. In-place forward passes the same pointer as x and y: the normalize
 // kernels take neither as __restrict__, and each thread reads its packs before
 // writing them at the same indices, which no other thread touches.
 // The reductions write one partial per block, and a small finalize kernel
@@ -28,7 +29,9 @@
 // batch's exact mean and M2 in two passes over registers and merges them into
 // its running (count, mean, M2) with Chan et al.'s formula; threads, warps and
 // blocks are merged the same way, the per-block partials in double. So the
-// variance never comes from E[x^2] - E[x]^2.
+// variance never comes from E[x^2] - E[x]^2. The values are shifted by one
+// of the channel's own (pivot_of), so that the float merges keep a small
+// variance under a large mean.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -37,6 +40,7 @@
 #include <cstdint>
 
 #include "activations.h"
+#include "bn_math.h"
 #include "params.h"
 
 namespace fusedbn {
@@ -44,6 +48,7 @@ namespace cuda {
 
 constexpr int kThreads = 256;  // threads per block of every data kernel
 constexpr int kWarps = kThreads / 32;
+constexpr int kMinBlocks = 2;
 constexpr int kUnroll = 4;     // packs in flight per thread and input tensor
 // Fewer packs per tensor in the heavier backward variants, found with
 // -Xptxas -v: with a residual (three inputs) 4 packs took the 16-bit NSC
@@ -55,6 +60,10 @@ constexpr int kUnrollBwdFromOut = 3;
 constexpr int bwd_unroll(bool res, bool from_out) {
   return res ? kUnrollBwdRes : from_out ? kUnrollBwdFromOut : kUnroll;
 }
+// Channels-last kernels with V = 8 (16-bit packs) also hold 8 channels'
+// constants per thread: at 4 packs the bfloat16 ELU dx kernel took 149
+// registers (one block per SM); 2 packs fit kMinBlocks = 2 without spilling.
+constexpr int nsc_unroll(int V, int u) { return V >= 8 && u > 2 ? 2 : u; }
 constexpr int kFinalizeX = 32; // finalize blocks: 32 channels x 8 partial lanes
 constexpr int kFinalizeY = 8;
 
@@ -84,10 +93,6 @@ template <> struct Store<__nv_bfloat16> {
 };
 template <typename T> __device__ __forceinline__ T from_acc(acc_t<T> v) { return Store<T>::from(v); }
 
-__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
-__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
-__device__ __forceinline__ float sqrt_acc(float v) { return __fsqrt_rn(v); }
-__device__ __forceinline__ double sqrt_acc(double v) { return __dsqrt_rn(v); }
 
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
@@ -112,121 +117,51 @@ __device__ __forceinline__ acc_t<T> res_at(const Pack<T, V>& p, int j) {
   else return acc_t<T>(0);
 }
 
-// Per-channel constants, computed the same way in every kernel (and as in
-// cpu_kernels.h) so the forward and the backward see the same scale bit for bit.
-// hat turns x - mean into the normalized value xhat (invstd) or, in-place
-// (FromOut), pre - shift [- z] into xhat (1 / weight) (cpu_kernels.h:
-// backward_coef); unused fields cost nothing once inlined.
-template <typename A>
-struct Coef {
-  A mean, scale, shift, hat;
-};
-
+// A channel's constants, as every kernel and the CPU compute them
+// (bn_math.h: channel_coef), so the forward and the backward see the same
+// scale bit for bit.
 template <bool FromOut = false, typename A, typename I>
-__device__ __forceinline__ Coef<A> channel_coef(const A* __restrict__ mean, const A* __restrict__ invstd,
-                                                const A* __restrict__ w, const A* __restrict__ b, I c) {
-  Coef<A> k;
-  const A wc = w ? w[c] : A(1), is = invstd[c];
-  k.mean = mean[c];
-  k.scale = wc * is;
-  k.shift = b ? b[c] : A(0);
-  if constexpr (FromOut) k.hat = A(1) / wc;
-  else k.hat = is;
-  return k;
+__device__ __forceinline__ ChannelCoef<A> coef_of(const A* __restrict__ mean,
+                                                  const A* __restrict__ invstd,
+                                                  const A* __restrict__ w,
+                                                  const A* __restrict__ b, I c) {
+  return channel_coef(mean[c], invstd[c], w ? w[c] : A(1), b ? b[c] : A(0), FromOut);
 }
 
-// The pre-activation (x - mean) * scale + shift [+ z]. The backward
-// recomputes it to pick the activation's branch; an explicit fma keeps both
-// kernels from being contracted differently by the compiler.
-template <bool Res, typename A>
-__device__ __forceinline__ A pre_act(A xc, A z, const Coef<A>& k) {
-  const A pre = fma_acc(xc, k.scale, k.shift);
-  if constexpr (Res) return pre + z;
-  else return pre;
+// The kernels' input a = pre(x): with order ActBn the activation `pre` is
+// applied as x is loaded (BnAct passes IdentityAct), so everything after the
+// load is the plain BatchNorm of a.
+template <typename T, typename Pre>
+__device__ __forceinline__ acc_t<T> load_in(T v, const Pre& pre) {
+  return pre.fwd(to_acc(v));
 }
 
-// g = act'(pre) * dy of one element, and xh = (x - mean) * invstd, from the
-// input v = x or, in-place (FromOut), from the output v = y: the derivative
-// from y (act.grad_from_output), xh = (act.inverse(y) - shift [- z]) / weight
-// (cpu_kernels.h: grad_pre).
-template <bool Res, bool FromOut, typename A, typename Act>
-__device__ __forceinline__ A grad_pre(A v, A z, A dy, const Coef<A>& k, const Act& act, A& xh) {
-  if constexpr (FromOut) {
-    A bn = act.inverse(v) - k.shift;
-    if constexpr (Res) bn -= z;
-    xh = bn * k.hat;
-    return act.grad_from_output(dy, v);
-  } else {
-    const A xc = v - k.mean;
-    xh = xc * k.hat;
-    return act.grad(dy, pre_act<Res>(xc, z, k));
-  }
+// The statistics are accumulated on x - K, K a value of the channel (its
+// first, or 0 when that is not finite): the float merges of threads and
+// warps then keep the variance of a channel whose |mean| >> std, which they
+// would round to ulp(mean) otherwise. finalize adds K back in double.
+template <typename T, typename Pre, typename I>
+__device__ __forceinline__ acc_t<T> pivot_of(const T* __restrict__ x, I i, const Pre& pre) {
+  const acc_t<T> v = load_in(x[i], pre);
+  return bn_isfinite(v) ? v : acc_t<T>(0);
+}
+
+// Adds n active values to channel c's count (activity tracking): one atomic
+// per run of a thread's values in one channel.
+__device__ __forceinline__ void add_count(int64_t* counts, int64_t c, int n) {
+  if (n) atomicAdd(reinterpret_cast<unsigned long long*>(counts + c), (unsigned long long)n);
 }
 
 // ------------------------------------------------------------- merging
-
-template <typename A>
-struct Moments {
-  A n, mean, m2;
-};
-
-// Chan's update of (mean, m2) by a side of nb values with mean_b, m2_b, for
-// the merged count tot. When mean_b - mean is not finite, a side whose
-// values held inf/NaN (non-finite mean, M2 NaN) propagates as a sum would
-// (inf + finite = inf, inf + -inf = NaN: eager's mean = sum / n), and two
-// finite means too far apart (float64 only) are averaged without their
-// difference (cpu_kernels.h: merge_nonfinite).
-template <typename A>
-__device__ __forceinline__ void chan_update(A& mean, A& m2, A n, A nb, A tot, A mean_b, A m2_b) {
-  const A fb = nb / tot;
-  const A d = mean_b - mean;
-  if (isfinite(d)) {
-    mean += d * fb;
-    // d * (d * f), not d * d * f: a first merge has f = 0, and d * d may
-    // overflow (float64 near its maximum) where the product does not.
-    m2 += m2_b + d * (d * (n * fb));
-  } else if (isfinite(mean) && isfinite(mean_b)) {
-    mean = mean * (n / tot) + mean_b * fb;
-    m2 += m2_b + A(HUGE_VAL);
-  } else {
-    mean += mean_b;
-    m2 = A(NAN);
-  }
-}
-
-// Chan et al.: (n, mean, M2) of the union of two disjoint sets. Either side
-// may be empty.
-template <typename A>
-__device__ __forceinline__ void chan_merge(Moments<A>& a, const Moments<A>& b) {
-  const A tot = a.n + b.n;
-  if (tot == A(0) || b.n == A(0)) return;
-  chan_update(a.mean, a.m2, a.n, b.n, tot, b.mean, b.m2);
-  a.n = tot;
-}
-
-// A batch's (mean, M2) from its two-pass sums, or, when that came out
-// non-finite, eager's pattern for a batch holding inf/NaN: mean = sum / n,
-// M2 = NaN. (Sums that overflowed without an inf/NaN input give an inf
-// mean too: values near float's maximum are not handled on the GPU yet.)
-template <typename A>
-__device__ __forceinline__ void batch_moments(A sum, A bmean0, A bs1, A bm2, A inv_nb, A& mean,
-                                              A& m2) {
-  mean = bmean0 + bs1 * inv_nb;
-  m2 = bm2 - bs1 * bs1 * inv_nb;
-  if (!isfinite(mean) || !isfinite(m2)) {
-    mean = sum * inv_nb;
-    m2 = A(NAN);
-  }
-}
+//
+// Moments, Chan's merge and the batch's two-pass moments: bn_math.h.
 
 template <typename A>
 __device__ __forceinline__ Moments<A> warp_merge(Moments<A> m) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const Moments<A> other{__shfl_down_sync(0xffffffffu, m.n, o),
-                           __shfl_down_sync(0xffffffffu, m.mean, o),
-                           __shfl_down_sync(0xffffffffu, m.m2, o)};
-    chan_merge(m, other);
+    m.merge(__shfl_down_sync(0xffffffffu, m.n, o), __shfl_down_sync(0xffffffffu, m.mean, o),
+            __shfl_down_sync(0xffffffffu, m.m2, o));
   }
   return m;
 }
@@ -333,19 +268,25 @@ struct TensorWalk {
 };
 
 // ---------------------------------------------------------- forward: stats
+//
+// Pre: the activation applied to x as it is loaded (order ActBn), else
+// IdentityAct. Each kernel accumulates a - K (pivot_of) and writes the
+// channel's K to pivot[c] from its first chunk (k = 0).
 
 // Block (c, k) of grid (C, K): packs [k * chunk, (k + 1) * chunk) of channel
 // c. Writes the block's (n, mean, M2) to partial index c * K + k.
-template <typename T, int V, typename I>
+template <typename T, int V, typename I, typename Pre>
 __global__ void __launch_bounds__(kThreads)
-stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __restrict__ pn,
-                 acc_t<T>* __restrict__ pmean, acc_t<T>* __restrict__ pm2) {
+stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, Pre pre,
+                 acc_t<T>* __restrict__ pn, acc_t<T>* __restrict__ pmean,
+                 acc_t<T>* __restrict__ pm2, acc_t<T>* __restrict__ pivot) {
   using A = acc_t<T>;
   const I c = I(blockIdx.x), k = I(blockIdx.y), t = I(threadIdx.x);
   const I v0 = k * chunk;
   const I v1 = v0 + chunk < Mv ? v0 + chunk : Mv;
   I left = strided_count<I>(v0 + t, v1, I(kThreads));
-  Moments<A> m{A(0), A(0), A(0)};
+  const A K = pivot_of(x, c * Sv * I(V), pre);
+  Moments<A> m{};
   if (left > 0) {
     ChannelWalk<I> walk(v0 + t, c, C, Sv, I(kThreads));
     while (left > 0) {
@@ -356,7 +297,7 @@ stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __
         if (u < nl) {
           const Pack<T, V> pk = load_pack<T, V>(x, walk.off);
 #pragma unroll
-          for (int j = 0; j < V; ++j) v[u][j] = to_acc(pk.v[j]);
+          for (int j = 0; j < V; ++j) v[u][j] = load_in(pk.v[j], pre) - K;
           if (I(u + 1) < left) walk.next();
         }
       }
@@ -380,9 +321,9 @@ stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __
             bs1 += d;
             bm2 += d * d;
           }
-      Moments<A> b{nb, A(0), A(0)};
-      batch_moments(sum, bmean, bs1, bm2, A(1) / nb, b.mean, b.m2);
-      chan_merge(m, b);
+      A mb, m2b;
+      batch_moments(sum, bmean, bs1, bm2, A(1) / nb, mb, m2b);
+      m.merge(nb, mb, m2b);
     }
   }
   m = block_merge(m);
@@ -391,16 +332,18 @@ stats_ncs_kernel(const T* __restrict__ x, I C, I Sv, I Mv, I chunk, acc_t<T>* __
     pn[idx] = m.n;
     pmean[idx] = m.mean;
     pm2[idx] = m.m2;
+    if (k == 0) pivot[c] = K;
   }
 }
 
 // Block (gx, k) of grid (ceil(Cv / BX), K), threads (BX, BY): thread (tx, ty)
 // owns the V channels of pack column cv = gx * BX + tx and rows
 // r0 + ty, r0 + ty + BY, ... of chunk [r0, r1). Writes partials at k * C + c.
-template <typename T, int V, typename I>
+template <typename T, int V, typename I, typename Pre>
 __global__ void __launch_bounds__(kThreads)
-stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __restrict__ pn,
-                 acc_t<T>* __restrict__ pmean, acc_t<T>* __restrict__ pm2) {
+stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, Pre pre,
+                 acc_t<T>* __restrict__ pn, acc_t<T>* __restrict__ pmean,
+                 acc_t<T>* __restrict__ pm2, acc_t<T>* __restrict__ pivot) {
   using A = acc_t<T>;
   __shared__ A s_n[kThreads];
   __shared__ A s_mean[kThreads * V];
@@ -410,9 +353,12 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
   const I r0 = k * rows;
   const I r1 = r0 + rows < M ? r0 + rows : M;
   I left = cv < Cv ? strided_count<I>(r0 + ty, r1, I(BY)) : I(0);
-  A n = A(0), mean[V], m2[V];
+  A n = A(0), mean[V], m2[V], K[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) mean[j] = m2[j] = A(0);
+  for (int j = 0; j < V; ++j) {
+    mean[j] = m2[j] = A(0);
+    K[j] = cv < Cv ? pivot_of(x, cv * I(V) + I(j), pre) : A(0);
+  }
   if (left > 0) {
     I off = (r0 + ty) * Cv + cv;
     const I step = I(int64_t(BY) * Cv);  // used only between two rows of the chunk
@@ -424,7 +370,7 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
         if (u < nl) {
           const Pack<T, V> pk = load_pack<T, V>(x, off);
 #pragma unroll
-          for (int j = 0; j < V; ++j) v[u][j] = to_acc(pk.v[j]);
+          for (int j = 0; j < V; ++j) v[u][j] = load_in(pk.v[j], pre) - K[j];
           if (I(u + 1) < left) off += step;
         }
       }
@@ -451,9 +397,9 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
         A bmean, bm2f;
         batch_moments(sum, bmean0, bs1, bm2, inv_nb, bmean, bm2f);
         const A d = bmean - mean[j];
-        if (isfinite(d)) {
+        if (bn_isfinite(d)) {
           mean[j] += d * fb;
-          m2[j] += bm2f + d * (d * cross);  // as in chan_update
+          m2[j] += bm2f + d * (d * cross);  // as in chan_update, divisions hoisted
         } else {
           chan_update(mean[j], m2[j], n, nb, tot, bmean, bm2f);
         }
@@ -491,32 +437,36 @@ stats_nsc_kernel(const T* __restrict__ x, I M, I C, I Cv, I rows, acc_t<T>* __re
   if (ty == 0 && cv < Cv) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const I idx = k * C + cv * V + j;
+      const I c = cv * V + j, idx = k * C + c;
       pn[idx] = n;
       pmean[idx] = mean[j];
       pm2[idx] = m2[j];
+      if (k == 0) pivot[c] = K[j];
     }
   }
 }
 
 // Threads (kFinalizeX, kFinalizeY), grid ceil(C / kFinalizeX): channel
 // c = blockIdx.x * kFinalizeX + tx, its K partials at c * cs + k * ks merged
-// in double, then mean, invstd and the running statistics, as in
-// cpu_kernels.h (forward_train_ncs, update_running_stats).
+// in double, then mean (the pivot added back), invstd and the running
+// statistics, as in cpu_kernels.h (forward_train_ncs, update_running_stats).
+// momentum comes from num_batches_tracked when that is given.
 template <typename A, typename P>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
 finalize_stats_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, const A* __restrict__ pm2,
-                      int64_t C, int64_t K, int64_t cs, int64_t ks, A* __restrict__ mean_out,
-                      A* __restrict__ invstd_out, P* __restrict__ running_mean,
-                      P* __restrict__ running_var, double eps, double momentum, double count) {
+                      const A* __restrict__ pivot, int64_t C, int64_t K, int64_t cs, int64_t ks,
+                      A* __restrict__ mean_out, A* __restrict__ invstd_out,
+                      P* __restrict__ running_mean, P* __restrict__ running_var, double eps,
+                      double momentum, const int64_t* __restrict__ num_batches_tracked,
+                      double count) {
   __shared__ double s_part[3][kFinalizeY][kFinalizeX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = int64_t(blockIdx.x) * kFinalizeX + tx;
-  Moments<double> m{0.0, 0.0, 0.0};
+  Moments<double> m{};
   if (c < C) {
     for (int64_t k = ty; k < K; k += kFinalizeY) {
       const int64_t i = c * cs + k * ks;
-      chan_merge(m, Moments<double>{double(pn[i]), double(pmean[i]), double(pm2[i])});
+      m.merge(double(pn[i]), double(pmean[i]), double(pm2[i]));
     }
   }
   s_part[0][ty][tx] = m.n;
@@ -524,37 +474,43 @@ finalize_stats_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, con
   s_part[2][ty][tx] = m.m2;
   __syncthreads();
   if (ty != 0 || c >= C) return;
-  for (int r = 1; r < kFinalizeY; ++r)
-    chan_merge(m, Moments<double>{s_part[0][r][tx], s_part[1][r][tx], s_part[2][r][tx]});
-  const A mean = A(m.mean);
+  for (int r = 1; r < kFinalizeY; ++r) m.merge(s_part[0][r][tx], s_part[1][r][tx], s_part[2][r][tx]);
+  const A mean = A(double(pivot[c]) + m.mean);
   const A var = A(m.m2 / m.n);
-  // In double from the double M2: a variance beyond float's range still has
-  // a finite invstd.
-  const A invstd = A(1.0 / sqrt_acc(m.m2 / m.n + eps));
   mean_out[c] = mean;
-  invstd_out[c] = invstd;
+  invstd_out[c] = invstd_of<A>(m.m2, m.n, eps);
   if (running_mean) {
     using PA = acc_t<P>;
-    const A mom = A(momentum), keep = A(1.0 - momentum);
-    const A unbias = A(count / (count - 1.0));
-    running_mean[c] = from_acc<P>(PA(keep * A(to_acc(running_mean[c])) + mom * mean));
-    running_var[c] = from_acc<P>(PA(keep * A(to_acc(running_var[c])) + mom * var * unbias));
+    const RunningUpdate<A> u(momentum_of(momentum, num_batches_tracked), count);
+    running_mean[c] = from_acc<P>(PA(u.mean(A(to_acc(running_mean[c])), mean)));
+    running_var[c] = from_acc<P>(PA(u.var(A(to_acc(running_var[c])), var)));
   }
+}
+
+// Activity tracking's last step, per channel (bn_math.h: update_activity)
+// from the counts the normalize kernels added up; n values per channel.
+__global__ void __launch_bounds__(kThreads)
+activity_kernel(const int64_t* __restrict__ counts, float* __restrict__ activity, int64_t C,
+                int rows, int64_t n, double momentum) {
+  const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (c < C) update_activity(activity, C, rows, c, counts[c], n, momentum);
 }
 
 // ------------------------------------------------------ forward: normalize
 //
-// y = act((x - mean) * scale + shift [+ z]). x and y may be the same buffer
-// (in-place forward): no __restrict__ on x, z or y (z may be x too), and
-// every thread loads its batch of packs before storing to those same packs.
+// y = act((pre(x) - mean) * scale + shift [+ z]). x and y may be the same
+// buffer (in-place forward): no __restrict__ on x, z or y (z may be x too),
+// and every thread loads its batch of packs before storing to those same
+// packs. Count: activity counting (bn_math.h), into counts (zeroed int64[C]).
 
 // Block b: packs [b * per_block, (b + 1) * per_block) of the whole tensor,
 // thread t every kThreads-th pack from t.
-template <typename T, int V, typename I, typename Act, bool Res>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, int Count>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 normalize_ncs_kernel(const T* x, const T* z, T* y, I total, I C, I Sv, I per_block,
                      const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-                     const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b, Act act) {
+                     const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b, Act act,
+                     Pre pre, int64_t* __restrict__ counts) {
   using A = acc_t<T>;
   const I v0 = I(blockIdx.x) * per_block;
   const I v1 = v0 + per_block < total ? v0 + per_block : total;
@@ -562,6 +518,8 @@ normalize_ncs_kernel(const T* x, const T* z, T* y, I total, I C, I Sv, I per_blo
   I left = strided_count<I>(v0 + t, v1, I(kThreads));
   if (left <= 0) return;
   TensorWalk<I> walk(v0 + t, C, Sv, I(kThreads));
+  I run_c = walk.c;  // the channel whose active values run_n holds
+  int run_n = 0;
   while (left > 0) {
     const int nl = left < kUnroll ? int(left) : kUnroll;
     Pack<T, V> pk[kUnroll], pz[kUnroll];
@@ -580,25 +538,40 @@ normalize_ncs_kernel(const T* x, const T* z, T* y, I total, I C, I Sv, I per_blo
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (u < nl) {
-        const Coef<A> k = channel_coef(mean, invstd, w, b, ch[u]);
+        const ChannelCoef<A> k = coef_of(mean, invstd, w, b, ch[u]);
         Pack<T, V> out;
+        int active = 0;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          out.v[j] = from_acc<T>(
-              act.fwd(pre_act<Res>(to_acc(pk[u].v[j]) - k.mean, res_at<Res>(pz[u], j), k)));
+        for (int j = 0; j < V; ++j) {
+          const A xv = to_acc(pk[u].v[j]);
+          const A v = pre_activation<Res>(pre.fwd(xv) - k.mean, res_at<Res>(pz[u], j), k.scale,
+                                          k.shift);
+          out.v[j] = from_acc<T>(act.fwd(v));
+          active += is_active<Count>(xv, v);
+        }
         store_pack<T, V>(y, off[u], out);
+        if constexpr (Count != kCountNone) {
+          if (ch[u] != run_c) {
+            add_count(counts, run_c, run_n);
+            run_c = ch[u];
+            run_n = 0;
+          }
+          run_n += active;
+        }
       }
     }
   }
+  if constexpr (Count != kCountNone) add_count(counts, run_c, run_n);
 }
 
 // Same block shape as stats_nsc_kernel; a thread's V channels' constants stay
 // in registers for all its rows.
-template <typename T, int V, typename I, typename Act, bool Res>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, int Count>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 normalize_nsc_kernel(const T* x, const T* z, T* y, I M, I Cv, I rows,
                      const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
-                     const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b, Act act) {
+                     const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b, Act act,
+                     Pre pre, int64_t* __restrict__ counts) {
   using A = acc_t<T>;
   const int tx = threadIdx.x, ty = threadIdx.y, BY = blockDim.y;
   const I cv = I(blockIdx.x) * I(blockDim.x) + tx;
@@ -607,17 +580,22 @@ normalize_nsc_kernel(const T* x, const T* z, T* y, I M, I Cv, I rows,
   const I r1 = r0 + rows < M ? r0 + rows : M;
   I left = strided_count<I>(r0 + ty, r1, I(BY));
   if (left <= 0) return;
-  Coef<A> k[V];
+  constexpr int U = nsc_unroll(V, kUnroll);
+  ChannelCoef<A> k[V];
+  int active[V];
 #pragma unroll
-  for (int j = 0; j < V; ++j) k[j] = channel_coef(mean, invstd, w, b, cv * V + j);
+  for (int j = 0; j < V; ++j) {
+    k[j] = coef_of(mean, invstd, w, b, cv * V + j);
+    active[j] = 0;
+  }
   I off = (r0 + ty) * Cv + cv;
   const I step = I(int64_t(BY) * Cv);
   while (left > 0) {
-    const int nl = left < kUnroll ? int(left) : kUnroll;
-    Pack<T, V> pk[kUnroll], pz[kUnroll];
-    I offs[kUnroll];
+    const int nl = left < U ? int(left) : U;
+    Pack<T, V> pk[U], pz[U];
+    I offs[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         offs[u] = off;
         pk[u] = load_pack<T, V>(x, off);
@@ -627,37 +605,44 @@ normalize_nsc_kernel(const T* x, const T* z, T* y, I M, I Cv, I rows,
     }
     left -= nl;
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       if (u < nl) {
         Pack<T, V> out;
 #pragma unroll
-        for (int j = 0; j < V; ++j)
-          out.v[j] = from_acc<T>(
-              act.fwd(pre_act<Res>(to_acc(pk[u].v[j]) - k[j].mean, res_at<Res>(pz[u], j), k[j])));
+        for (int j = 0; j < V; ++j) {
+          const A xv = to_acc(pk[u].v[j]);
+          const A v = pre_activation<Res>(pre.fwd(xv) - k[j].mean, res_at<Res>(pz[u], j),
+                                          k[j].scale, k[j].shift);
+          out.v[j] = from_acc<T>(act.fwd(v));
+          active[j] += is_active<Count>(xv, v);
+        }
         store_pack<T, V>(y, offs[u], out);
       }
     }
+  }
+  if constexpr (Count != kCountNone) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) add_count(counts, int64_t(cv) * V + j, active[j]);
   }
 }
 
 // --------------------------------------------------------------- backward
 //
-// With g and xh from grad_pre (cpu_kernels.h):
-//   grad_bias = sum(g), grad_weight = sum(g * xh)
-//   training: dx = g * scale + xh * k_xh + k_const, with k_xh, k_const from
-//   the sums; eval: dx = g * scale (Train = false: no xh term, which would
-//   turn an inf input into 0 * inf = NaN); dz = g with a residual.
+// The formulas are bn_math.h's: g and xh from grad_pre, the sums
+// (sum g, sum g * xh), dx_coefficients, dx_value; dz = g with a residual.
 // Res: z is read (and dz may be written); FromOut: x holds the forward's
 // output, only for invertible activations (the host never instantiates it
-// for the others). z and dz are unused (null) without Res.
+// for the others). z and dz are unused (null) without Res. Pre (order
+// ActBn, Act then IdentityAct): the BatchNorm's input is pre(x), and dx
+// gets pre's derivative at x.
 
 // Same grid and partial layout as stats_ncs_kernel; partials (sum g, sum g*xh).
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, bool FromOut>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z, I C,
                 I Sv, I Mv, I chunk, const acc_t<T>* __restrict__ mean,
                 const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ w,
-                const acc_t<T>* __restrict__ b, Act act, acc_t<T>* __restrict__ psg,
+                const acc_t<T>* __restrict__ b, Act act, Pre pre, acc_t<T>* __restrict__ psg,
                 acc_t<T>* __restrict__ psgx) {
   using A = acc_t<T>;
   constexpr int U = bwd_unroll(Res, FromOut);
@@ -667,7 +652,7 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
   I left = strided_count<I>(v0 + t, v1, I(kThreads));
   A sg = A(0), sgx = A(0);
   if (left > 0) {
-    const Coef<A> kc = channel_coef<FromOut>(mean, invstd, w, b, c);
+    const ChannelCoef<A> kc = coef_of<FromOut>(mean, invstd, w, b, c);
     ChannelWalk<I> walk(v0 + t, c, C, Sv, I(kThreads));
     while (left > 0) {
       const int nl = left < U ? int(left) : U;
@@ -688,8 +673,9 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             A xh;
-            const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                               to_acc(pd[u].v[j]), kc, act, xh);
+            const A g = grad_pre<Res, FromOut>(load_in(px[u].v[j], pre), res_at<Res>(pz[u], j),
+                                               to_acc(pd[u].v[j]), kc.mean, kc.scale, kc.shift,
+                                               kc.hat, act, xh);
             sg += g;
             sgx += g * xh;
           }
@@ -706,15 +692,15 @@ sums_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 }
 
 // Same grid and partial layout as stats_nsc_kernel.
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, bool FromOut>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z, I M,
                 I C, I Cv, I rows, const acc_t<T>* __restrict__ mean,
                 const acc_t<T>* __restrict__ invstd, const acc_t<T>* __restrict__ w,
-                const acc_t<T>* __restrict__ b, Act act, acc_t<T>* __restrict__ psg,
+                const acc_t<T>* __restrict__ b, Act act, Pre pre, acc_t<T>* __restrict__ psg,
                 acc_t<T>* __restrict__ psgx) {
   using A = acc_t<T>;
-  constexpr int U = bwd_unroll(Res, FromOut);
+  constexpr int U = nsc_unroll(V, bwd_unroll(Res, FromOut));
   __shared__ A s_g[kThreads * V];
   __shared__ A s_gx[kThreads * V];
   const int tx = threadIdx.x, ty = threadIdx.y, BX = blockDim.x, BY = blockDim.y;
@@ -726,9 +712,9 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 #pragma unroll
   for (int j = 0; j < V; ++j) sg[j] = sgx[j] = A(0);
   if (left > 0) {
-    Coef<A> kc[V];
+    ChannelCoef<A> kc[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) kc[j] = channel_coef<FromOut>(mean, invstd, w, b, cv * V + j);
+    for (int j = 0; j < V; ++j) kc[j] = coef_of<FromOut>(mean, invstd, w, b, cv * V + j);
     I off = (r0 + ty) * Cv + cv;
     const I step = I(int64_t(BY) * Cv);
     while (left > 0) {
@@ -750,8 +736,9 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 #pragma unroll
           for (int j = 0; j < V; ++j) {
             A xh;
-            const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                               to_acc(pd[u].v[j]), kc[j], act, xh);
+            const A g = grad_pre<Res, FromOut>(load_in(px[u].v[j], pre), res_at<Res>(pz[u], j),
+                                               to_acc(pd[u].v[j]), kc[j].mean, kc[j].scale,
+                                               kc[j].shift, kc[j].hat, act, xh);
             sg[j] += g;
             sgx[j] += g * xh;
           }
@@ -790,14 +777,15 @@ sums_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __re
 }
 
 // Same shape as finalize_stats_kernel. Sums in double; writes grad_bias,
-// grad_weight and, when k_xh is given, the dx coefficients
-// (cpu_kernels.h: backward_coef, dx_coefficients).
+// grad_weight and, when k_xh is given, the dx coefficients (bn_math.h).
 template <typename A>
 __global__ void __launch_bounds__(kFinalizeX * kFinalizeY)
 finalize_sums_kernel(const A* __restrict__ psg, const A* __restrict__ psgx, int64_t C, int64_t K,
-                     int64_t cs, int64_t ks, const A* __restrict__ invstd, const A* __restrict__ w,
-                     A* __restrict__ grad_weight, A* __restrict__ grad_bias, A* __restrict__ k_xh,
-                     A* __restrict__ k_const, bool training, double count) {
+                     int64_t cs, int64_t ks, const A* __restrict__ mean,
+                     const A* __restrict__ invstd, const A* __restrict__ w,
+                     const A* __restrict__ b, bool from_output, A* __restrict__ grad_weight,
+                     A* __restrict__ grad_bias, A* __restrict__ k_xh, A* __restrict__ k_const,
+                     bool training, double count) {
   __shared__ double s_part[2][kFinalizeY][kFinalizeX];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = int64_t(blockIdx.x) * kFinalizeX + tx;
@@ -817,18 +805,12 @@ finalize_sums_kernel(const A* __restrict__ psg, const A* __restrict__ psgx, int6
     sg += s_part[0][r][tx];
     sgx += s_part[1][r][tx];
   }
-  const A is = invstd[c];
+  const ChannelCoef<A> k = channel_coef(mean[c], invstd[c], w ? w[c] : A(1), b ? b[c] : A(0),
+                                         from_output);
+  sgx = k.sum_gxh(sg, sgx);
   grad_bias[c] = A(sg);
   grad_weight[c] = A(sgx);
-  if (!k_xh) return;
-  if (training) {
-    const A scale = (w ? w[c] : A(1)) * is;
-    k_xh[c] = A(-double(scale) * (sgx / count));
-    k_const[c] = A(-double(scale) * (sg / count));
-  } else {
-    k_xh[c] = A(0);
-    k_const[c] = A(0);
-  }
+  if (k_xh) dx_coefficients(training, k, sg, sgx, count, k_xh[c], k_const[c]);
 }
 
 // dx (see above) and, with a residual, dz = g. Without
@@ -844,13 +826,15 @@ __device__ __forceinline__ void store_grads(T* __restrict__ dx, T* __restrict__ 
 }
 
 // Same walk as normalize_ncs_kernel.
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut, bool Train>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, bool FromOut,
+          bool Train>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z,
               T* __restrict__ dx, T* __restrict__ dz, I total, I C, I Sv, I per_block,
               const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
-              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act) {
+              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act,
+              Pre pre) {
   using A = acc_t<T>;
   constexpr int U = bwd_unroll(Res, FromOut);
   const I v0 = I(blockIdx.x) * per_block;
@@ -878,16 +862,17 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (u < nl) {
-        const Coef<A> k = channel_coef<FromOut>(mean, invstd, w, b, ch[u]);
+        const ChannelCoef<A> k = coef_of<FromOut>(mean, invstd, w, b, ch[u]);
         const A kx = k_xh[ch[u]], k0 = k_const[ch[u]];
         Pack<T, V> out, gz;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           A xh;
-          const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                             to_acc(pd[u].v[j]), k, act, xh);
-          if constexpr (Train) out.v[j] = from_acc<T>(g * k.scale + xh * kx + k0);
-          else out.v[j] = from_acc<T>(g * k.scale);
+          const A xv = to_acc(px[u].v[j]);
+          const A g = grad_pre<Res, FromOut>(pre.fwd(xv), res_at<Res>(pz[u], j),
+                                             to_acc(pd[u].v[j]), k.mean, k.scale, k.shift, k.hat,
+                                             act, xh);
+          out.v[j] = from_acc<T>(pre.grad(dx_value<Train>(g, xh, k.scale, kx, k0), xv));
           if constexpr (Res) gz.v[j] = from_acc<T>(g);
         }
         store_grads<Res>(dx, dz, off[u], out, gz);
@@ -897,15 +882,17 @@ dx_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
 }
 
 // Same shape as normalize_nsc_kernel.
-template <typename T, int V, typename I, typename Act, bool Res, bool FromOut, bool Train>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, int V, typename I, typename Act, typename Pre, bool Res, bool FromOut,
+          bool Train>
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
 dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ z,
               T* __restrict__ dx, T* __restrict__ dz, I M, I Cv, I rows,
               const acc_t<T>* __restrict__ mean, const acc_t<T>* __restrict__ invstd,
               const acc_t<T>* __restrict__ w, const acc_t<T>* __restrict__ b,
-              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act) {
+              const acc_t<T>* __restrict__ k_xh, const acc_t<T>* __restrict__ k_const, Act act,
+              Pre pre) {
   using A = acc_t<T>;
-  constexpr int U = bwd_unroll(Res, FromOut);
+  constexpr int U = nsc_unroll(V, bwd_unroll(Res, FromOut));
   const int tx = threadIdx.x, ty = threadIdx.y, BY = blockDim.y;
   const I cv = I(blockIdx.x) * I(blockDim.x) + tx;
   if (cv >= Cv) return;
@@ -913,12 +900,12 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
   const I r1 = r0 + rows < M ? r0 + rows : M;
   I left = strided_count<I>(r0 + ty, r1, I(BY));
   if (left <= 0) return;
-  Coef<A> k[V];
+  ChannelCoef<A> k[V];
   A kx[V], k0[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const I c = cv * V + j;
-    k[j] = channel_coef<FromOut>(mean, invstd, w, b, c);
+    k[j] = coef_of<FromOut>(mean, invstd, w, b, c);
     kx[j] = k_xh[c];
     k0[j] = k_const[c];
   }
@@ -946,10 +933,11 @@ dx_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __rest
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           A xh;
-          const A g = grad_pre<Res, FromOut>(to_acc(px[u].v[j]), res_at<Res>(pz[u], j),
-                                             to_acc(pd[u].v[j]), k[j], act, xh);
-          if constexpr (Train) out.v[j] = from_acc<T>(g * k[j].scale + xh * kx[j] + k0[j]);
-          else out.v[j] = from_acc<T>(g * k[j].scale);
+          const A xv = to_acc(px[u].v[j]);
+          const A g = grad_pre<Res, FromOut>(pre.fwd(xv), res_at<Res>(pz[u], j),
+                                             to_acc(pd[u].v[j]), k[j].mean, k[j].scale,
+                                             k[j].shift, k[j].hat, act, xh);
+          out.v[j] = from_acc<T>(pre.grad(dx_value<Train>(g, xh, k[j].scale, kx[j], k0[j]), xv));
           if constexpr (Res) gz.v[j] = from_acc<T>(g);
         }
         store_grads<Res>(dx, dz, offs[u], out, gz);

@@ -51,11 +51,21 @@ struct ForwardParams {
   void* running_mean = nullptr;
   void* running_var = nullptr;
   DType running_dtype = DType::Float32;
-  double momentum = 0.1;  // the exponential-average factor, already resolved
+  double momentum = 0.1;  // the exponential-average factor
+  // momentum = None (cumulative average): int64[1] number of batches seen so
+  // far, in the kernels' memory; the factor is 1 / (n + 1), read by the
+  // kernel (bn_math.h: momentum_of), so a GPU call does not sync the host.
+  const int64_t* num_batches_tracked = nullptr;
   double eps = 1e-5;
-  // int64[C] or null: set to how many of the channel's values have a
-  // positive activation input (BnAct: the pre-activation; ActBn: x), counted
-  // in the pass that writes y.
+  // Activity tracking: float32 [rows][C] or null, updated from how many of
+  // each channel's values have a positive activation input (BnAct: the
+  // pre-activation; ActBn: x), counted in the pass that writes y (bn_math.h:
+  // update_activity). Only with values to count (N * S > 0).
+  float* activity = nullptr;
+  int activity_rows = 1;
+  double activity_momentum = 0.1;
+  // Scratch of the kernels' entry points for the counts (int64[C]); callers
+  // leave it null.
   int64_t* active_count = nullptr;
   int num_threads = 1;
 };

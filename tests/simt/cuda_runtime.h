@@ -55,13 +55,17 @@ enum cudaError_t : int {
   cudaErrorInvalidConfiguration = 9,
   cudaErrorLaunchFailure = 719,
 };
-enum cudaDeviceAttr : int { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr : int {
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrMaxThreadsPerMultiProcessor = 39,
+};
 struct CUstream_st;
 typedef CUstream_st* cudaStream_t;
 
 namespace simt {
 // Settings (see simt_runtime.cpp for the defaults), set by the test harness.
 extern int sm_count;          // what cudaDeviceGetAttribute reports
+extern int occupancy;         // what the occupancy API reports for every kernel
 extern bool force_wide;       // wide_index(): int64 indices on any tensor
 extern int order;             // 0 seeded shuffle, 1 forward, 2 reverse
 extern uint64_t seed;
@@ -104,6 +108,16 @@ inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return simt::shfl_down(mask, v, delta, width);
 }
 
+// The fibers of a launch run on one OS thread and switch only at barriers
+// and shuffles, so a plain read-modify-write is atomic here.
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline double __fma_rn(double a, double b, double c) { return std::fma(a, b, c); }
 inline float __fsqrt_rn(float v) { return std::sqrt(v); }
@@ -113,6 +127,11 @@ cudaError_t cudaGetLastError();
 cudaError_t cudaGetDevice(int* dev);
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int dev);
 const char* cudaGetErrorString(cudaError_t e);
+template <typename K>
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
+  *n = simt::occupancy;
+  return cudaSuccess;
+}
 inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t = nullptr) {
   if (n) std::memset(p, v, n);
   return cudaSuccess;

@@ -117,25 +117,39 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          bb.data_ptr<float>());
     return std::make_tuple(h, b, hb, bb);
   });
+  namespace py = pybind11;
   m.def("forward",
         [](const Tensor& input, const OptTensor& residual, const OptTensor& weight,
            const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
            const OptTensor& nbt, bool training, std::optional<double> momentum, double eps,
-           const std::string& activation, double negative_slope, double alpha, bool inplace) {
+           const std::string& activation, double negative_slope, double alpha, bool inplace,
+           const std::string& order, const OptTensor& activity, double activity_momentum) {
           return fusedbn::forward_impl(input, residual, weight, bias, running_mean, running_var,
                                        nbt, training, momentum, eps, activation, negative_slope,
-                                       alpha, "bn_act", std::nullopt, 0.0, inplace,
+                                       alpha, order, activity, activity_momentum, inplace,
                                        &fusedbn::forward_kernel);
-        });
+        },
+        py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
+        py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"),
+        py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("activation"),
+        py::arg("negative_slope"), py::arg("alpha"), py::arg("inplace"),
+        py::arg("order") = "bn_act", py::arg("activity") = py::none(),
+        py::arg("activity_momentum") = 0.1);
   m.def("backward",
         [](const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
            const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
            const Tensor& save_invstd, bool training, const std::string& activation,
            double negative_slope, double alpha, std::array<bool, 4> output_mask,
-           bool from_output, const OptTensor& kept_input, const OptTensor& kept_channels) {
+           bool from_output, const OptTensor& kept_input, const OptTensor& kept_channels,
+           const std::string& order) {
           return fusedbn::backward_impl(grad_out, input, residual, weight, bias, save_mean,
                                         save_invstd, training, activation, negative_slope, alpha,
-                                        output_mask, from_output, "bn_act", kept_input,
+                                        output_mask, from_output, order, kept_input,
                                         kept_channels, &fusedbn::backward_kernel);
-        });
+        },
+        py::arg("grad_out"), py::arg("input"), py::arg("residual"), py::arg("weight"),
+        py::arg("bias"), py::arg("save_mean"), py::arg("save_invstd"), py::arg("training"),
+        py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
+        py::arg("output_mask"), py::arg("from_output"), py::arg("kept_input"),
+        py::arg("kept_channels"), py::arg("order") = "bn_act");
 }

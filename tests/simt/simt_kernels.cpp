@@ -31,10 +31,12 @@ int simt_backward(const fusedbn::BackwardParams* p, void* ws) {
 }
 const char* simt_message() { return simt::last_message(); }
 
-// Settings: sm_count, force_wide, order, seed, drop_sync_line, mutant, log.
+// Settings: sm_count, occupancy, force_wide, order, seed, drop_sync_line,
+// mutant, log.
 int simt_set(const char* key, long long v) {
   const std::string k = key;
   if (k == "sm_count") simt::sm_count = int(v);
+  else if (k == "occupancy") simt::occupancy = int(v);
   else if (k == "force_wide") simt::force_wide = v != 0;
   else if (k == "order") simt::order = int(v);
   else if (k == "seed") simt::seed = uint64_t(v);

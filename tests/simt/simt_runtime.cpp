@@ -19,6 +19,7 @@ dim3 gridDim;
 namespace simt {
 
 int sm_count = 2;
+int occupancy = 8;
 bool force_wide = false;
 int order = 0;
 uint64_t seed = 0x5eedULL;
@@ -337,8 +338,9 @@ cudaError_t cudaGetDevice(int* dev) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
-  *value = simt::sm_count;
+  if (attr == cudaDevAttrMultiProcessorCount) *value = simt::sm_count;
+  else if (attr == cudaDevAttrMaxThreadsPerMultiProcessor) *value = 2048;
+  else return cudaErrorInvalidValue;
   return cudaSuccess;
 }
 
