@@ -96,14 +96,17 @@ def eager_like(mod, dtype=None):
     bn.load_state_dict(mod.state_dict(), strict=True)
     if dtype is not None:
         bn = bn.to(dtype)
+    if tensors:
+        bn = bn.to(tensors[0].device)
     bn.train(mod.training)
     return EagerBNAct(bn, mod.activation, mod.negative_slope, mod.alpha)
 
 
 def make_fused(rank, C, activation, act_kwargs, dtype=torch.float32, param_dtype=None,
-               randomize=True, **kwargs):
+               randomize=True, device="cpu", **kwargs):
     """A fusedbn module of the right rank with random affine params and
-    random running statistics (so eval is not trivially the identity)."""
+    random running statistics (so eval is not trivially the identity), on
+    ``device`` (the values drawn on the CPU: the same on every device)."""
     mod = FUSED_MODULES[rank](C, activation=activation, **act_kwargs, **kwargs)
     if randomize:
         with torch.no_grad():
@@ -114,15 +117,17 @@ def make_fused(rank, C, activation, act_kwargs, dtype=torch.float32, param_dtype
             if mod.running_mean is not None:
                 mod.running_mean.copy_(torch.randn(C) * 0.5 + 1.0)
                 mod.running_var.copy_(torch.rand(C) * 2 + 0.5)
-    mod.to(param_dtype if param_dtype is not None else dtype)
+    mod.to(device=device, dtype=param_dtype if param_dtype is not None else dtype)
     return mod
 
 
-def make_input(shape, dtype=torch.float32, layout="contiguous", requires_grad=False):
+def make_input(shape, dtype=torch.float32, layout="contiguous", requires_grad=False,
+               device="cpu"):
     """Random input offset from 0 with per-channel spread, in the given
     layout: contiguous, channels_last (4D/5D), nlc (3D: (N, L, C) storage
     transposed to (N, C, L)), strided (non-dense: every other element of
-    the last dimension)."""
+    the last dimension). Drawn on the CPU and moved to ``device``: the same
+    values on every device."""
     shape = tuple(shape)
     C = shape[1]
     view = [1, C] + [1] * (len(shape) - 2)
@@ -130,7 +135,8 @@ def make_input(shape, dtype=torch.float32, layout="contiguous", requires_grad=Fa
     offset = (torch.arange(C, dtype=torch.float64) - 1.0).view(view)
 
     def rnd(s):
-        return (torch.randn(s, dtype=torch.float64) * scale + offset + 0.5).to(dtype)
+        return (torch.randn(s, dtype=torch.float64) * scale + offset + 0.5).to(device=device,
+                                                                               dtype=dtype)
 
     if layout == "contiguous":
         x = rnd(shape)
@@ -243,7 +249,7 @@ def compare_steps(fused, ref, ref64, x, training,
     sync_buffers(fused, ref, ref64)
     if fused.activation != "identity":
         x = avoid_kink(x, fused, training)
-    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    g = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
     res_f = step(fused, x, g, training)
     res_e = step(ref, x, g, training)
     res_64 = step(ref64, x.double(), g.double(), training)
@@ -361,6 +367,7 @@ class EagerCompileNet(nn.Module):
         self.conv2 = copy.deepcopy(net.conv2)
         self.act = (net.bn.activation, net.bn.negative_slope, net.bn.alpha)
         self.act_first = net.bn.order == "act_bn"
+        self.to(net.bn.running_mean.device)
 
     def forward(self, x):
         h = self.conv1(x)

@@ -42,9 +42,10 @@ class _Stats:
         self.running_mean, self.running_var, self.weight, self.bias, self.eps = rm, rv, w, b, eps
 
 
-def _params(C, dtype):
-    return _Stats(rm=(torch.randn(C) * 0.5 + 0.5).to(dtype), rv=(torch.rand(C) * 2 + 0.5).to(dtype),
-                  w=(torch.rand(C) + 0.5).to(dtype), b=(torch.randn(C) * 0.5).to(dtype))
+def _params(C, dtype, device="cpu"):
+    to = dict(device=device, dtype=dtype)
+    return _Stats(rm=(torch.randn(C) * 0.5 + 0.5).to(**to), rv=(torch.rand(C) * 2 + 0.5).to(**to),
+                  w=(torch.rand(C) + 0.5).to(**to), b=(torch.randn(C) * 0.5).to(**to))
 
 
 def _dims(x):
@@ -101,8 +102,8 @@ def _call(x, st, training, activation, kwargs, **options):
                                   st.bias, training, 0.1, st.eps, activation, **kwargs, **options)
 
 
-def _fresh_state(C):
-    state = torch.zeros(3, C)
+def _fresh_state(C, device="cpu"):
+    state = torch.zeros(3, C, device=device)
     state[1] = float("nan")  # no batch yet, as the modules start
     return state
 
@@ -117,7 +118,7 @@ VARIANTS = [("bn_act", False), ("bn_act", True), ("act_bn", False)]
 @pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=RL_IDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_activity_matches_reference(act, dtype, rank, layout, mode):
+def test_activity_matches_reference(device, act, dtype, rank, layout, mode):
     activation, kwargs = act
     training = mode == "train"
     C = SHAPES[rank][1]
@@ -125,11 +126,11 @@ def test_activity_matches_reference(act, dtype, rank, layout, mode):
         if order == "act_bn" and activation == "identity":
             continue  # test_identity_act_bn_counts_the_input
         seed("activity", activation, dtype, rank, layout, mode, order, with_residual)
-        st = _params(C, dtype)
-        x = make_input(SHAPES[rank], dtype, layout)
+        st = _params(C, dtype, device)
+        x = make_input(SHAPES[rank], dtype, layout, device=device)
         z = _residual_like(x) if with_residual else None
         x, z, pre = reference(x, st, training, order, z)
-        activity = torch.full((C,), -1.0)  # overwritten, not accumulated into
+        activity = torch.full((C,), -1.0, device=device)  # overwritten, not accumulated into
         out = _call(x, st, training, activation, kwargs, residual=z, order=order,
                     activity=activity)
         expected = fraction(pre)
@@ -149,27 +150,28 @@ LONG_SHAPES = [(2, 3, 48, 48), (2, 2, 1, 4200), (9, 2, 7, 9)]
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", LONG_SHAPES, ids=["x".join(map(str, s)) for s in LONG_SHAPES])
-def test_activity_block_regimes(shape, dtype, layout):
+def test_activity_block_regimes(device, shape, dtype, layout):
     activation, kwargs = ACTIVATIONS[2]
     for training in (True, False):
         for order, with_residual in VARIANTS:
             seed("activity-blocks", shape, dtype, layout, training, order, with_residual)
-            st = _params(shape[1], dtype)
-            x = make_input(shape, dtype, layout)
+            st = _params(shape[1], dtype, device)
+            x = make_input(shape, dtype, layout, device=device)
             z = _residual_like(x) if with_residual else None
             x, z, pre = reference(x, st, training, order, z)
-            activity = torch.zeros(shape[1])
+            activity = torch.zeros(shape[1], device=device)
             _call(x, st, training, activation, kwargs, residual=z, order=order,
                   activity=activity)
             assert torch.equal(activity, fraction(pre)), (order, with_residual, training)
 
 
-def test_identity_act_bn_counts_the_input():
+def test_identity_act_bn_counts_the_input(device):
     seed("activity-identity-act-bn")
-    x = make_input((2, 3, 4, 5))
-    activity = torch.zeros(3)
+    x = make_input((2, 3, 4, 5), device=device)
+    activity = torch.zeros(3, device=device)
     # Running mean 5: every normalized value is negative, half the inputs are not.
-    fusedbn.batch_norm_act(x, torch.full((3,), 5.0), torch.ones(3), training=False,
+    fusedbn.batch_norm_act(x, torch.full((3,), 5.0, device=device), torch.ones(3, device=device),
+                           training=False,
                            activation="identity", order="act_bn", activity=activity)
     assert torch.equal(activity, fraction(x.double()))
 
@@ -177,48 +179,49 @@ def test_identity_act_bn_counts_the_input():
 @pytest.mark.parametrize("activation,kwargs", [("leaky_relu", {"negative_slope": -0.5}),
                                                ("elu", {"alpha": -1.0})],
                          ids=["leaky_relu-negative_slope", "elu-negative_alpha"])
-def test_act_bn_counts_positive_input_for_negative_slope(activation, kwargs):
+def test_act_bn_counts_positive_input_for_negative_slope(device, activation, kwargs):
     seed("activity-negative-slope", activation)
-    x = _off_zero(make_input((2, 3, 4, 5)))
-    activity = torch.zeros(3)
+    x = _off_zero(make_input((2, 3, 4, 5), device=device))
+    activity = torch.zeros(3, device=device)
     fusedbn.batch_norm_act(x, None, None, training=True, activation=activation,
                            order="act_bn", activity=activity, **kwargs)
     assert torch.equal(activity, fraction(x.double()))
 
 
-def test_activity_other_float_dtypes_and_strided_view():
+def test_activity_other_float_dtypes_and_strided_view(device):
     """Any floating activity tensor is written (rounded to its dtype); a
     non-contiguous view is written through."""
     seed("activity-dtypes")
-    st = _params(3, torch.float32)
-    x, _, pre = reference(make_input((2, 3, 4, 5)), st, True, "bn_act")
+    st = _params(3, torch.float32, device)
+    x, _, pre = reference(make_input((2, 3, 4, 5), device=device), st, True, "bn_act")
     expected = fraction(pre)
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
-        activity = torch.zeros(3, dtype=dtype)
+        activity = torch.zeros(3, dtype=dtype, device=device)
         _call(x, st, True, "relu", {}, activity=activity)
         torch.testing.assert_close(activity, expected.to(dtype), rtol=0, atol=0)
-    big = torch.full((6,), -7.0)
+    big = torch.full((6,), -7.0, device=device)
     _call(x, st, True, "relu", {}, activity=big[::2])
     assert torch.equal(big[::2], expected)
-    assert torch.equal(big[1::2], torch.full((3,), -7.0)), "wrote outside the view"
+    assert torch.equal(big[1::2], torch.full((3,), -7.0, device=device)), "wrote outside the view"
 
 
-def test_activity_empty_batch_is_nan():
+def test_activity_empty_batch_is_nan(device):
     """0 of 0 values: NaN (not 0, which would read as a dead channel)."""
-    activity = torch.zeros(3)
-    rm, rv = torch.zeros(3), torch.ones(3)
-    out = fusedbn.batch_norm_act(torch.randn(0, 3, 2, 2), rm, rv, training=True,
+    activity = torch.zeros(3, device=device)
+    rm, rv = torch.zeros(3, device=device), torch.ones(3, device=device)
+    out = fusedbn.batch_norm_act(torch.randn(0, 3, 2, 2, device=device), rm, rv, training=True,
                                  activity=activity)
     assert out.shape == (0, 3, 2, 2)
     assert torch.isnan(activity).all(), activity
 
 
-def test_activity_state_empty_batch_keeps_average_and_streak():
+def test_activity_state_empty_batch_keeps_average_and_streak(device):
     """As the running statistics: an empty batch leaves the average and the
     inactive streak alone (only row 0, the batch's fraction, is NaN)."""
-    state = torch.tensor([[0.5, 0.0, 0.25], [0.4, 0.0, 0.3], [0.0, 3.0, 0.0]])
+    state = torch.tensor([[0.5, 0.0, 0.25], [0.4, 0.0, 0.3], [0.0, 3.0, 0.0]], device=device)
     before = state.clone()
-    fusedbn.batch_norm_act(torch.randn(0, 3, 2, 2), None, None, training=True, activity=state)
+    fusedbn.batch_norm_act(torch.randn(0, 3, 2, 2, device=device), None, None, training=True,
+                           activity=state)
     assert torch.isnan(state[0]).all()
     assert torch.equal(state[1:], before[1:])
 
@@ -229,7 +232,7 @@ def test_activity_state_empty_batch_keeps_average_and_streak():
                                           (torch.bfloat16, "channels_last")],
                          ids=["float32", "float32-cl", "float64-strided", "bfloat16-cl"])
 @pytest.mark.parametrize("order", ["bn_act", "act_bn"])
-def test_activity_costs_nothing_in_results(order, dtype, layout):
+def test_activity_costs_nothing_in_results(device, order, dtype, layout):
     """Outputs, gradients and running statistics are bitwise the same with
     and without the activity argument."""
     C = 3
@@ -237,16 +240,17 @@ def test_activity_costs_nothing_in_results(order, dtype, layout):
         for training in (True, False):
             for with_residual in ((False, True) if order == "bn_act" else (False,)):
                 seed("activity-free", order, dtype, layout, activation, training, with_residual)
-                st = _params(C, dtype)
-                x = make_input(SHAPES[4], dtype, layout)
+                st = _params(C, dtype, device)
+                x = make_input(SHAPES[4], dtype, layout, device=device)
                 z = _residual_like(x) if with_residual else None
-                g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+                g = torch.randn(x.shape, dtype=torch.float64).to(device=device, dtype=dtype)
                 results = []
-                for activity in (None, torch.zeros(C), _fresh_state(C)):
+                for activity in (None, torch.zeros(C, device=device), _fresh_state(C, device)):
                     xi = clone_layout(x, requires_grad=True)
                     zi = None if z is None else z.clone().requires_grad_()
                     w, b = st.weight.clone().requires_grad_(), st.bias.clone().requires_grad_()
-                    rm, rv, nbt = st.running_mean.clone(), st.running_var.clone(), torch.tensor(2)
+                    rm, rv = st.running_mean.clone(), st.running_var.clone()
+                    nbt = torch.tensor(2, device=device)
                     out = fusedbn.batch_norm_act(xi, rm, rv, w, b, training, 0.1, 1e-5,
                                                  activation, **kwargs, residual=zi,
                                                  num_batches_tracked=nbt, order=order,
@@ -263,17 +267,17 @@ def test_activity_costs_nothing_in_results(order, dtype, layout):
 
 
 @pytest.mark.parametrize("act", INVERTIBLE, ids=INVERTIBLE_IDS)
-def test_activity_inplace_counts_before_overwriting(act):
+def test_activity_inplace_counts_before_overwriting(device, act):
     activation, kwargs = act
     for training in (True, False):
         for layout in ("contiguous", "channels_last"):
             for with_residual in (False, True):
                 seed("activity-inplace", activation, training, layout, with_residual)
-                st = _params(3, torch.float32)
-                x = make_input(SHAPES[4], torch.float32, layout)
+                st = _params(3, torch.float32, device)
+                x = make_input(SHAPES[4], torch.float32, layout, device=device)
                 z = _residual_like(x) if with_residual else None
                 x, z, pre = reference(x, st, training, "bn_act", z)
-                a_ref, a_inp = torch.zeros(3), torch.zeros(3)
+                a_ref, a_inp = torch.zeros(3, device=device), torch.zeros(3, device=device)
                 out = _call(x, st, training, activation, kwargs, residual=z, activity=a_ref)
                 xi = x.clone()
                 res = _call(xi, st, training, activation, kwargs, residual=z, inplace=True,
@@ -282,21 +286,22 @@ def test_activity_inplace_counts_before_overwriting(act):
                 assert torch.equal(a_inp, a_ref) and torch.equal(a_ref, fraction(pre))
 
 
-def test_activity_state_rows():
+def test_activity_state_rows(device):
     """activity of shape [3, C]: row 0 the fraction, row 1 its running average
     (NaN: none yet, so the first fraction is taken as is), row 2 the number of
     calls in a row with no active value (reset by any active value)."""
     seed("activity-state")
     C = 3
-    w, b = torch.ones(C), torch.tensor([-100.0, 0.0, 0.3])  # channel 0 is dead
-    rm, rv = torch.zeros(C), torch.ones(C)
-    state = _fresh_state(C)
-    avg, streak = None, torch.zeros(C)
+    w = torch.ones(C, device=device)
+    b = torch.tensor([-100.0, 0.0, 0.3], device=device)  # channel 0 is dead
+    rm, rv = torch.zeros(C, device=device), torch.ones(C, device=device)
+    state = _fresh_state(C, device)
+    avg, streak = None, torch.zeros(C, device=device)
     for i, training in enumerate((True, True, False, True, False)):
         if i == 3:
             b[0] = 0.0  # revived
         st = _Stats(rm, rv, w, b)
-        x, _, pre = reference(make_input((2, C, 4, 5)), st, training, "bn_act")
+        x, _, pre = reference(make_input((2, C, 4, 5), device=device), st, training, "bn_act")
         frac = fraction(pre)
         fusedbn.batch_norm_act(x, rm, rv, w, b, training, activation="relu", activity=state,
                                activity_momentum=0.25)
@@ -309,28 +314,28 @@ def test_activity_state_rows():
 
 
 @pytest.mark.parametrize("momentum", [0.0, 1.0])
-def test_activity_momentum_bounds(momentum):
+def test_activity_momentum_bounds(device, momentum):
     seed("activity-momentum", momentum)
-    st = _params(3, torch.float32)
-    x, _, pre = reference(make_input((2, 3, 4, 5)), st, True, "bn_act")
-    state = torch.zeros(3, 3)
+    st = _params(3, torch.float32, device)
+    x, _, pre = reference(make_input((2, 3, 4, 5), device=device), st, True, "bn_act")
+    state = torch.zeros(3, 3, device=device)
     state[1] = 0.5
     _call(x, st, True, "elu", {"alpha": 0.7}, activity=state, activity_momentum=momentum)
-    expected = torch.full((3,), 0.5) if momentum == 0 else fraction(pre)
+    expected = torch.full((3,), 0.5, device=device) if momentum == 0 else fraction(pre)
     assert torch.equal(state[1], expected)
 
 
-def test_activity_state_dtypes_and_views():
+def test_activity_state_dtypes_and_views(device):
     """A [3, C] state that is not contiguous float32 (computed on a float32
     copy, written back): the same values."""
     seed("activity-state-dtypes")
-    st = _params(3, torch.float32)
-    states = {"float32": _fresh_state(3), "float64": _fresh_state(3).double(),
-              "transposed": _fresh_state(3).t().contiguous().t(),
-              "bfloat16": _fresh_state(3).bfloat16()}
+    st = _params(3, torch.float32, device)
+    states = {"float32": _fresh_state(3, device), "float64": _fresh_state(3, device).double(),
+              "transposed": _fresh_state(3, device).t().contiguous().t(),
+              "bfloat16": _fresh_state(3, device).bfloat16()}
     assert not states["transposed"].is_contiguous()
     for i, training in enumerate((True, False, True)):
-        x, _, pre = reference(make_input((2, 3, 4, 5)), st, training, "bn_act")
+        x, _, pre = reference(make_input((2, 3, 4, 5), device=device), st, training, "bn_act")
         for name, state in states.items():
             if name == "bfloat16" and i > 0:
                 continue  # the running average then rounds differently
@@ -367,32 +372,36 @@ BAD_ACTIVITY = {
 
 
 @pytest.mark.parametrize("case", list(BAD_ACTIVITY))
-def test_bad_activity(case):
+def test_bad_activity(device, case):
     make, exc, pattern = BAD_ACTIVITY[case]
-    _assert_failed_call_changes_nothing(make, exc, pattern)
+    _assert_failed_call_changes_nothing(device, make, exc, pattern)
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
-def test_bad_activity_momentum(momentum):
+def test_bad_activity_momentum(device, momentum):
     def make():
         t = torch.zeros(3, C4)
         t[0] = 0.5
         return t
-    _assert_failed_call_changes_nothing(make, ValueError, r"activity_momentum must be in \[0, 1\]",
+    _assert_failed_call_changes_nothing(device, make, ValueError, r"activity_momentum must be in \[0, 1\]",
                                         activity_momentum=momentum)
 
 
-def _assert_failed_call_changes_nothing(make, exc, pattern, **options):
+def _assert_failed_call_changes_nothing(device, make, exc, pattern, **options):
     for training, inplace, order in ((True, False, "bn_act"), (False, False, "act_bn"),
                                      (True, True, "bn_act")):
         seed("bad-activity", pattern, training, inplace)
-        x = torch.randn(2, C4, 3)
-        rm, rv, nbt = torch.randn(C4), torch.rand(C4) + 0.5, torch.tensor(7)
+        x = torch.randn(2, C4, 3).to(device)
+        rm, rv = torch.randn(C4).to(device), (torch.rand(C4) + 0.5).to(device)
+        nbt = torch.tensor(7, device=device)
         activity = make()
+        if activity.device.type != "meta":
+            activity = activity.to(device)
         keep = [t.clone() for t in (x, rm, rv, nbt)]
         keep_activity = activity.clone() if activity.device.type != "meta" else None
         with pytest.raises(exc, match=pattern):
-            fusedbn.batch_norm_act(x, rm, rv, torch.rand(C4) + 0.5, torch.randn(C4), training,
+            fusedbn.batch_norm_act(x, rm, rv, (torch.rand(C4) + 0.5).to(device),
+                                   torch.randn(C4).to(device), training,
                                    activation="leaky_relu", num_batches_tracked=nbt,
                                    inplace=inplace, order=order, activity=activity, **options)
         for name, t, k in zip(("input", "running_mean", "running_var", "num_batches_tracked"),
@@ -418,46 +427,48 @@ OP_IDS = [f"{'train' if t else 'eval'}-{a}-{o}{'-residual' if r else ''}-{lay}"
           for t, a, o, r, lay in OP_CASES]
 
 
-def _op_args(op, training, activation, order, residual, layout, requires_grad):
+def _op_args(op, training, activation, order, residual, layout, requires_grad, device):
     shape = (0, 3, 2, 3) if layout == "zero_size" else (2, 3, 2, 3)
-    x = torch.randn(shape) + 0.3
+    x = (torch.randn(shape) + 0.3).to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return op_args(
         op, input=x.requires_grad_(requires_grad and op is FORWARD),
         residual=torch.randn_like(x).requires_grad_(requires_grad) if residual else None,
-        weight=(torch.rand(3) + 0.5).requires_grad_(requires_grad),
-        bias=torch.randn(3).requires_grad_(requires_grad), running_mean=torch.randn(3),
-        running_var=torch.rand(3) + 0.5, num_batches_tracked=torch.tensor(3), training=training,
+        weight=(torch.rand(3) + 0.5).to(device).requires_grad_(requires_grad),
+        bias=torch.randn(3).to(device).requires_grad_(requires_grad),
+        running_mean=torch.randn(3).to(device), running_var=(torch.rand(3) + 0.5).to(device),
+        num_batches_tracked=torch.tensor(3, device=device), training=training,
         momentum=0.1, eps=1e-5, activation=activation, negative_slope=0.1, alpha=0.7,
-        order=order, activity=torch.zeros(3))
+        order=order, activity=torch.zeros(3, device=device))
 
 
 @pytest.mark.parametrize("case,requires_grad",
                          [(c, True) for c in OP_CASES] + [(OP_CASES[0], False)],
                          ids=[i + "-grad" for i in OP_IDS] + [OP_IDS[0] + "-nograd"])
-def test_opcheck_forward_with_activity(case, requires_grad):
+def test_opcheck_forward_with_activity(device, case, requires_grad):
     seed("activity-opcheck", case, requires_grad)
-    opcheck(FORWARD, _op_args(FORWARD, *case, requires_grad))
+    opcheck(FORWARD, _op_args(FORWARD, *case, requires_grad, device))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck_inplace_forward_with_activity(training):
+def test_opcheck_inplace_forward_with_activity(device, training):
     """forward_ (inplace=True) with activity: schema (two mutated arguments
     and the aliased output), autograd registration, fake kernel. Not
     test_aot_dispatch_dynamic: see test_compile_inplace_module_with_activity."""
     seed("activity-opcheck-inplace", training)
     opcheck(FORWARD_, _op_args(FORWARD_, training, "leaky_relu", "bn_act", True, "channels_last",
-                               False),
+                               False, device),
             test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_activity_is_counted_by_the_op_and_visible_to_autograd():
+def test_activity_is_counted_by_the_op_and_visible_to_autograd(device):
     """The activity tensor is mutated by the op (its version counter moves)."""
-    activity = torch.zeros(3)
+    activity = torch.zeros(3, device=device)
     v0 = activity._version
-    x = (torch.randn(2, 3, 4) + 0.3).requires_grad_()
-    fusedbn.batch_norm_act(x, torch.zeros(3), torch.ones(3), training=True, activity=activity)
+    x = (torch.randn(2, 3, 4) + 0.3).to(device).requires_grad_()
+    fusedbn.batch_norm_act(x, torch.zeros(3, device=device), torch.ones(3, device=device),
+                           training=True, activity=activity)
     assert activity._version > v0
     assert (activity > 0).all()
 
@@ -477,20 +488,20 @@ def _kink_free(mod, x, training):
     return avoid_kink(x, mod, training, margin=MARGIN)
 
 
-def test_module_buffer_and_state_dict():
-    mod = fusedbn.BatchNormAct2d(4, track_activity=True, activity_momentum=0.2)
+def test_module_buffer_and_state_dict(device):
+    mod = fusedbn.BatchNormAct2d(4, track_activity=True, activity_momentum=0.2).to(device)
     assert mod.track_activity and mod.activity_momentum == 0.2
     assert "track_activity=True" in repr(mod)
     assert mod.activity.dtype == torch.float32 and mod.activity.shape == (3, 4)
     assert "activity" in dict(mod.named_buffers())
     # Before any batch: fraction 0, no average yet (NaN), no streak.
-    assert torch.equal(mod.active_fraction, torch.zeros(4))
+    assert torch.equal(mod.active_fraction, torch.zeros(4, device=device))
     assert torch.isnan(mod.active_fraction_avg).all()
     assert mod.inactive_steps.dtype == torch.long
-    assert torch.equal(mod.inactive_steps, torch.zeros(4, dtype=torch.long))
-    ref = nn.BatchNorm2d(4)
+    assert torch.equal(mod.inactive_steps, torch.zeros(4, dtype=torch.long, device=device))
+    ref = nn.BatchNorm2d(4).to(device)
     assert mod.state_dict().keys() == ref.state_dict().keys()
-    mod(torch.randn(2, 4, 3, 3))
+    mod(torch.randn(2, 4, 3, 3, device=device))
     assert mod.state_dict().keys() == ref.state_dict().keys()
     ref.load_state_dict(mod.state_dict(), strict=True)
     mod.load_state_dict(ref.state_dict(), strict=True)
@@ -510,7 +521,7 @@ MODULE_CASES = [(fusedbn.BatchNormAct1d, 2, "elu", {"alpha": 0.7}, "bn_act"),
 
 @pytest.mark.parametrize("cls,rank,activation,kwargs,order", MODULE_CASES,
                          ids=[f"{c.__name__}-{a}-{o}" for c, _, a, _, o in MODULE_CASES])
-def test_module_counters(cls, rank, activation, kwargs, order):
+def test_module_counters(device, cls, rank, activation, kwargs, order):
     """active_fraction per forward, in training and eval; the running average
     (the first batch taken as is); inactive_steps."""
     seed("activity-module", cls.__name__, activation, order)
@@ -520,11 +531,13 @@ def test_module_counters(cls, rank, activation, kwargs, order):
     with torch.no_grad():
         mod.weight.copy_(torch.rand(C) + 0.5)
         mod.bias.copy_(torch.randn(C) * 0.5)
+    mod.to(device)
     layout = "channels_last" if rank >= 4 else "contiguous"
-    avg, streak = None, torch.zeros(C, dtype=torch.long)
+    avg, streak = None, torch.zeros(C, dtype=torch.long, device=device)
     for i, training in enumerate((True, True, False, True, False)):
         mod.train(training)
-        x = _kink_free(mod, make_input(SHAPES[rank], torch.float32, layout), training)
+        x = _kink_free(mod, make_input(SHAPES[rank], torch.float32, layout, device=device),
+                       training)
         frac = _module_reference(mod, x, training)
         mod(x)
         assert torch.equal(mod.active_fraction, frac), (i, mod.active_fraction, frac)
@@ -535,38 +548,43 @@ def test_module_counters(cls, rank, activation, kwargs, order):
     assert mod.num_batches_tracked.item() == 3  # activity counts eval forwards, BN does not
 
 
-def test_module_activity_mixed_precision_and_no_running_stats():
+def test_module_activity_mixed_precision_and_no_running_stats(device):
     """bf16 input into a float32 module; track_running_stats=False (batch
     statistics in eval too); a float64 module (its activity buffer stays float32)."""
     seed("activity-module-misc")
-    mod = make_fused(4, 3, "leaky_relu", {"negative_slope": 0.1}, track_activity=True)
-    x = avoid_kink(make_input((2, 3, 4, 5), torch.bfloat16, "channels_last"), mod, True,
-                   margin=MARGIN)
+    mod = make_fused(4, 3, "leaky_relu", {"negative_slope": 0.1}, track_activity=True,
+                     device=device)
+    x = avoid_kink(make_input((2, 3, 4, 5), torch.bfloat16, "channels_last", device=device), mod,
+                   True, margin=MARGIN)
     mod.train()
     frac = fraction(pre_activation64(mod, x, True))
     mod(x)
     assert mod.activity.dtype == torch.float32
     assert torch.equal(mod.active_fraction, frac)
-    mod = fusedbn.BatchNormReLU2d(3, track_running_stats=False, track_activity=True).eval()
-    x = avoid_kink(make_input((2, 3, 4, 5)), mod, True, margin=MARGIN)
+    mod = fusedbn.BatchNormReLU2d(3, track_running_stats=False, track_activity=True)
+    mod = mod.to(device).eval()
+    x = avoid_kink(make_input((2, 3, 4, 5), device=device), mod, True, margin=MARGIN)
     mod(x)
     assert torch.equal(mod.active_fraction, fraction(pre_activation64(mod, x, True)))
-    mod = make_fused(4, 3, "elu", {"alpha": 0.7}, dtype=torch.float64, track_activity=True)
+    mod = make_fused(4, 3, "elu", {"alpha": 0.7}, dtype=torch.float64, track_activity=True,
+                     device=device)
     assert mod.activity.dtype == torch.float32  # module.to(dtype) leaves the counters float32
     for _ in range(2):
-        x = avoid_kink(make_input((2, 3, 4, 5), torch.float64), mod, True, margin=MARGIN)
+        x = avoid_kink(make_input((2, 3, 4, 5), torch.float64, device=device), mod, True,
+                       margin=MARGIN)
         frac = fraction(pre_activation64(mod, x, True))
         mod(x)
         assert torch.equal(mod.active_fraction, frac.float())
 
 
-def test_module_inplace_counts_before_overwriting():
+def test_module_inplace_counts_before_overwriting(device):
     seed("activity-module-inplace")
-    mods = [make_fused(4, 3, "elu", {"alpha": 0.7}, track_activity=True, inplace=inplace)
+    mods = [make_fused(4, 3, "elu", {"alpha": 0.7}, track_activity=True, inplace=inplace,
+                       device=device)
             for inplace in (False, True)]
     mods[1].load_state_dict(mods[0].state_dict())
     for training in (True, False):
-        x = make_input((2, 3, 4, 5), torch.float32, "channels_last")
+        x = make_input((2, 3, 4, 5), torch.float32, "channels_last", device=device)
         outs = []
         for m in mods:
             m.train(training)
@@ -575,8 +593,8 @@ def test_module_inplace_counts_before_overwriting():
         assert torch.equal(mods[0].activity, mods[1].activity)
 
 
-def _dead_channel_module(**kwargs):
-    mod = fusedbn.BatchNormReLU2d(3, track_activity=True, **kwargs)
+def _dead_channel_module(device="cpu", **kwargs):
+    mod = fusedbn.BatchNormReLU2d(3, track_activity=True, device=device, **kwargs)
     with torch.no_grad():
         mod.weight.fill_(1.0)
         mod.bias.zero_()
@@ -584,12 +602,12 @@ def _dead_channel_module(**kwargs):
     return mod
 
 
-def test_dead_channel():
+def test_dead_channel(device):
     seed("activity-dead")
-    mod = _dead_channel_module()
+    mod = _dead_channel_module(device)
     for i, training in enumerate((True, True, True, False)):
         mod.train(training)
-        mod(make_input((2, 3, 4, 5)))
+        mod(make_input((2, 3, 4, 5), device=device))
         assert mod.active_fraction[0].item() == 0.0
         assert (mod.active_fraction[1:] > 0).all(), mod.active_fraction
         assert mod.inactive_steps.tolist() == [i + 1, 0, 0]
@@ -599,7 +617,7 @@ def test_dead_channel():
     with torch.no_grad():
         mod.bias[0] = 0.0
     mod.train()
-    mod(make_input((2, 3, 4, 5)))
+    mod(make_input((2, 3, 4, 5), device=device))
     assert mod.active_fraction[0].item() > 0
     assert mod.inactive_steps.tolist() == [0, 0, 0]
     assert diagnostics.report(mod, steps=1)[0].dead_channels == 0
@@ -607,12 +625,12 @@ def test_dead_channel():
 
 @pytest.mark.parametrize("dtype,start", [(torch.bfloat16, 256), (torch.float16, 2048)],
                          ids=["bfloat16", "float16"])
-def test_inactive_streak_of_low_precision_module_keeps_counting(dtype, start):
+def test_inactive_streak_of_low_precision_module_keeps_counting(device, dtype, start):
     seed("activity-streak", dtype)
-    mod = _dead_channel_module().to(dtype)
+    mod = _dead_channel_module(device).to(dtype)
     with torch.no_grad():
         mod.activity[2, 0] = start  # as after `start` dead forwards
-    mod(make_input((2, 3, 4, 5), dtype))
+    mod(make_input((2, 3, 4, 5), dtype, device=device))
     assert mod.inactive_steps[0].item() == start + 1
 
 
@@ -631,18 +649,18 @@ class Net(nn.Module):
         return self.bn2(self.conv2(self.bn1(self.conv1(x))))
 
 
-def test_compile_fullgraph_activity_matches_eager():
+def test_compile_fullgraph_activity_matches_eager(device):
     torch._dynamo.reset()
     seed("activity-compile")
-    net = Net()
+    net = Net().to(device)
     eager = copy.deepcopy(net)
     compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 6, 6) + 0.3
+    x = (torch.randn(2, 3, 6, 6) + 0.3).to(device)
     try:
         for i, training in enumerate((True, True, False)):
             for m in (compiled, eager):
                 m.train(training)
-            g = torch.randn(2, 4, 6, 6)
+            g = torch.randn(2, 4, 6, 6).to(device)
             outs = []
             for m in (compiled, eager):
                 xi = (x + 0.1 * i).requires_grad_()
@@ -661,25 +679,26 @@ def test_compile_fullgraph_activity_matches_eager():
         torch._dynamo.reset()
 
 
-def test_dynamo_explain_no_graph_break():
+def test_dynamo_explain_no_graph_break(device):
     torch._dynamo.reset()
     try:
-        explanation = torch._dynamo.explain(Net().train())(torch.randn(2, 3, 6, 6))
+        explanation = torch._dynamo.explain(Net().to(device).train())(
+            torch.randn(2, 3, 6, 6, device=device))
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
     finally:
         torch._dynamo.reset()
 
 
-def test_compile_inplace_module_with_activity():
+def test_compile_inplace_module_with_activity(device):
     # (Was a strict xfail: the autograd of forward_ read weight.eq(0).any().item().)
     torch._dynamo.reset()
     seed("activity-compile-inplace")
     mod = fusedbn.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.1, inplace=True,
-                                 track_activity=True)
+                                 track_activity=True).to(device)
     eager = copy.deepcopy(mod)
     compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4).to(device)
     try:
         torch.testing.assert_close(compiled(x.clone()), eager(x.clone()))
         assert torch.equal(mod.activity, eager.activity)
@@ -696,9 +715,9 @@ def _model():
         nn.BatchNorm2d(3))
 
 
-def test_track_and_report():
+def test_track_and_report(device):
     seed("diagnostics")
-    model = _model()
+    model = _model().to(device)
     keys = model.state_dict().keys()
     assert diagnostics.track(model, activity_momentum=0.5) is model
     for m in (model[1], model[3]):
@@ -712,7 +731,7 @@ def test_track_and_report():
         model[1].bias[0] = -100.0
         model[2].bias.fill_(3.0)  # layer 3 (act_bn: counts its input > 0) all alive
     for _ in range(3):
-        model(make_input((2, 3, 4, 5)))
+        model(make_input((2, 3, 4, 5), device=device))
 
     rows = diagnostics.report(model, steps=3)
     assert isinstance(rows, list) and len(rows) == 2
@@ -746,26 +765,27 @@ def test_report_bad_steps(steps):
         diagnostics.report(model, steps=steps)
 
 
-def test_track_off_and_on_again():
+def test_track_off_and_on_again(device):
     seed("diagnostics-off")
-    model = diagnostics.track(_model())
-    model(make_input((2, 3, 4, 5)))
+    model = diagnostics.track(_model().to(device))
+    model(make_input((2, 3, 4, 5), device=device))
     diagnostics.track(model, enabled=False)
     assert not model[1].track_activity and diagnostics.report(model) == []
     before = model[1].activity.clone()
-    model(make_input((2, 3, 4, 5)) * 0 - 5)  # not counted
+    model(make_input((2, 3, 4, 5), device=device) * 0 - 5)  # not counted
     assert torch.equal(model[1].activity, before)
     diagnostics.track(model)
-    model(make_input((2, 3, 4, 5)))
+    model(make_input((2, 3, 4, 5), device=device))
     assert not torch.equal(model[1].activity, before)
     assert [r.layer for r in diagnostics.report(model)] == ["1", "3"]
 
 
-def test_report_of_a_bare_module_and_float64():
+def test_report_of_a_bare_module_and_float64(device):
     seed("diagnostics-bare")
-    mod = diagnostics.track(fusedbn.BatchNormAct2d(3).double())
+    mod = diagnostics.track(fusedbn.BatchNormAct2d(3).to(device).double())
     assert mod.activity.dtype == torch.float32
-    x = avoid_kink(make_input((2, 3, 4, 5), torch.float64), mod, True, margin=MARGIN)
+    x = avoid_kink(make_input((2, 3, 4, 5), torch.float64, device=device), mod, True,
+                   margin=MARGIN)
     mod(x)
     (row,) = diagnostics.report(mod)
     assert row.layer == "" and row.channels == 3
@@ -805,9 +825,9 @@ def test_bias_init_default_and_other_values():
     assert torch.equal(mod.bias.detach(), torch.full((4,), -0.5, dtype=torch.float64))
 
 
-def test_bias_init_without_bias():
+def test_bias_init_without_bias(device):
     for kwargs in (dict(affine=False), dict(bias=False)):
-        mod = fusedbn.BatchNormAct2d(4, bias_init=0.01, **kwargs)
+        mod = fusedbn.BatchNormAct2d(4, bias_init=0.01, **kwargs).to(device)
         assert mod.bias is None
         mod.reset_parameters()
-        assert mod(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+        assert mod(torch.randn(2, 4, 3, 3, device=device)).shape == (2, 4, 3, 3)

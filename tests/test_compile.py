@@ -28,22 +28,22 @@ def _check_buffers(a, b, what):
 @pytest.mark.parametrize("act,channels_last", [(("relu", {}), False),
                                                (("elu", {"alpha": 0.7}), True)],
                          ids=["relu-contiguous", "elu-channels_last"])
-def test_compile_fullgraph_matches_eager(act, channels_last):
+def test_compile_fullgraph_matches_eager(device, act, channels_last):
     activation, kwargs = act
     torch._dynamo.reset()
     seed("compile", activation, channels_last)
-    net = CompileNet(activation, **kwargs)
+    net = CompileNet(activation, **kwargs).to(device)
     eager_fused = copy.deepcopy(net)
     eager_nn = EagerCompileNet(net)
     compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="inductor")
-    x = torch.randn(2, 3, 8, 8) + 0.5
+    x = (torch.randn(2, 3, 8, 8) + 0.5).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     try:
         for step, training in enumerate((True, True, False)):
             for m in (compiled, eager_fused, eager_nn):
                 m.train(training)
-            g = torch.randn(2, 2, 8, 8)
+            g = torch.randn(2, 2, 8, 8).to(device)
             res_c = run_step(compiled, x + step, g)
             res_f = run_step(eager_fused, x + step, g)
             res_n = run_step(eager_nn, x + step, g)
@@ -56,11 +56,11 @@ def test_compile_fullgraph_matches_eager(act, channels_last):
         torch._dynamo.reset()
 
 
-def test_dynamo_explain_no_graph_break():
+def test_dynamo_explain_no_graph_break(device):
     torch._dynamo.reset()
     seed("explain")
-    net = CompileNet("leaky_relu", negative_slope=0.1).train()
-    x = torch.randn(2, 3, 8, 8)
+    net = CompileNet("leaky_relu", negative_slope=0.1).to(device).train()
+    x = torch.randn(2, 3, 8, 8).to(device)
     try:
         explanation = torch._dynamo.explain(net)(x)
         assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -75,22 +75,22 @@ def test_dynamo_explain_no_graph_break():
 
 @pytest.mark.parametrize("activation,kwargs", [("leaky_relu", {"negative_slope": 0.1}),
                                                ("elu", {"alpha": 0.7})])
-def test_compile_fullgraph_inplace(activation, kwargs):
+def test_compile_fullgraph_inplace(device, activation, kwargs):
     """inplace=True under torch.compile(fullgraph=True): no data-dependent
     guard, the same outputs, gradients and buffers as eager in-place, one
     weight exactly 0 and one tiny (the channels whose input is kept)."""
     torch._dynamo.reset()
     seed("compile-inplace", activation)
-    net = CompileNet(activation, inplace=True, **kwargs)
+    net = CompileNet(activation, inplace=True, **kwargs).to(device)
     with torch.no_grad():
         net.bn.weight.copy_(torch.tensor([1.0, 0.0, 1e-7, 0.5]))
         net.bn.bias.copy_(torch.tensor([0.1, 0.2, 1.0, -0.3]))
     eager = copy.deepcopy(net)
     compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 8, 8)
+    x = torch.randn(2, 3, 8, 8).to(device)
     try:
         for step in range(2):
-            g = torch.randn(2, 2, 8, 8)
+            g = torch.randn(2, 2, 8, 8).to(device)
             _check(run_step(compiled, x + step, g), run_step(eager, x + step, g),
                    f"step {step}: compiled vs eager in place")
             _check_buffers(compiled.bn, eager.bn, f"step {step}")

@@ -248,8 +248,9 @@ class FunctionalForms(nn.Module):
 
 
 # --------------------------------------------------------------- utilities
-def make(cls, *args, seed=0, **kwargs):
-    """A model with non-trivial BN affine parameters and running stats."""
+def make(cls, *args, seed=0, device="cpu", **kwargs):
+    """A model with non-trivial BN affine parameters and running stats, on
+    ``device`` (initialized on the CPU: the same values on every device)."""
     torch.manual_seed(seed)
     model = cls(*args, **kwargs).to(DTYPE)
     with torch.no_grad():
@@ -263,7 +264,7 @@ def make(cls, *args, seed=0, **kwargs):
                     m.running_mean.uniform_(-0.3, 0.3)
                     m.running_var.uniform_(0.5, 1.5)
                     m.num_batches_tracked.fill_(5)
-    return model
+    return model.to(device)
 
 
 def fused_names(model):
@@ -318,9 +319,9 @@ def assert_same(model, ref, x, steps=2):
             torch.testing.assert_close(sd_m[k], sd_r[k], **TOL, msg=lambda s, k=k: f"{k}: {s}")
 
 
-def image(n=4, c=3, h=8, w=8, seed=2):
+def image(n=4, c=3, h=8, w=8, seed=2, device="cpu"):
     torch.manual_seed(seed)
-    return torch.randn(n, c, h, w, dtype=DTYPE)
+    return torch.randn(n, c, h, w, dtype=DTYPE).to(device)
 
 
 # -------------------------------------------------------------------- tests
@@ -360,18 +361,18 @@ def test_resnet_pairs_found_and_others_left():
     assert type(model.layer1[0].relu) is nn.ReLU
 
 
-def test_resnet_outputs_and_gradients_match():
-    ref = make(ResNetish)
+def test_resnet_outputs_and_gradients_match(device):
+    ref = make(ResNetish, device=device)
     model = convert(copy.deepcopy(ref))
     assert len(fused_names(model)) == 11
-    assert_same(model, ref, image())
+    assert_same(model, ref, image(device=device))
 
 
-def test_resnet_converted_in_eval_mode_keeps_mode():
-    ref = make(ResNetish).eval()
+def test_resnet_converted_in_eval_mode_keeps_mode(device):
+    ref = make(ResNetish, device=device).eval()
     model = convert(copy.deepcopy(ref))
     assert all(not m.training for m in model.modules())
-    x = image()
+    x = image(device=device)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), **TOL)
 
@@ -391,14 +392,14 @@ def test_class_attributes_and_parameters_kept():
     assert model.bn_head.weight.dtype == DTYPE
 
 
-def test_state_dict_loads_both_ways():
-    ref = make(ResNetish)
-    model = convert(make(ResNetish, seed=5))
+def test_state_dict_loads_both_ways(device):
+    ref = make(ResNetish, device=device)
+    model = convert(make(ResNetish, seed=5, device=device))
     assert list(model.state_dict()) == list(ref.state_dict())
-    fresh = make(ResNetish, seed=7)
+    fresh = make(ResNetish, seed=7, device=device)
     fresh.load_state_dict(model.state_dict(), strict=True)
     model.load_state_dict(ref.state_dict(), strict=True)
-    x = image()
+    x = image(device=device)
     ref.eval(), model.eval(), fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), **TOL)
@@ -406,10 +407,10 @@ def test_state_dict_loads_both_ways():
         assert not any(k.startswith("stem.2") for k in model.state_dict())
 
 
-def test_unconvert_round_trip():
-    ref = make(ResNetish)
+def test_unconvert_round_trip(device):
+    ref = make(ResNetish, device=device)
     model = convert(copy.deepcopy(ref))
-    x = image()
+    x = image(device=device)
     assert_same(model, ref, x, steps=1)
     model, undone = unconvert(model, report=True)
     assert len(undone) == 11
@@ -431,19 +432,19 @@ def test_unconverted_state_dict_loads_into_converted():
     model.load_state_dict(back.state_dict(), strict=True)
 
 
-def test_convert_is_idempotent_and_not_inplace_option():
-    ref = make(ResNetish)
+def test_convert_is_idempotent_and_not_inplace_option(device):
+    ref = make(ResNetish, device=device)
     copy_ = convert(ref, inplace=False)
     assert copy_ is not ref and not fused_names(ref) and len(fused_names(copy_)) == 11
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _, again = convert(copy_, report=True)
     assert again == []
-    assert_same(copy_, ref, image(), steps=1)
+    assert_same(copy_, ref, image(device=device), steps=1)
 
 
-def test_deepcopy_and_pickle_of_converted_model():
-    ref = make(ResNetish)
+def test_deepcopy_and_pickle_of_converted_model(device):
+    ref = make(ResNetish, device=device)
     model = convert(copy.deepcopy(ref))
     dup = copy.deepcopy(model)
     assert type(dup) is type(model) and fused_names(dup) == RESNET_FUSED
@@ -452,7 +453,7 @@ def test_deepcopy_and_pickle_of_converted_model():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert isinstance(loaded, ResNetish) and fused_names(loaded) == RESNET_FUSED
-    x = image()
+    x = image(device=device)
     for m in (dup, loaded):
         m.eval()
     ref.eval()
@@ -462,33 +463,33 @@ def test_deepcopy_and_pickle_of_converted_model():
     assert repr(unconvert(loaded)) == repr(ref)
 
 
-def test_bn_output_used_twice_not_fused():
-    ref = make(SharedOutput)
+def test_bn_output_used_twice_not_fused(device):
+    ref = make(SharedOutput, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert fusions == [] and not fused_names(model)
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
 
 
-def test_wrong_fusion_is_detected():
+def test_wrong_fusion_is_detected(device):
     """The comparison can fail: fusing the shared-output BN by hand changes the result."""
-    ref = make(SharedOutput)
+    ref = make(SharedOutput, device=device)
     model = copy.deepcopy(ref)
-    bad = fusedbn.BatchNormAct2d(4, dtype=DTYPE)
+    bad = fusedbn.BatchNormAct2d(4, dtype=DTYPE, device=device)
     bad.load_state_dict(model.bn.state_dict())
     model.bn = bad
     with pytest.raises(AssertionError):
-        assert_same(model, ref, image(c=4), steps=1)
+        assert_same(model, ref, image(c=4, device=device), steps=1)
 
 
-def test_inplace_activation_on_shared_tensor_not_fused():
-    ref = make(InplaceOnShared)
+def test_inplace_activation_on_shared_tensor_not_fused(device):
+    ref = make(InplaceOnShared, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert fusions == [] and not fused_names(model)
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
 
 
-def test_untraceable_submodule_warns_and_children_converted():
-    ref = make(WithGated)
+def test_untraceable_submodule_warns_and_children_converted(device):
+    ref = make(WithGated, device=device)
     model = copy.deepcopy(ref)
     with pytest.warns(UserWarning, match=r"'gated' \(Gated\).*could not trace"):
         model, fusions = convert(model, report=True)
@@ -499,51 +500,51 @@ def test_untraceable_submodule_warns_and_children_converted():
     assert isinstance(model.gated.neg[1], fusedbn.BatchNormAct2d)
     assert model.gated.neg[1].negative_slope == 0.1
     assert model.pre[1].activation == "elu" and model.pre[1].alpha == 0.7
-    x = image()
+    x = image(device=device)
     assert_same(model, ref, x)            # x.sum() > 0 branch
     assert_same(model, ref, x - 10.0)     # the other branch
     assert repr(unconvert(model)) == repr(ref)
 
 
-def test_untraceable_model_root():
-    ref = make(Gated)
+def test_untraceable_model_root(device):
+    ref = make(Gated, device=device)
     with pytest.warns(UserWarning, match="the model"):
         model = convert(copy.deepcopy(ref))
     assert fused_names(model) == {"pos.1", "neg.1"}
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
 
 
-def test_training_dependent_forward():
-    ref = make(ModeDependent)
+def test_training_dependent_forward(device):
+    ref = make(ModeDependent, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert [f.name for f in fusions] == ["bn1"]
     assert type(model.bn2) is nn.BatchNorm2d
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert convert(model, report=True)[1] == []   # the dispatching forward traces again
-    assert_same(model, ref, image(c=4), steps=1)
+    assert_same(model, ref, image(c=4, device=device), steps=1)
     assert repr(unconvert(model)) == repr(ref)
 
 
-def test_functional_forms():
-    ref = make(FunctionalForms)
+def test_functional_forms(device):
+    ref = make(FunctionalForms, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     got = sorted((int(f.name.split(".")[1]),) + tuple(f[1:5]) for f in fusions)
     assert got == [(i,) + form for i, form in enumerate(FunctionalForms.FORMS)]
     assert all(f.kind == "graph" and f.owner == "" for f in fusions)
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
     back = unconvert(model)
     assert type(back) is FunctionalForms and not fused_names(back)
-    assert_same(back, ref, image(c=4), steps=1)
+    assert_same(back, ref, image(c=4, device=device), steps=1)
 
 
-def test_float32_and_meta_device():
-    ref = make(ResNetish).float()
+def test_float32_and_meta_device(device):
+    ref = make(ResNetish, device=device).float()
     model = convert(copy.deepcopy(ref))
     assert model.stem[1].weight.dtype == torch.float32
     assert model.bn_head.running_mean.dtype == torch.float32
-    x = image().float()
+    x = image(device=device).float()
     ref.eval(), model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
@@ -554,23 +555,24 @@ def test_float32_and_meta_device():
     assert all(t.device.type == "meta" for t in meta.state_dict().values())
 
 
-def test_module_list_and_1d():
-    ref = make(ListModel)
+def test_module_list_and_1d(device):
+    ref = make(ListModel, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert sorted(f.name for f in fusions) == ["bns.0", "bns.1"]
     assert all(f.negative_slope == 0.3 for f in fusions)
     torch.manual_seed(0)
-    assert_same(model, ref, torch.randn(3, 4, 5, dtype=DTYPE))
+    assert_same(model, ref, torch.randn(3, 4, 5, dtype=DTYPE).to(device))
 
 
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("act", [nn.ReLU(), nn.LeakyReLU(0.25, inplace=True), nn.ELU(0.6)],
                          ids=["relu", "leaky_relu", "elu"])
-def test_sequential_every_rank_and_activation(dim, act):
+def test_sequential_every_rank_and_activation(device, dim, act):
     bn_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dim]
     fused_cls = {1: fusedbn.BatchNormAct1d, 2: fusedbn.BatchNormAct2d,
                  3: fusedbn.BatchNormAct3d}[dim]
-    ref = make(lambda: nn.Sequential(bn_cls(3), copy.deepcopy(act), nn.Identity()))
+    ref = make(lambda: nn.Sequential(bn_cls(3), copy.deepcopy(act), nn.Identity()),
+               device=device)
     model = convert(copy.deepcopy(ref))
     assert type(model[0]) is fused_cls and type(model[1]) is nn.Identity
     assert model[0].activation == {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu",
@@ -579,7 +581,7 @@ def test_sequential_every_rank_and_activation(dim, act):
     assert model[0].alpha == getattr(act, "alpha", 1.0)
     torch.manual_seed(0)
     shape = {1: (4, 3, 5), 2: (4, 3, 3, 3), 3: (4, 3, 2, 3, 3)}[dim]
-    assert_same(model, ref, torch.randn(shape, dtype=DTYPE))
+    assert_same(model, ref, torch.randn(shape, dtype=DTYPE).to(device))
     back = unconvert(model)
     assert type(back[0]) is bn_cls and type(back[1]) is type(act)
     assert repr(back) == repr(ref)
@@ -593,8 +595,9 @@ def test_sequential_every_rank_and_activation(dim, act):
     dict(track_running_stats=False),
     dict(affine=False, track_running_stats=False),
 ], ids=["eps_momentum", "cumulative", "no_affine", "no_bias", "no_stats", "bare"])
-def test_bn_configuration_carried(config):
-    ref = make(lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, **config), nn.ReLU()))
+def test_bn_configuration_carried(device, config):
+    ref = make(lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3, **config), nn.ReLU()),
+               device=device)
     model = convert(copy.deepcopy(ref))
     fused, bn = model[1], ref[1]
     assert isinstance(fused, fusedbn.BatchNormAct2d)
@@ -602,34 +605,34 @@ def test_bn_configuration_carried(config):
         assert getattr(fused, attr) == getattr(bn, attr), attr
     assert (fused.bias is None) == (bn.bias is None)
     assert (fused.running_mean is None) == (bn.running_mean is None)
-    assert_same(model, ref, image(c=3), steps=3)
+    assert_same(model, ref, image(c=3, device=device), steps=3)
     assert list(model.state_dict()) == list(ref.state_dict())
 
 
-def test_bare_bn_forward():
+def test_bare_bn_forward(device):
     ref = make(lambda: nn.Sequential(nn.BatchNorm2d(3, affine=False, track_running_stats=False),
-                                     nn.LeakyReLU(0.2)))
+                                     nn.LeakyReLU(0.2)), device=device)
     model = convert(copy.deepcopy(ref))
     assert isinstance(model[0], fusedbn.BatchNormAct2d)
     assert model[0].weight is None and model[0].running_mean is None
-    x = image()
+    x = image(device=device)
     for training in (True, False):
         model.train(training), ref.train(training)
         with torch.no_grad():
             torch.testing.assert_close(model(x), ref(x), **TOL)
 
 
-def test_graph_module_input():
-    ref = make(ResNetish)
+def test_graph_module_input(device):
+    ref = make(ResNetish, device=device)
     gm = torch.fx.symbolic_trace(copy.deepcopy(ref))
     gm, fusions = convert(gm, report=True)
     assert isinstance(gm, torch.fx.GraphModule)
     assert {f.name for f in fusions} == RESNET_FUSED   # the stem pair is a graph pair here
-    assert_same(gm, ref, image(), steps=1)
+    assert_same(gm, ref, image(device=device), steps=1)
     ref.load_state_dict(gm.state_dict(), strict=True)
     gm = unconvert(gm)
     assert not fused_names(gm)
-    assert_same(gm, ref, image(), steps=1)
+    assert_same(gm, ref, image(device=device), steps=1)
 
 
 def test_shared_bn_module_not_fused():
@@ -639,7 +642,7 @@ def test_shared_bn_module_not_fused():
     assert fusions == []
 
 
-def test_sequential_element_called_from_forward_not_fused():
+def test_sequential_element_called_from_forward_not_fused(device):
     class Peek(nn.Module):
         def __init__(self):
             super().__init__()
@@ -648,10 +651,10 @@ def test_sequential_element_called_from_forward_not_fused():
         def forward(self, x):
             return self.seq(x) + self.seq[0](x)
 
-    ref = make(Peek)
+    ref = make(Peek, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert fusions == []
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
 
 
 def test_exclude_and_trace_false():
@@ -678,7 +681,7 @@ def test_grad_context_in_forward_not_rewritten():
     assert fusions == [] and type(model.bn) is nn.BatchNorm2d
 
 
-def test_optional_forward_argument_not_rewritten():
+def test_optional_forward_argument_not_rewritten(device):
     class Optional(nn.Module):
         def __init__(self):
             super().__init__()
@@ -691,12 +694,12 @@ def test_optional_forward_argument_not_rewritten():
                 y = y + extra
             return y
 
-    ref = make(Optional)
+    ref = make(Optional, device=device)
     with pytest.warns(UserWarning, match=r"optional parameters \(extra=None\).*pairs not fused: bn"):
         model, fusions = convert(copy.deepcopy(ref), report=True)
     assert [f.name for f in fusions] == ["block.0"]   # its Sequential child still converted
     assert type(model) is Optional and type(model.bn) is nn.BatchNorm2d
-    assert_same(model, ref, image(c=4))
+    assert_same(model, ref, image(c=4, device=device))
 
 
 def test_hooked_bn_not_fused():
@@ -750,8 +753,8 @@ class ResBlock(nn.Module):
         return out
 
 
-def small_image(c=8, seed=2):
-    return image(n=2, c=c, h=6, w=6, seed=seed)
+def small_image(c=8, seed=2, device="cpu"):
+    return image(n=2, c=c, h=6, w=6, seed=seed, device=device)
 
 
 def residual_calls(fused):
@@ -766,8 +769,8 @@ def residual_calls(fused):
 
 @pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
 @pytest.mark.parametrize("form", ResBlock.FORMS)
-def test_residual_forms(form, downsample):
-    ref = make(ResBlock, form, downsample)
+def test_residual_forms(device, form, downsample):
+    ref = make(ResBlock, form, downsample, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model, fusions = convert(copy.deepcopy(ref), report=True)
@@ -782,7 +785,7 @@ def test_residual_forms(form, downsample):
     assert plain_bn_names(model) == ({"downsample.1"} if downsample else set())
     assert type(model.relu) is nn.ReLU           # still used after bn1
     calls, handle = residual_calls(model.bn2)
-    x = small_image()
+    x = small_image(device=device)
     assert_same(model, ref, x)                   # 2 train steps, then eval
     assert calls == [True] * 3                   # the fused kernel each time
     handle.remove()
@@ -799,26 +802,26 @@ def test_residual_forms(form, downsample):
     ref.load_state_dict(back.state_dict(), strict=True)
 
 
-def test_residual_bottleneck_with_downsample():
-    ref = make(Bottleneck, 8, 4, 8, 1)
+def test_residual_bottleneck_with_downsample(device):
+    ref = make(Bottleneck, 8, 4, 8, 1, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert {f.name: f.kind for f in fusions} == {"bn1": "graph", "bn2": "graph",
                                                  "bn3": "residual"}
     assert type(model.downsample[1]) is nn.BatchNorm2d    # no activation of its own
     calls, _ = residual_calls(model.bn3)
-    assert_same(model, ref, small_image())
+    assert_same(model, ref, small_image(device=device))
     assert calls == [True] * 3
     assert repr(unconvert(model)) == repr(ref)
-    assert_same(model, ref, small_image(), steps=1)
+    assert_same(model, ref, small_image(device=device), steps=1)
 
 
 @pytest.mark.parametrize("form", ["iadd", "torch_add_swapped", "method_inplace",
                                   "method_swapped"])
-def test_residual_graph_module(form):
+def test_residual_graph_module(device, form):
     def ops(gm):
         return Counter((n.op, n.target) for n in gm.graph.nodes)
 
-    ref = make(ResBlock, form, True)
+    ref = make(ResBlock, form, True, device=device)
     gm = torch.fx.symbolic_trace(copy.deepcopy(ref))
     before = ops(gm)
     gm, fusions = convert(gm, report=True)
@@ -827,12 +830,12 @@ def test_residual_graph_module(form):
     fused_bn = "downsample.1" if form in ("torch_add_swapped", "method_swapped") else "bn2"
     assert {f.name: f.kind for f in fusions} == {"bn1": "graph", fused_bn: "residual"}
     assert not any(n.op == "call_module" and n.target == fused_bn for n in gm.graph.nodes)
-    assert_same(gm, ref, small_image(), steps=1)
+    assert_same(gm, ref, small_image(device=device), steps=1)
     gm, undone = unconvert(gm, report=True)
     assert sorted(undone) == sorted(fusions)
     assert not fused_names(gm)
     assert ops(gm) == before                  # BN call, add and activation are back
-    assert_same(gm, ref, small_image(), steps=1)
+    assert_same(gm, ref, small_image(device=device), steps=1)
     ref.load_state_dict(gm.state_dict(), strict=True)
 
 
@@ -885,11 +888,11 @@ class NotResidual(nn.Module):
 
 
 @pytest.mark.parametrize("case", NotResidual.CASES)
-def test_residual_not_fused(case):
-    ref = make(NotResidual, case)
+def test_residual_not_fused(device, case):
+    ref = make(NotResidual, case, device=device)
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert fusions == [] and not fused_names(model)
-    assert_same(model, ref, small_image(c=4))
+    assert_same(model, ref, small_image(c=4, device=device))
 
 
 class ResidualArg(nn.Module):
@@ -916,12 +919,12 @@ class FeedsResidual(nn.Module):
 
 @pytest.mark.parametrize("kind", ["same", "expanded", "broadcast", "scalar_tensor", "float32",
                                   "number"])
-def test_residual_runtime_fallback(kind):
+def test_residual_runtime_fallback(device, kind):
     """The residual's shape/dtype is only known per call: anything the fused
     kernel does not take goes through the unfused path, with eager's results,
     gradients (to the residual too) and running stats. A stride-0 expanded
     residual of the right shape takes the kernel."""
-    ref = make(FeedsResidual, expand=kind == "expanded")
+    ref = make(FeedsResidual, expand=kind == "expanded", device=device)
     torch.manual_seed(4)
     ref.z = {"same": lambda: nn.Parameter(torch.randn(2, 4, 6, 6, dtype=DTYPE)),
              "expanded": lambda: nn.Parameter(torch.randn(4, 1, 1, dtype=DTYPE)),
@@ -929,10 +932,11 @@ def test_residual_runtime_fallback(kind):
              "scalar_tensor": lambda: nn.Parameter(torch.tensor(0.3, dtype=DTYPE)),
              "float32": lambda: nn.Parameter(torch.randn(2, 4, 6, 6)),
              "number": lambda: 0.25}[kind]()
+    ref.to(device)  # the new parameter z
     model, fusions = convert(copy.deepcopy(ref), report=True)
     assert [(f.name, f.kind) for f in fusions] == [("inner.bn", "residual")]
     calls, _ = residual_calls(model.inner.bn)
-    assert_same(model, ref, small_image(c=4))
+    assert_same(model, ref, small_image(c=4, device=device))
     assert calls == ([True] * 3 if kind in ("same", "expanded") else [])
     if isinstance(ref.z, nn.Parameter):
         assert model.z.grad is not None

@@ -344,29 +344,32 @@ class Layout:
     def is_plain_dense(self):
         return self.offset == 0 and self.slice is None and self.expand is None
 
-    def storage(self, values, dtype):
+    def storage(self, values, dtype, device="cpu"):
         """flat storage (NaN gaps) whose view holds values (pre-expand shape)."""
-        flat = torch.full((self.numel,), float("nan"), dtype=dtype)
+        flat = torch.full((self.numel,), float("nan"), dtype=dtype, device=device)
         self.pre_expand_view(flat).copy_(values)
         return flat
 
 
-def param_view(kind, values, dtype, junk=float("nan")):
-    """(base, view) of a C-vector in the given layout; the view holds values."""
+def param_view(kind, values, dtype, junk=float("nan"), device="cpu"):
+    """(base, view) of a C-vector in the given layout, on ``device``; the view
+    holds values."""
     C = values.numel()
+    values = values.to(device)
     if kind == "contiguous":
         base = values.to(dtype).clone()
         return base, base
     if kind == "strided":
-        base = torch.full((2 * C + 1,), junk, dtype=dtype)
+        base = torch.full((2 * C + 1,), junk, dtype=dtype, device=device)
         base[1::2] = values
         return base, base[1::2]
     if kind == "offset":
-        base = torch.full((C + 3,), junk, dtype=dtype)
+        base = torch.full((C + 3,), junk, dtype=dtype, device=device)
         base[3:] = values
         return base, base[3:]
     if kind == "expanded":
-        base = values[:1].to(dtype).clone() if C else torch.zeros(1, dtype=dtype)
+        base = (values[:1].to(dtype).clone() if C
+                else torch.zeros(1, dtype=dtype, device=device))
         return base, base.expand(C)
     raise ValueError(kind)
 
@@ -568,11 +571,12 @@ def call(fn):
         return None, e
 
 
-def build_inputs(c, d, with_junk=True):
-    """Fresh leaves and views for one implementation (fusedbn or eager)."""
+def build_inputs(c, d, with_junk=True, device="cpu"):
+    """Fresh leaves and views for one implementation (fusedbn or eager), on
+    ``device``."""
     dtype, pdtype = DTYPES[c["dtype"]], DTYPES[c["param_dtype"]]
     layout = d["layout"]
-    flat = layout.storage(d["vals"], dtype)
+    flat = layout.storage(d["vals"], dtype, device)
     t = {}
     if c["inplace"]:
         if layout.is_plain_dense() and not c["view_nonleaf"]:
@@ -592,17 +596,17 @@ def build_inputs(c, d, with_junk=True):
     if d["z"] is not None:
         if c["residual_same_layout"] and c["expand"] is None:
             zl = Layout(c, c["shape"])
-            zf = zl.storage(d["z"], dtype)
+            zf = zl.storage(d["z"], dtype, device)
             t["z"] = zl.view(zf).requires_grad_()
         else:
-            t["z"] = d["z"].clone().requires_grad_()
+            t["z"] = d["z"].clone().to(device).requires_grad_()
     else:
         t["z"] = None
     for k in ("w", "b"):
         if d[k] is None:
             t[k + "_base"], t[k] = None, None
             continue
-        base, view = param_view(c["param_layout"], d[k], pdtype)
+        base, view = param_view(c["param_layout"], d[k], pdtype, device=device)
         base.requires_grad_()
         t[k + "_base"] = base
         t[k] = view if view is not base else base
@@ -610,9 +614,9 @@ def build_inputs(c, d, with_junk=True):
         if d[k] is None:
             t[k + "_base"], t[k] = None, None
             continue
-        base, view = param_view(c["stats_layout"], d[k], pdtype)
+        base, view = param_view(c["stats_layout"], d[k], pdtype, device=device)
         t[k + "_base"], t[k] = base, view
-    t["nbt"] = torch.tensor(d["nbt0"], dtype=torch.long) if c["has_nbt"] else None
+    t["nbt"] = torch.tensor(d["nbt0"], dtype=torch.long, device=device) if c["has_nbt"] else None
     return t
 
 
@@ -693,6 +697,9 @@ def classes(t):
 
 
 def compare(name, fu, ea, r64, fails, allow=0.0):
+    # Judged on the CPU, where the float64 reference is.
+    fu = None if fu is None else fu.cpu()
+    ea = None if ea is None else ea.cpu()
     if fu is not None and fu.numel() == 0 and ea is None:
         ea = fu  # an undefined gradient of an empty tensor: as good as empty
     if ea is not None and ea.numel() == 0 and fu is None:
@@ -768,11 +775,12 @@ def channels_of(mask):
     return m.nonzero().view(-1).tolist()
 
 
-def run_case(seed):
-    """Returns (config, categories, list of failure strings)."""
+def run_case(seed, device="cpu"):
+    """Returns (config, categories, list of failure strings); fusedbn and
+    eager run on ``device``, the float64 reference on the CPU."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _run_case(seed)
+        return _run_case(seed, device)
 
 
 def _max(t):
@@ -854,7 +862,7 @@ def allowances(c, x64, z64, w64, b64, rm64, rv64, g64):
     return out
 
 
-def _run_case(seed):
+def _run_case(seed, device):
     c = draw_config(seed)
     d = make_data(c, seed)
     fails = []
@@ -890,13 +898,13 @@ def _run_case(seed):
     else:
         y64, e64 = call(lambda: reference64(c, x64, z64, p64["w"], p64["b"], p64["rm"],
                                             p64["rv"], nbt64))
-    gout = d["gout"]
+    gout = d["gout"].to(device)
     if y64 is not None:
         d["nonfinite_out"] = bool((~torch.isfinite(y64.detach().to(dtype))
                                    & torch.isfinite(x64.detach())).any())
 
-    tf = build_inputs(c, d)
-    te = build_inputs(c, d)
+    tf = build_inputs(c, d, device=device)
+    te = build_inputs(c, d, device=device)
     snap_f = snapshot(tf)
     yf, ef = call(lambda: run_fused(c, tf))
     ye, ee = call(lambda: run_eager(c, te))
@@ -936,7 +944,8 @@ def _run_case(seed):
 
     # the input (and residual) of a non-in-place call is left alone; gaps too
     if not c["inplace"]:
-        if not torch.equal(tf["flat"].nan_to_num(7.0), layout_storage(c, d).nan_to_num(7.0)):
+        if not torch.equal(tf["flat"].cpu().nan_to_num(7.0),
+                           layout_storage(c, d).nan_to_num(7.0)):
             fails.append("fusedbn modified its input (or the gaps of its storage)")
     for k in ("rm", "rv"):
         base = tf[k + "_base"]
@@ -946,7 +955,7 @@ def _run_case(seed):
                 view_mask[1::2] = True
             elif c["stats_layout"] == "offset":
                 view_mask[3:] = True
-            if not bool(torch.isnan(base[~view_mask]).all()):
+            if not bool(torch.isnan(base.cpu()[~view_mask]).all()):
                 fails.append(f"fusedbn wrote outside the {k} view")
     if c["inplace"] and yf.data_ptr() != tf["x"].data_ptr():
         fails.append("inplace=True did not return the input's storage")
@@ -954,7 +963,7 @@ def _run_case(seed):
     compare("output", yf, ye, y64, fails, allow.get("output", 0.0))
     if yf.requires_grad and y64.requires_grad:
         inputs64 = [v for v in (x64, p64["w"], p64["b"], z64) if v is not None]
-        g64, eg64 = call(lambda: torch.autograd.grad(y64, inputs64, gout.double(),
+        g64, eg64 = call(lambda: torch.autograd.grad(y64, inputs64, d["gout"].double(),
                                                      allow_unused=True))
         gf, egf = call(lambda: grads(c, tf, yf, gout))
         if stand_in:
@@ -993,10 +1002,10 @@ def describe(seed, c):
 
 
 @pytest.mark.parametrize("case", range(N_CASES))
-def test_differential(case):
+def test_differential(device, case):
     seed = SEED0 + case
     try:
-        c, cats, fails = run_case(seed)
+        c, cats, fails = run_case(seed, device)
     except Exception:  # noqa: BLE001 -- a crash of the harness or of fusedbn
         c, cats, fails = draw_config(seed), set(), ["crashed:\n" + traceback.format_exc()]
     real = [f for f in fails if not f.startswith("(note)")]

@@ -3,7 +3,9 @@ against one process running eager nn.BatchNorm + activation over the
 concatenated batch; DDP; convert_sync_batchnorm; the single-process fallback.
 
 The two processes are spawned once for the module (a fixture), run every
-scenario and torch.save their results; the tests compare them here.
+scenario and torch.save their results; the tests compare them here. They
+run on the CPU only (gloo, loopback); the single-process tests at the end
+run on every device.
 """
 import datetime
 import os
@@ -314,7 +316,7 @@ def test_ddp_step(ranks):
 # ----------------------------------------------------- no processes needed
 @pytest.mark.parametrize("activation,kw", [("relu", {}), ("leaky_relu", {"negative_slope": 0.2}),
                                            ("elu", {"alpha": 0.7})])
-def test_without_process_group_equals_batchnormact(activation, kw):
+def test_without_process_group_equals_batchnormact(device, activation, kw):
     import torch.distributed as dist
     assert not (dist.is_available() and dist.is_initialized())
     seed("single", activation)
@@ -323,10 +325,11 @@ def test_without_process_group_equals_batchnormact(activation, kw):
     with torch.no_grad():
         plain.weight.copy_(torch.rand(C) + 0.5)
         plain.bias.copy_(torch.randn(C))
+    plain.to(device), sync.to(device)
     sync.load_state_dict(plain.state_dict())
     assert sync.state_dict().keys() == nn.SyncBatchNorm(C).state_dict().keys()
     for mode in ("train", "train", "eval"):
-        x = torch.randn(4, C, 3, 5, dtype=torch.float32) + 0.3
+        x = (torch.randn(4, C, 3, 5, dtype=torch.float32) + 0.3).to(device)
         res = torch.randn_like(x)
         g = torch.randn_like(x)
         outs = []
@@ -343,21 +346,21 @@ def test_without_process_group_equals_batchnormact(activation, kw):
             assert torch.equal(a, b), k
 
 
-def test_any_rank_and_errors():
+def test_any_rank_and_errors(device):
     import torch.distributed as dist
     assert not (dist.is_available() and dist.is_initialized())
-    mod = SyncBatchNormAct(C, activation="leaky_relu", negative_slope=0.1)
-    ref = _AnyRankBN(C)
-    x = torch.randn(2, C, 2, 1, 3, 2) + 1.0
+    mod = SyncBatchNormAct(C, activation="leaky_relu", negative_slope=0.1).to(device)
+    ref = _AnyRankBN(C).to(device)
+    x = (torch.randn(2, C, 2, 1, 3, 2) + 1.0).to(device)
     expected = F.leaky_relu(ref(x), 0.1)
     torch.testing.assert_close(mod(x), expected)
     torch.testing.assert_close(mod.running_var, ref.running_var)
     with pytest.raises(ValueError, match="at least 2D"):
-        mod(torch.randn(C))
+        mod(torch.randn(C, device=device))
     with pytest.raises(ValueError, match="non-zero"):
-        SyncBatchNormAct(0)(torch.randn(2, 0))
+        SyncBatchNormAct(0).to(device)(torch.randn(2, 0, device=device))
     with pytest.raises(ValueError, match="residual"):
-        mod(torch.randn(2, C, 4), torch.randn(2, C, 5))
+        mod(torch.randn(2, C, 4, device=device), torch.randn(2, C, 5, device=device))
     with pytest.raises(ValueError, match="unknown activation"):
         SyncBatchNormAct(C, activation="gelu")
     assert "activation=leaky_relu, negative_slope=0.1" in repr(mod)

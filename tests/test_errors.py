@@ -22,21 +22,27 @@ from helpers import op_args, output_mask, seed
 C = 3
 
 
-def _tensors(**over):
-    """Functional arguments with fresh buffers; ``over`` replaces any."""
+def _on(device, values):
+    """values with every tensor moved to ``device`` (meta ones kept on meta)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v
+            for k, v in values.items()}
+
+
+def _tensors(device, **over):
+    """Functional arguments with fresh buffers on ``device``; ``over`` replaces any."""
     seed("errors")
     a = dict(input=torch.randn(2, C, 4), running_mean=torch.randn(C),
              running_var=torch.rand(C) + 0.5, weight=torch.rand(C) + 0.5, bias=torch.randn(C),
              training=True, num_batches_tracked=torch.tensor(7))
     a.update(over)
-    return a
+    return _on(device, a)
 
 
 # Marks a case where F.batch_norm checks the same thing: the expected type is
 # whatever PyTorch raises (test_exception_type_matches_eager).
 EAGER = None
 
-# id -> (overrides, expected type or EAGER, message regex)
+# id -> (overrides, expected type or EAGER, message regex; DEVICE stands for the input's device)
 CASES = {
     "rank1": (dict(input=torch.randn(C)), ValueError,
               r"got a 1D input of shape torch\.Size\(\[3\]\)"),
@@ -58,9 +64,9 @@ CASES = {
     "complex_input": (dict(input=torch.ones(2, C, 4, dtype=torch.complex64)), TypeError,
                       r"got ComplexFloat"),
     "weight_on_meta": (dict(weight=torch.ones(C, device="meta")), EAGER,
-                       r"weight is on meta but input is on cpu"),
+                       r"weight is on meta but input is on DEVICE"),
     "running_mean_on_meta": (dict(running_mean=torch.zeros(C, device="meta")), EAGER,
-                             r"running_mean is on meta but input is on cpu"),
+                             r"running_mean is on meta but input is on DEVICE"),
     "running_mean_only": (dict(running_var=None), EAGER,
                           r"running_mean and running_var must be given together"),
     "running_var_only": (dict(running_mean=None), EAGER,
@@ -125,9 +131,10 @@ def _assert_unchanged(a, snap):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_functional_error(case):
+def test_functional_error(device, case):
     over, exc, pattern = CASES[case]
-    a = _tensors(**over)
+    a = _tensors(device, **over)
+    pattern = pattern.replace("DEVICE", re.escape(str(a["input"].device)))
     snap = _snapshot(a)
     with pytest.raises(Exception) as info:
         _call(a)
@@ -144,40 +151,42 @@ EAGER_EQUIVALENT = [case for case, (_, exc, _) in CASES.items() if exc is EAGER]
 
 
 @pytest.mark.parametrize("case", EAGER_EQUIVALENT)
-def test_exception_type_matches_eager(case):
+def test_exception_type_matches_eager(device, case):
     over, _, _ = CASES[case]
-    a = _tensors(**over)
+    a = _tensors(device, **over)
     e = dict(a)
     e.pop("num_batches_tracked")
     with pytest.raises(Exception) as eager:
         F.batch_norm(e.pop("input"), e.pop("running_mean"), e.pop("running_var"), **e)
     with pytest.raises(Exception) as fused:
-        _call(_tensors(**over))
+        _call(_tensors(device, **over))
     assert isinstance(fused.value, type(eager.value)), (
         f"PyTorch raises {type(eager.value).__name__} ({eager.value}); fusedbn raises "
         f"{type(fused.value).__name__} ({fused.value})")
 
 
 @pytest.mark.parametrize("shape", [(1, 4), (1, 4, 1), (1, 4, 1, 1)])
-def test_one_value_per_channel_message_is_pytorchs(shape):
-    x = torch.randn(shape)
+def test_one_value_per_channel_message_is_pytorchs(device, shape):
+    x = torch.randn(shape).to(device)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
     with pytest.raises(ValueError) as eager:
-        F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True)
+        F.batch_norm(x, rm, rv, training=True)
     with pytest.raises(ValueError) as fused:
-        fusedbn.batch_norm_act(x, torch.zeros(4), torch.ones(4), training=True)
+        fusedbn.batch_norm_act(x, rm, rv, training=True)
     assert str(fused.value) == str(eager.value)
 
 
-def test_one_value_per_channel_allowed_in_eval():
-    out = fusedbn.batch_norm_act(torch.randn(1, 4), torch.zeros(4), torch.ones(4),
-                                 training=False, activation="identity")
+def test_one_value_per_channel_allowed_in_eval(device):
+    out = fusedbn.batch_norm_act(torch.randn(1, 4).to(device), torch.zeros(4, device=device),
+                                 torch.ones(4, device=device), training=False,
+                                 activation="identity")
     assert out.shape == (1, 4)
 
 
-def test_zero_eps_allowed_in_eval():
-    x = torch.randn(2, C, 4)
-    out = fusedbn.batch_norm_act(x, torch.zeros(C), torch.ones(C), eps=0.0, training=False,
-                                 activation="identity")
+def test_zero_eps_allowed_in_eval(device):
+    x = torch.randn(2, C, 4).to(device)
+    out = fusedbn.batch_norm_act(x, torch.zeros(C, device=device), torch.ones(C, device=device),
+                                 eps=0.0, training=False, activation="identity")
     torch.testing.assert_close(out, x)
 
 
@@ -193,13 +202,13 @@ RANKS = [
 
 @pytest.mark.parametrize("fused_cls,eager_cls,shapes,prefix", RANKS,
                          ids=[r[0].__name__ for r in RANKS])
-def test_module_rank_check_like_nn(fused_cls, eager_cls, shapes, prefix):
+def test_module_rank_check_like_nn(device, fused_cls, eager_cls, shapes, prefix):
     for shape in shapes:
-        x = torch.randn(shape)
-        mod = fused_cls(C)
+        x = torch.randn(shape).to(device)
+        mod = fused_cls(C).to(device)
         snap = {k: v.clone() for k, v in mod.named_buffers()}
         with pytest.raises(ValueError) as eager:
-            eager_cls(C)(x)
+            eager_cls(C).to(device)(x)
         with pytest.raises(ValueError, match=re.escape(prefix)) as fused:
             mod(x)
         assert str(fused.value) == str(eager.value)
@@ -219,40 +228,40 @@ def test_module_bad_activation_at_construction(activation, exc, pattern):
         fusedbn.BatchNormAct2d(C, activation=activation)
 
 
-def test_module_bad_activation_at_call_time():
-    mod = fusedbn.BatchNormAct2d(C)
+def test_module_bad_activation_at_call_time(device):
+    mod = fusedbn.BatchNormAct2d(C).to(device)
     mod.activation = "swish"
     snap = {k: v.clone() for k, v in mod.named_buffers()}
     with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
-        mod(torch.randn(2, C, 3, 3))
+        mod(torch.randn(2, C, 3, 3).to(device))
     for k, v in mod.named_buffers():
         assert torch.equal(v, snap[k]), k
 
 
 @pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)])
-def test_module_one_value_per_channel_leaves_buffers(shape):
+def test_module_one_value_per_channel_leaves_buffers(device, shape):
     cls = {2: fusedbn.BatchNormAct1d, 3: fusedbn.BatchNormAct1d, 4: fusedbn.BatchNormAct2d}
-    mod = cls[len(shape)](C).train()
+    mod = cls[len(shape)](C).to(device).train()
     snap = {k: v.clone() for k, v in mod.named_buffers()}
     with pytest.raises(ValueError, match=r"^Expected more than 1 value per channel when "
                                          r"training, got input size"):
-        mod(torch.randn(shape))
+        mod(torch.randn(shape).to(device))
     for k, v in mod.named_buffers():
         assert torch.equal(v, snap[k]), f"{k} changed by a failed call"
 
 
-def test_module_channel_mismatch_leaves_buffers():
-    mod = fusedbn.BatchNormAct2d(C).train()
+def test_module_channel_mismatch_leaves_buffers(device):
+    mod = fusedbn.BatchNormAct2d(C).to(device).train()
     snap = {k: v.clone() for k, v in mod.named_buffers()}
     with pytest.raises(Exception, match=r"must have shape \[4\]"):
-        mod(torch.randn(2, C + 1, 3, 3))
+        mod(torch.randn(2, C + 1, 3, 3).to(device))
     for k, v in mod.named_buffers():
         assert torch.equal(v, snap[k]), f"{k} changed by a failed call"
 
 
 # ------------------------------------------------------------- backward op
 
-def _backward_args(**over):
+def _backward_args(device, **over):
     seed("errors-bwd")
     x = torch.randn(2, C, 4)
     a = dict(grad_out=torch.randn(2, C, 4), input=x, weight=torch.ones(C), bias=torch.zeros(C),
@@ -260,7 +269,7 @@ def _backward_args(**over):
              activation="relu", negative_slope=0.01, alpha=1.0,
              output_mask=output_mask(torch.ops.fusedbn.backward.default))
     a.update(over)
-    return op_args(torch.ops.fusedbn.backward.default, **a)
+    return op_args(torch.ops.fusedbn.backward.default, **_on(device, a))
 
 
 @pytest.mark.parametrize("over,exc,pattern", [
@@ -276,6 +285,6 @@ def _backward_args(**over):
      TypeError, r"input must be float32"),
 ], ids=["grad_shape", "grad_dtype", "save_mean_shape", "save_invstd_dtype", "weight_shape",
         "activation", "int_input"])
-def test_backward_op_errors(over, exc, pattern):
+def test_backward_op_errors(device, over, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        torch.ops.fusedbn.backward.default(*_backward_args(**over))
+        torch.ops.fusedbn.backward.default(*_backward_args(device, **over))

@@ -34,7 +34,7 @@ def _eager(x, rm, rv, w, b, training, activation, kw, momentum=0.1, eps=1e-5):
 def _run(fn, x, rm, rv, w, b, g):
     """Forward + backward of fn on a leaf copy of x (same strides) and of the
     parameters; returns the output, running stats and the three gradients."""
-    xi = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype)
+    xi = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
     with torch.no_grad():
         xi.copy_(x)
     xi.requires_grad_(True)
@@ -77,7 +77,7 @@ def _compare(x, w, b, rm, rv, training, activation, kw, g=None, skip=None):
     """Runs fusedbn, eager and eager in float64 on the same data; skip: the
     elements (bool mask by result name) left out of the comparison."""
     if g is None:
-        g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+        g = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
         g = _layout(g, "channels_last" if x.is_contiguous(memory_format=torch.channels_last)
                     and not x.is_contiguous() else "contiguous")
 
@@ -97,22 +97,22 @@ def _compare(x, w, b, rm, rv, training, activation, kw, g=None, skip=None):
     return rf, re
 
 
-def _params(C, dtype):
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
-    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(pdt)
-    b = (torch.randn(C, dtype=torch.float64) * 0.5).to(pdt)
-    rm = (torch.randn(C, dtype=torch.float64) * 0.5).to(pdt)
-    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(pdt)
+def _params(C, dtype, device):
+    pdt = dict(dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(**pdt)
+    b = (torch.randn(C, dtype=torch.float64) * 0.5).to(**pdt)
+    rm = (torch.randn(C, dtype=torch.float64) * 0.5).to(**pdt)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(**pdt)
     return w, b, rm, rv
 
 
 # ------------------------------------------------------- near the maximum
 
-def test_near_max_issue_example():
-    x = torch.tensor([[1e38], [2e38], [1.5e38], [1.2e38]])
-    rm, rv = torch.zeros(1), torch.ones(1)
+def test_near_max_issue_example(device):
+    x = torch.tensor([[1e38], [2e38], [1.5e38], [1.2e38]], device=device)
+    rm, rv = torch.zeros(1, device=device), torch.ones(1, device=device)
     y = fusedbn.batch_norm_act(x, rm, rv, None, None, training=True, activation="identity")
-    rme, rve = torch.zeros(1), torch.ones(1)
+    rme, rve = torch.zeros(1, device=device), torch.ones(1, device=device)
     F.batch_norm(x, rme, rve, None, None, True)
     # (Eager's output is all zeros here, float64's is not.)
     y64 = F.batch_norm(x.double(), None, None, None, None, True)
@@ -129,12 +129,12 @@ NEAR_MAX = {torch.float32: 1.4e38, torch.bfloat16: 1.4e38, torch.float16: 3e4,
             torch.float64: 1e300}
 
 
-def _near_max_input(shape, dtype, layout, big):
+def _near_max_input(shape, dtype, layout, big, device):
     C = shape[1]
     view = [1, C] + [1] * (len(shape) - 2)
     sign = torch.tensor([1.0, -1.0, 1.0])[:C].view(view).double()
     x = (torch.rand(shape, dtype=torch.float64) - 0.5) * 0.4 + 1.0
-    return _layout((x * sign * big).to(dtype), layout)
+    return _layout((x * sign * big).to(device=device, dtype=dtype), layout)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -142,11 +142,11 @@ def _near_max_input(shape, dtype, layout, big):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(4, 3, 2, 3), (2, 3, 72, 72)], ids=["small", "blocks"])
-def test_near_max(shape, dtype, layout, activation, kw, training):
+def test_near_max(device, shape, dtype, layout, activation, kw, training):
     seed("near-max", shape, dtype, layout, activation, training)
     big = NEAR_MAX[dtype]
-    x = _near_max_input(shape, dtype, layout, big)
-    w, b, rm, rv = _params(shape[1], dtype)
+    x = _near_max_input(shape, dtype, layout, big, device)
+    w, b, rm, rv = _params(shape[1], dtype, device)
     if not training:
         # Running statistics of the data's scale, within the parameter dtype.
         rm = rm * big
@@ -157,7 +157,7 @@ def test_near_max(shape, dtype, layout, activation, kw, training):
 # ---------------------------------------------------- +-inf / NaN (training)
 
 # Channel 0: +inf, 1: -inf, 2: NaN, 3: +inf and -inf, 4: finite.
-def _nonfinite_input(shape, dtype, layout, where):
+def _nonfinite_input(shape, dtype, layout, where, device):
     x = torch.randn(shape, dtype=torch.float64)
     n, s = where
     flat = x.view(shape[0], shape[1], -1)
@@ -166,19 +166,19 @@ def _nonfinite_input(shape, dtype, layout, where):
     flat[n, 2, s] = float("nan")
     flat[n, 3, s] = float("inf")
     flat[0, 3, 0] = float("-inf")
-    return _layout(x.to(dtype), layout)
+    return _layout(x.to(device=device, dtype=dtype), layout)
 
 
 @pytest.mark.parametrize("activation,kw", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(2, 5, 3, 4), (2, 5, 72, 72)], ids=["small", "blocks"])
-def test_nonfinite_train(shape, dtype, layout, activation, kw):
+def test_nonfinite_train(device, shape, dtype, layout, activation, kw):
     seed("nonfinite", shape, dtype, layout, activation)
     S = shape[2] * shape[3]
     # The value in the last block of the last plane: merged into finite moments.
-    x = _nonfinite_input(shape, dtype, layout, (shape[0] - 1, S - 1))
-    w, b, rm, rv = _params(shape[1], dtype)
+    x = _nonfinite_input(shape, dtype, layout, (shape[0] - 1, S - 1), device)
+    w, b, rm, rv = _params(shape[1], dtype, device)
     rf, re = _compare(x, w, b, rm, rv, True, activation, kw, skip=_elu_nan_skip(x, activation, True))
     rm_f = rf["running_mean"]
     assert rm_f[0] == float("inf") and rm_f[1] == float("-inf")
@@ -208,11 +208,11 @@ def _elu_nan_skip(x, activation, training):
 @pytest.mark.parametrize("activation,kw", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_nonfinite_eval_backward(dtype, layout, activation, kw):
+def test_nonfinite_eval_backward(device, dtype, layout, activation, kw):
     seed("nonfinite-eval", dtype, layout, activation)
     shape = (2, 5, 3, 4)
-    x = _nonfinite_input(shape, dtype, layout, (1, 5))
-    w, b, rm, rv = _params(shape[1], dtype)
+    x = _nonfinite_input(shape, dtype, layout, (1, 5), device)
+    w, b, rm, rv = _params(shape[1], dtype, device)
     rf, re = _compare(x, w, b, rm, rv, False, activation, kw, skip=_elu_nan_skip(x, activation, False))
     # The input gradient only depends on x through the activation's slope.
     if activation in ("identity", "leaky_relu"):
@@ -224,18 +224,18 @@ def test_nonfinite_eval_backward(dtype, layout, activation, kw):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_inplace_elu_saturated(dtype, layout, training):
+def test_inplace_elu_saturated(device, dtype, layout, training):
     seed("elu-saturated", dtype, layout, training)
     shape, C, alpha = (4, 3, 8, 8), 3, 1.0
-    x = _layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
-    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    x = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout)
+    pdt = dict(dtype=torch.float64 if dtype == torch.float64 else torch.float32, device=device)
     # Channel 0 saturates entirely, channel 1 partly, channel 2 not at all
     # (pre-activations down to about -150, -50 and 0 at worst).
-    w = torch.tensor([1.0, 20.0, 0.5], dtype=pdt)
-    b = torch.tensor([-150.0, -10.0, 1.0], dtype=pdt)
-    rm = torch.zeros(C, dtype=pdt)
-    rv = torch.ones(C, dtype=pdt)
-    g = _layout(torch.randn(shape, dtype=torch.float64).to(dtype), layout)
+    w = torch.tensor([1.0, 20.0, 0.5], **pdt)
+    b = torch.tensor([-150.0, -10.0, 1.0], **pdt)
+    rm = torch.zeros(C, **pdt)
+    rv = torch.ones(C, **pdt)
+    g = _layout(torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype), layout)
 
     def fused(xi, rmi, rvi, wi, bi):
         # In-place needs a non-leaf input.
@@ -269,7 +269,7 @@ def test_inplace_elu_saturated(dtype, layout, training):
     # statistics so is its part of dx (the mean/variance terms). Elsewhere,
     # and everywhere in eval (dx = dy * elu'(pre) * scale = 0 there), dx
     # matches.
-    keep = torch.ones(shape, dtype=torch.bool)
+    keep = torch.ones(shape, dtype=torch.bool, device=device)
     if training:
         keep = rf["out"].double() > -alpha * (1 - 1e-2)
     _check("grad_input", dx[keep], re["grad_input"][keep], r64["grad_input"][keep])

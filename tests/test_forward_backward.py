@@ -16,10 +16,10 @@ DTYPE_IDS = [str(d).replace("torch.", "") for d in ALL_DTYPES]
 MODES = ["train", "eval", "train_nostats_then_eval"]
 
 
-def _setup(rank, activation, kwargs, dtype, param_dtype=None, **mod_kwargs):
+def _setup(rank, activation, kwargs, dtype, param_dtype=None, device="cpu", **mod_kwargs):
     C = SHAPES[rank][1]
     fused = make_fused(rank, C, activation, kwargs, dtype=dtype, param_dtype=param_dtype,
-                       **mod_kwargs)
+                       device=device, **mod_kwargs)
     ref = eager_like(fused)
     ref64 = eager_like(fused, dtype=torch.float64)
     return fused, ref, ref64
@@ -29,45 +29,48 @@ def _setup(rank, activation, kwargs, dtype, param_dtype=None, **mod_kwargs):
 @pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=[f"{r}d-{l}" for r, l in RANK_LAYOUTS])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_matrix(act, dtype, rank, layout, mode):
+def test_matrix(device, act, dtype, rank, layout, mode):
     activation, kwargs = act
     seed(activation, dtype, rank, layout, mode)
     track = mode != "train_nostats_then_eval"
-    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, track_running_stats=track)
-    x = make_input(SHAPES[rank], dtype, layout)
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, device=device,
+                               track_running_stats=track)
+    x = make_input(SHAPES[rank], dtype, layout, device=device)
     if mode == "train":
         compare_steps(fused, ref, ref64, x, True)
         # A second step, in eval, with the statistics just updated.
-        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout), False)
+        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout, device=device),
+                      False)
     elif mode == "eval":
         compare_steps(fused, ref, ref64, x, False)
     else:
         assert fused.running_mean is None and fused.num_batches_tracked is None
         compare_steps(fused, ref, ref64, x, True)
-        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout), False)
+        compare_steps(fused, ref, ref64, make_input(SHAPES[rank], dtype, layout, device=device),
+                      False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_momentum_none_cumulative(act, layout, dtype):
+def test_momentum_none_cumulative(device, act, layout, dtype):
     activation, kwargs = act
     seed(1)
-    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, momentum=None)
+    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, device=device, momentum=None)
     assert fused.momentum is None and ref.bn.momentum is None
     for i in range(3):
-        x = make_input(SHAPES[4], dtype, layout)
+        x = make_input(SHAPES[4], dtype, layout, device=device)
         compare_steps(fused, ref, ref64, x, True)
         assert fused.num_batches_tracked.item() == i + 1
-    compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout), False)
+    compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout, device=device), False)
 
 
-def test_momentum_none_is_cumulative_average():
+def test_momentum_none_is_cumulative_average(device):
     """Three steps with momentum=None give the plain average of the batch
     statistics (var unbiased), whatever the initial buffers were."""
     seed(2)
-    mod = make_fused(4, 3, "relu", {}, momentum=None)
-    xs = [make_input((2, 3, 3, 3)) for _ in range(3)]
+    mod = make_fused(4, 3, "relu", {}, momentum=None, device=device)
+    xs = [make_input((2, 3, 3, 3), device=device) for _ in range(3)]
     for x in xs:
         mod(x)
     dims = (0, 2, 3)
@@ -92,16 +95,17 @@ CONFIGS = {
                          ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("config", list(CONFIGS), ids=list(CONFIGS))
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_module_configs(act, config, dtype, mode):
+def test_module_configs(device, act, config, dtype, mode):
     activation, kwargs = act
     seed(3)
-    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, **CONFIGS[config])
+    fused, ref, ref64 = _setup(4, activation, kwargs, dtype, device=device, **CONFIGS[config])
     if config.startswith("affine_false"):
         assert fused.weight is None and fused.bias is None
     if config == "bias_false":
         assert fused.bias is None and fused.weight is not None
     for layout in ("contiguous", "channels_last"):
-        compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout), mode == "train")
+        compare_steps(fused, ref, ref64, make_input(SHAPES[4], dtype, layout, device=device),
+                      mode == "train")
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -110,14 +114,15 @@ def test_module_configs(act, config, dtype, mode):
                          ids=["2d", "3d-nlc", "4d", "4d-cl", "5d-cl"])
 @pytest.mark.parametrize("dtype", LOW_DTYPES, ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_mixed_float32_params_low_precision_input(act, dtype, rank, layout, mode):
+def test_mixed_float32_params_low_precision_input(device, act, dtype, rank, layout, mode):
     """What autocast produces: module (params, buffers) in float32, input in
     bf16/fp16. Compared to eager BN on the same mixed inputs."""
     activation, kwargs = act
     seed(4)
-    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, param_dtype=torch.float32)
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, param_dtype=torch.float32,
+                               device=device)
     assert fused.weight.dtype == torch.float32 and fused.running_mean.dtype == torch.float32
-    x = make_input(SHAPES[rank], dtype, layout)
+    x = make_input(SHAPES[rank], dtype, layout, device=device)
     (out, gi, gw, gb), _ = compare_steps(fused, ref, ref64, x, mode == "train")
     assert out.dtype == dtype and gi.dtype == dtype
     assert gw.dtype == torch.float32 and gb.dtype == torch.float32
@@ -127,11 +132,11 @@ def test_mixed_float32_params_low_precision_input(act, dtype, rank, layout, mode
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("rank,layout", RANK_LAYOUTS, ids=[f"{r}d-{l}" for r, l in RANK_LAYOUTS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_memory_format_preserved(dtype, rank, layout, mode):
+def test_memory_format_preserved(device, dtype, rank, layout, mode):
     seed(5)
-    mod = make_fused(rank, SHAPES[rank][1], "relu", {}, dtype=dtype)
+    mod = make_fused(rank, SHAPES[rank][1], "relu", {}, dtype=dtype, device=device)
     mod.train(mode == "train")
-    x = make_input(SHAPES[rank], dtype, layout, requires_grad=True)
+    x = make_input(SHAPES[rank], dtype, layout, requires_grad=True, device=device)
     x = clone_layout(x, requires_grad=True)
     out = mod(x)
     out.backward(torch.randn_like(out))
@@ -155,16 +160,16 @@ def test_memory_format_preserved(dtype, rank, layout, mode):
                          ids=["2d", "3d", "4d", "4d-cl", "5d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_zero_size_batch(act, dtype, rank, layout, mode):
+def test_zero_size_batch(device, act, dtype, rank, layout, mode):
     activation, kwargs = act
     seed(6)
-    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype)
+    fused, ref, ref64 = _setup(rank, activation, kwargs, dtype, device=device)
     shape = (0,) + SHAPES[rank][1:]
-    x = make_input(shape, dtype, "contiguous")
+    x = make_input(shape, dtype, "contiguous", device=device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     rm0, rv0 = fused.running_mean.clone(), fused.running_var.clone()
-    g = torch.zeros(shape, dtype=dtype)
+    g = torch.zeros(shape, dtype=dtype, device=device)
     res_f = step(fused, x, g, mode == "train")
     res_e = step(ref, x, g, mode == "train")
     for name, a, e in zip(("out", "grad_input", "grad_weight", "grad_bias"), res_f, res_e):
@@ -178,13 +183,13 @@ def test_zero_size_batch(act, dtype, rank, layout, mode):
     assert fused.num_batches_tracked.item() == (1 if mode == "train" else 0)
 
 
-def test_functional_matches_module_and_eager():
+def test_functional_matches_module_and_eager(device):
     """batch_norm_act (functional) vs F.batch_norm + activation, running
     statistics updated in place identically, num_batches_tracked optional."""
     seed(7)
-    x = make_input((3, 4, 5))
-    w, b = torch.rand(4) + 0.5, torch.randn(4)
-    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    x = make_input((3, 4, 5), device=device)
+    w, b = (torch.rand(4) + 0.5).to(device), torch.randn(4).to(device)
+    rm, rv = torch.randn(4).to(device), (torch.rand(4) + 0.5).to(device)
     rm2, rv2 = rm.clone(), rv.clone()
     out = fusedbn.batch_norm_act(x, rm, rv, w, b, True, 0.2, 1e-4, "leaky_relu", 0.2)
     exp = F.leaky_relu(F.batch_norm(x, rm2, rv2, w, b, True, 0.2, 1e-4), 0.2)
@@ -199,7 +204,7 @@ def test_functional_matches_module_and_eager():
     out = fusedbn.batch_norm_act(x, rm, rv, w, b, False, activation="identity")
     assert_close(out, F.batch_norm(x, rm, rv, w, b, False), name="out (eval)")
     # num_batches_tracked is incremented in training when given.
-    nbt = torch.tensor(5)
+    nbt = torch.tensor(5, device=device)
     fusedbn.batch_norm_act(x, rm, rv, w, b, True, num_batches_tracked=nbt)
     assert nbt.item() == 6
     fusedbn.batch_norm_act(x, rm, rv, w, b, False, num_batches_tracked=nbt)
@@ -212,7 +217,7 @@ NUMERICS = [(1e4, 1e-2), (1e3, 1.0), (-5e3, 0.1)]
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("mean,std", NUMERICS, ids=[f"{m:g}+{s:g}" for m, s in NUMERICS])
 @pytest.mark.parametrize("act", [ACTIVATIONS[0], ACTIVATIONS[3]], ids=["identity", "elu"])
-def test_large_mean_small_spread(act, mean, std, layout):
+def test_large_mean_small_spread(device, act, mean, std, layout):
     """float32 input whose mean dwarfs its spread: the variance must not be
     lost (a one-pass E[x^2] - E[x]^2 gives garbage here).
 
@@ -229,15 +234,15 @@ def test_large_mean_small_spread(act, mean, std, layout):
     failures = []
     for trial in range(8):
         seed("numerics", mean, std, layout, trial)
-        x = (mean + torch.randn((4, 3, 5, 5), dtype=torch.float64) * std).float()
+        x = (mean + torch.randn((4, 3, 5, 5), dtype=torch.float64) * std).float().to(device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
         xd = x.double()
         # momentum=1 makes the running statistics the batch's own (var unbiased).
-        rm, rv = torch.zeros(3), torch.zeros(3)
+        rm, rv = torch.zeros(3, device=device), torch.zeros(3, device=device)
         out = fusedbn.batch_norm_act(x, rm, rv, None, None, True, 1.0, 1e-5, activation,
                                      **kwargs)
-        rm_e, rv_e = torch.zeros(3), torch.zeros(3)
+        rm_e, rv_e = torch.zeros(3, device=device), torch.zeros(3, device=device)
         out_e = apply_activation(F.batch_norm(x, rm_e, rv_e, None, None, True, 1.0, 1e-5),
                                  activation, **kwargs)
         out_64 = apply_activation(F.batch_norm(xd, None, None, None, None, True, 1.0, 1e-5),
@@ -266,17 +271,17 @@ OPTIONALS = [(w, b, s, t) for w in (False, True) for b in (False, True) for s in
 @pytest.mark.parametrize("has_weight,has_bias,has_stats,training", OPTIONALS,
                          ids=[f"w{int(w)}-b{int(b)}-stats{int(s)}-{'train' if t else 'eval'}"
                               for w, b, s, t in OPTIONALS])
-def test_functional_optional_tensors(has_weight, has_bias, has_stats, training):
+def test_functional_optional_tensors(device, has_weight, has_bias, has_stats, training):
     """Every combination of weight / bias / running statistics being None:
     output and the gradient of each tensor that was given, as F.batch_norm."""
     seed("optional", has_weight, has_bias, has_stats, training)
     C = 3
-    x = make_input((3, C, 4))
-    w = torch.rand(C) + 0.5 if has_weight else None
-    b = torch.randn(C) * 0.5 if has_bias else None
-    rm = torch.randn(C) * 0.3 if has_stats else None
-    rv = torch.rand(C) + 0.5 if has_stats else None
-    g = torch.randn(x.shape)
+    x = make_input((3, C, 4), device=device)
+    w = (torch.rand(C) + 0.5).to(device) if has_weight else None
+    b = (torch.randn(C) * 0.5).to(device) if has_bias else None
+    rm = (torch.randn(C) * 0.3).to(device) if has_stats else None
+    rv = (torch.rand(C) + 0.5).to(device) if has_stats else None
+    g = torch.randn(x.shape).to(device)
 
     def run(fn):
         xi = x.clone().requires_grad_()
@@ -297,15 +302,15 @@ def test_functional_optional_tensors(has_weight, has_bias, has_stats, training):
         assert_close(a, e, name=name)
 
 
-def test_bias_gradient_without_weight():
+def test_bias_gradient_without_weight(device):
     """Minimal form of the optional-tensor case above: weight=None, bias given."""
     seed("bias-only")
-    x = torch.randn(2, 3, 4, requires_grad=True)
-    b = torch.randn(3, requires_grad=True)
-    fusedbn.batch_norm_act(x, torch.zeros(3), torch.ones(3), None, b, training=True,
-                           activation="identity").sum().backward()
+    x = torch.randn(2, 3, 4).to(device).requires_grad_()
+    b = torch.randn(3).to(device).requires_grad_()
+    fusedbn.batch_norm_act(x, torch.zeros(3, device=device), torch.ones(3, device=device), None,
+                           b, training=True, activation="identity").sum().backward()
     assert b.grad is not None, "bias.grad is None: the bias gradient was not computed"
-    torch.testing.assert_close(b.grad, torch.full((3,), 8.0))
+    torch.testing.assert_close(b.grad, torch.full((3,), 8.0, device=device))
 
 
 # The CPU kernels walk a channel in blocks of 4096 values: short planes are
@@ -322,23 +327,25 @@ BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=["x".join(map(str, s)) for s in BLOCK_SHAPES])
-def test_block_regimes(shape, dtype, layout):
+def test_block_regimes(device, shape, dtype, layout):
     seed("blocks", shape, dtype, layout)
     activation, kwargs = ACTIVATIONS[2]
-    fused = make_fused(4, shape[1], activation, kwargs, dtype=dtype)
+    fused = make_fused(4, shape[1], activation, kwargs, dtype=dtype, device=device)
     ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
-    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), True, vs64=True)
-    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout), False, vs64=True)
+    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device), True,
+                  vs64=True)
+    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device), False,
+                  vs64=True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(256, 8, 4, 4), (64, 8, 5, 5)], ids=["4x4", "5x5"])
-def test_statistics_of_tiny_planes_within_ulps(shape, layout):
+def test_statistics_of_tiny_planes_within_ulps(device, shape, layout):
     """Planes shorter than the 32 vector lanes are all 'tail': their sums
     must still be spread over lanes, not added one by one into a scalar
     (that cost ~10 ulps of invstd at 256x64x4x4)."""
     seed("tiny-planes", shape, layout)
-    x = make_input(shape, torch.float32, layout) * 1.3 + 0.4
+    x = make_input(shape, torch.float32, layout, device=device) * 1.3 + 0.4
     C = shape[1]
     _, mean, invstd = torch.ops.fusedbn.forward.default(
         x, None, None, None, None, None, None, True, 0.1, 1e-5, "identity", 0.01, 1.0)
@@ -354,19 +361,21 @@ def test_statistics_of_tiny_planes_within_ulps(shape, layout):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
-def test_empty_1d_input_as_f_batch_norm(training, inplace):
+def test_empty_1d_input_as_f_batch_norm(device, training, inplace):
     """F.batch_norm takes a 1-D input of shape (0,) with 0-element running
     statistics and returns an empty tensor; so does batch_norm_act (it raised)."""
-    rm, rv = torch.empty(0), torch.empty(0)
-    x = torch.empty(0)
+    rm, rv = torch.empty(0, device=device), torch.empty(0, device=device)
+    x = torch.empty(0, device=device)
     expected = F.batch_norm(x, rm, rv, training=training)
-    xi = torch.empty(0, requires_grad=True)
+    xi = torch.empty(0, device=device, requires_grad=True)
     out = fusedbn.batch_norm_act(xi * 1 if inplace else xi, rm, rv, training=training,
                                  activation="leaky_relu", inplace=inplace)
     assert out.shape == expected.shape == (0,) and out.dtype == expected.dtype
     out.sum().backward()
     assert xi.grad.shape == (0,)
     with pytest.raises(RuntimeError, match="running_mean must have shape"):
-        fusedbn.batch_norm_act(x, torch.zeros(3), torch.ones(3), training=training)
+        fusedbn.batch_norm_act(x, torch.zeros(3, device=device), torch.ones(3, device=device),
+                               training=training)
     with pytest.raises(ValueError, match="got a 1D input"):
-        fusedbn.batch_norm_act(torch.zeros(3), torch.empty(0), torch.empty(0))
+        fusedbn.batch_norm_act(torch.zeros(3, device=device), torch.empty(0, device=device),
+                               torch.empty(0, device=device))

@@ -17,7 +17,7 @@ class _Stats:
         self.running_mean, self.running_var, self.weight, self.bias, self.eps = rm, rv, w, b, eps
 
 
-def _inputs(activation, training, channels_last, key):
+def _inputs(activation, training, channels_last, key, device):
     seed("gradcheck", activation, training, channels_last, key)
     C = SHAPE[1]
     x = torch.randn(SHAPE, dtype=torch.float64) * 1.5 + 0.3
@@ -25,6 +25,7 @@ def _inputs(activation, training, channels_last, key):
     b = torch.randn(C, dtype=torch.float64) * 0.3
     rm = torch.randn(C, dtype=torch.float64) * 0.3
     rv = torch.rand(C, dtype=torch.float64) + 0.5
+    x, w, b, rm, rv = (t.to(device) for t in (x, w, b, rm, rv))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if activation != "identity":
@@ -47,9 +48,9 @@ def _fn(rm, rv, training, activation, kwargs):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_gradcheck(act, training, channels_last):
+def test_gradcheck(device, act, training, channels_last):
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc")
+    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
     assert gradcheck(_fn(rm, rv, training, activation, kwargs), args, eps=1e-6, atol=1e-5,
                      rtol=1e-4)
@@ -57,11 +58,11 @@ def test_gradcheck(act, training, channels_last):
 
 @pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_single_input(wrt, training):
+def test_gradcheck_single_input(device, wrt, training):
     """Gradient with respect to one tensor at a time (the others constant):
     exercises the backward's output_mask."""
     activation, kwargs = ACTIVATIONS[2]
-    x, w, b, rm, rv = _inputs(activation, training, False, wrt)
+    x, w, b, rm, rv = _inputs(activation, training, False, wrt, device)
     tensors = {"input": x, "weight": w, "bias": b}
     tensors[wrt].requires_grad_()
     f = _fn(rm, rv, training, activation, kwargs)
@@ -70,9 +71,9 @@ def test_gradcheck_single_input(wrt, training):
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck_without_affine(training):
+def test_gradcheck_without_affine(device, training):
     activation, kwargs = ACTIVATIONS[3]
-    x, _, _, rm, rv = _inputs(activation, training, False, "noaffine")
+    x, _, _, rm, rv = _inputs(activation, training, False, "noaffine", device)
     f = _fn(rm, rv, training, activation, kwargs)
     assert gradcheck(lambda t: f(t, None, None), (x.requires_grad_(),), eps=1e-6, atol=1e-5,
                      rtol=1e-4)
@@ -80,33 +81,34 @@ def test_gradcheck_without_affine(training):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("act", [ACTIVATIONS[1], ACTIVATIONS[3]], ids=["relu", "elu"])
-def test_gradgradcheck(act, training):
+def test_gradgradcheck(device, act, training):
     """Double backward (the backward op has its own autograd formula)."""
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, False, "gg")
+    x, w, b, rm, rv = _inputs(activation, training, False, "gg", device)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
     assert gradgradcheck(_fn(rm, rv, training, activation, kwargs), args, eps=1e-6, atol=1e-4,
                          rtol=1e-3)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_double_backward_zero_size_batch(training):
+def test_double_backward_zero_size_batch(device, training):
     """Double backward through an empty batch: zero second-order gradients,
     as eager BatchNorm gives (never NaN)."""
     seed("gg-empty", training)
-    rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
+    rm, rv = torch.zeros(3, **f64), torch.ones(3, **f64)
     results = []
     for fn in (lambda x, w, b: fusedbn.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training,
                                                       activation="relu"),
                lambda x, w, b: torch.relu(torch.nn.functional.batch_norm(
                    x, rm.clone(), rv.clone(), w, b, training))):
-        x = torch.randn(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
-        w = torch.rand(3, dtype=torch.float64).add(0.5).requires_grad_()
-        b = torch.randn(3, dtype=torch.float64, requires_grad=True)
-        g = torch.randn(0, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(0, 3, 2, 2, **f64, requires_grad=True)
+        w = torch.rand(3, **f64).add(0.5).requires_grad_()
+        b = torch.randn(3, **f64, requires_grad=True)
+        g = torch.randn(0, 3, 2, 2, **f64, requires_grad=True)
         _, gw, gb = torch.autograd.grad(fn(x, w, b), (x, w, b), g, create_graph=True)
         gg = torch.autograd.grad(gw.sum() + gb.sum(), (w,), allow_unused=True)[0]
-        results.append(torch.zeros(3, dtype=torch.float64) if gg is None else gg.detach())
+        results.append(torch.zeros(3, **f64) if gg is None else gg.detach())
     fused, eager = results
     assert torch.isfinite(fused).all(), f"second-order weight gradient {fused} (eager {eager})"
     torch.testing.assert_close(fused, eager)

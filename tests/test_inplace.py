@@ -34,9 +34,10 @@ def _grads(fn, x, w, b, z, g):
 
 
 def _compare_inplace(x, w, b, z, activation, kw, training, dtype):
-    C = x.shape[1]
-    rm, rv = torch.randn(C, dtype=torch.float64) * 0.1, torch.rand(C, dtype=torch.float64) + 0.5
-    g = torch.randn(x.shape, dtype=torch.float64)
+    C, device = x.shape[1], x.device
+    rm = (torch.randn(C, dtype=torch.float64) * 0.1).to(device)
+    rv = (torch.rand(C, dtype=torch.float64) + 0.5).to(device)
+    g = torch.randn(x.shape, dtype=torch.float64).to(device)
     if z is None:
         # Off the kink at 0, where a rounding picks the derivative's branch.
         mod = SimpleNamespace(running_mean=rm, running_var=rv, weight=w, bias=b, eps=1e-5)
@@ -69,40 +70,41 @@ def _compare_inplace(x, w, b, z, activation, kw, training, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("weight", [0.0, 1e-20, 1e-6, 1e-3, 0.2, 0.26, 1.0, -0.3])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_small_weight_next_to_bias(activation, kw, dtype, weight, training):
+def test_small_weight_next_to_bias(device, activation, kw, dtype, weight, training):
     """The issue's case: b = 1, |w| from 0 to 1. Before per-channel keeping,
     only w == 0 kept the input: at w = 1e-6 grad_weight was 2.4% off, at
     1e-20 it was 0."""
     seed("inplace-small-weight", activation, dtype, weight, training)
-    x = torch.randn(4, 3, 4, dtype=torch.float64) + 0.3
-    w = torch.tensor([weight, 1.0, 0.5], dtype=torch.float64)
-    b = torch.tensor([1.0, -0.2, 3.0], dtype=torch.float64)  # channel 2: |b|/|w| = 6, kept
+    x = (torch.randn(4, 3, 4, dtype=torch.float64) + 0.3).to(device)
+    w = torch.tensor([weight, 1.0, 0.5], dtype=torch.float64, device=device)
+    b = torch.tensor([1.0, -0.2, 3.0], dtype=torch.float64,
+                     device=device)  # channel 2: |b|/|w| = 6, kept
     _compare_inplace(x, w, b, None, activation, kw, training, dtype)
 
 
 @pytest.mark.parametrize("activation,kw", INVERTIBLE, ids=INV_IDS)
 @pytest.mark.parametrize("residual_scale", [0.1, 1e3])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_large_residual(activation, kw, residual_scale, channels_last):
+def test_large_residual(device, activation, kw, residual_scale, channels_last):
     seed("inplace-residual", activation, residual_scale, channels_last)
-    x = torch.randn(2, 5, 3, 3, dtype=torch.float64)
-    z = torch.randn(2, 5, 3, 3, dtype=torch.float64) * residual_scale
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64).to(device)
+    z = (torch.randn(2, 5, 3, 3, dtype=torch.float64) * residual_scale).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         z = z.contiguous(memory_format=torch.channels_last)
-    w = torch.rand(5, dtype=torch.float64) + 0.5
-    b = torch.randn(5, dtype=torch.float64) * 0.1
+    w = (torch.rand(5, dtype=torch.float64) + 0.5).to(device)
+    b = (torch.randn(5, dtype=torch.float64) * 0.1).to(device)
     _compare_inplace(x, w, b, z, activation, kw, True, torch.float32)
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_kept_channels_follow_the_rule(with_residual):
+def test_kept_channels_follow_the_rule(device, with_residual):
     """forward_ keeps exactly the channels with (|b| + max|z|) / |w| > 4, NaN
     included, and their inputs as they were before the output overwrote them."""
-    x = torch.randn(3, 6, 5)
-    w = torch.tensor([1.0, 0.0, 1e-3, 0.25, float("nan"), -2.0])
-    b = torch.tensor([4.0, 0.0, 0.0, 1.01, 0.0, -8.0])
-    z = torch.zeros(3, 6, 5)
+    x = torch.randn(3, 6, 5).to(device)
+    w = torch.tensor([1.0, 0.0, 1e-3, 0.25, float("nan"), -2.0], device=device)
+    b = torch.tensor([4.0, 0.0, 0.0, 1.01, 0.0, -8.0], device=device)
+    z = torch.zeros(3, 6, 5, device=device)
     z[1, 5, 2] = -0.5  # channel 5: (8 + 0.5) / 2 > 4
     expected = [1, 3, 4] + ([5] if with_residual else [])
     expected = sorted(expected + ([2] if with_residual else []))
@@ -119,18 +121,18 @@ def test_kept_channels_follow_the_rule(with_residual):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16bit_keeps_every_channel(dtype):
+def test_16bit_keeps_every_channel(device, dtype):
     """Recovering xhat from an 8- or 11-bit output cannot meet eager's
     precision (glue.cpp: kept_channels), so 16-bit in-place keeps the input."""
-    x = torch.randn(3, 4, 5).to(dtype)
+    x = torch.randn(3, 4, 5).to(device=device, dtype=dtype)
     x0 = x.clone()
-    *_, kept, idx = FORWARD_(x, None, torch.ones(4), torch.zeros(4), None, None, None, True,
-                             0.1, 1e-5, "identity", 0.01, 1.0)
+    *_, kept, idx = FORWARD_(x, None, torch.ones(4, device=device), torch.zeros(4, device=device),
+                             None, None, None, True, 0.1, 1e-5, "identity", 0.01, 1.0)
     assert idx.tolist() == [0, 1, 2, 3] and torch.equal(kept, x0)
 
 
-def test_no_parameters_keep_nothing():
-    x = torch.randn(4, 3)
+def test_no_parameters_keep_nothing(device):
+    x = torch.randn(4, 3, device=device)
     *_, kept, idx = FORWARD_(x, None, None, None, None, None, None, True, 0.1, 1e-5,
                              "identity", 0.01, 1.0)
     assert idx.numel() == 0 and kept.shape == (4, 0)
@@ -150,22 +152,23 @@ def _view_cases():
 
 @pytest.mark.parametrize("name,make", _view_cases(), ids=[n for n, _ in _view_cases()])
 @pytest.mark.parametrize("activation,kw", INVERTIBLE, ids=INV_IDS)
-def test_inplace_on_view(name, make, activation, kw):
+def test_inplace_on_view(device, name, make, activation, kw):
     """In place on a view of a tensor that needs grad works as eager in-place
     ops do: the base sees the output, gradients flow through the view."""
     seed("inplace-view", name, activation)
-    leaf = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    leaf = torch.randn(2, 5, 3, 4, dtype=torch.float64).to(device).requires_grad_()
     C = make(leaf.detach()).shape[1]
-    w = (torch.rand(C, dtype=torch.float64) + 0.5).requires_grad_()
-    b = (torch.randn(C, dtype=torch.float64) * 0.2).requires_grad_()
-    g = torch.randn(leaf.shape, dtype=torch.float64)
+    w = (torch.rand(C, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = (torch.randn(C, dtype=torch.float64) * 0.2).to(device).requires_grad_()
+    g = torch.randn(leaf.shape, dtype=torch.float64).to(device)
 
     def run(inplace):
         lf = leaf.detach().clone().requires_grad_()
         wl, bl = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
         base = lf * 1.0
         v = make(base)
-        rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+        rm = torch.zeros(C, dtype=torch.float64, device=device)
+        rv = torch.ones(C, dtype=torch.float64, device=device)
         if inplace:
             out = fusedbn.batch_norm_act(v, rm, rv, wl, bl, True, 0.1, 1e-5, activation,
                                          inplace=True, **kw)
@@ -180,38 +183,40 @@ def test_inplace_on_view(name, make, activation, kw):
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name_}: {m}")
 
 
-def _stats():
-    return torch.zeros(3), torch.ones(3), torch.tensor(5, dtype=torch.long)
+def _stats(device):
+    return (torch.zeros(3, device=device), torch.ones(3, device=device),
+            torch.tensor(5, dtype=torch.long, device=device))
 
 
 def _assert_untouched(rm, rv, nbt):
-    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    assert torch.equal(rm, torch.zeros(3, device=rm.device))
+    assert torch.equal(rv, torch.ones(3, device=rv.device))
     assert nbt.item() == 5
 
 
 @pytest.mark.parametrize("case", ["leaf", "expanded", "unbind-view", "nograd-view",
                                   "overlapping-weight"])
-def test_forbidden_inplace_raises_before_touching_buffers(case):
+def test_forbidden_inplace_raises_before_touching_buffers(device, case):
     """Where PyTorch refuses an in-place write, the error comes before the
     running statistics, num_batches_tracked or the input change."""
-    rm, rv, nbt = _stats()
-    w = torch.ones(3, requires_grad=True)
+    rm, rv, nbt = _stats(device)
+    w = torch.ones(3, device=device, requires_grad=True)
     if case == "leaf":
-        x = torch.randn(4, 3, requires_grad=True)
+        x = torch.randn(4, 3, device=device, requires_grad=True)
         err = "leaf Variable that requires grad"
     elif case == "expanded":
-        x = torch.randn(1, 3).expand(4, 3)
+        x = torch.randn(1, 3, device=device).expand(4, 3)
         err = "more than one element of the written-to tensor"
     elif case == "unbind-view":
-        x = torch.randn(2, 4, 3, requires_grad=True).clone().unbind(0)[0]
+        x = torch.randn(2, 4, 3, device=device, requires_grad=True).clone().unbind(0)[0]
         err = "returns multiple views"
     elif case == "nograd-view":
-        base = torch.randn(4, 3, requires_grad=True).clone()
+        base = torch.randn(4, 3, device=device, requires_grad=True).clone()
         with torch.no_grad():
             x = base[1:]
         err = "no_grad mode"
     else:
-        storage = torch.randn(5, 3)
+        storage = torch.randn(5, 3, device=device)
         x = storage[1:]
         w = storage[2].detach()
         err = "unsupported operation"
@@ -223,9 +228,9 @@ def test_forbidden_inplace_raises_before_touching_buffers(case):
     assert torch.equal(x.detach(), before)
 
 
-def test_double_backward_through_inplace_still_raises():
-    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(3, dtype=torch.float64, requires_grad=True)
+def test_double_backward_through_inplace_still_raises(device):
+    x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
     y = fusedbn.batch_norm_act(x * 1.0, None, None, w, None, True, 0.1, 1e-5, "leaky_relu",
                                inplace=True)
     (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)

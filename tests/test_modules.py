@@ -26,14 +26,14 @@ def _randomize(bn):
 
 @pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_state_dict_from_nn_loads_strict_and_matches(act, fused_cls, nn_cls, shape):
+def test_state_dict_from_nn_loads_strict_and_matches(device, act, fused_cls, nn_cls, shape):
     activation, kwargs = act
     seed("sd-from-nn", activation, shape)
-    ref = _randomize(nn_cls(3))
-    mod = fused_cls(3, activation=activation, **kwargs)
+    ref = _randomize(nn_cls(3)).to(device)
+    mod = fused_cls(3, activation=activation, **kwargs).to(device)
     result = mod.load_state_dict(ref.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
-    x = torch.randn(shape)
+    x = torch.randn(shape).to(device)
     for training in (False, True):
         ref.train(training)
         mod.train(training)
@@ -44,16 +44,16 @@ def test_state_dict_from_nn_loads_strict_and_matches(act, fused_cls, nn_cls, sha
 
 
 @pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
-def test_state_dict_to_nn_loads_strict(fused_cls, nn_cls, shape):
+def test_state_dict_to_nn_loads_strict(device, fused_cls, nn_cls, shape):
     seed("sd-to-nn", shape)
-    mod = _randomize(fused_cls(3, activation="identity"))
-    mod.train()(torch.randn(shape))  # a training step, so the buffers are its own
-    ref = nn_cls(3)
+    mod = _randomize(fused_cls(3, activation="identity")).to(device)
+    mod.train()(torch.randn(shape).to(device))  # a training step, so the buffers are its own
+    ref = nn_cls(3).to(device)
     ref.load_state_dict(mod.state_dict(), strict=True)
     for (n1, t1), (n2, t2) in zip(mod.state_dict().items(), ref.state_dict().items()):
         assert n1 == n2
         assert torch.equal(t1, t2), n1
-    x = torch.randn(shape)
+    x = torch.randn(shape).to(device)
     mod.eval()
     ref.eval()
     torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-6)
@@ -99,18 +99,18 @@ def test_relu_shorthand_repr():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_to_dtype(dtype):
+def test_to_dtype(device, dtype):
     seed("to", dtype)
-    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.7)).to(dtype)
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.7)).to(device, dtype)
     for n, t in list(mod.named_parameters()) + list(mod.named_buffers()):
         expected = torch.long if n == "num_batches_tracked" else dtype
         assert t.dtype == expected, n
-    x = torch.randn(2, 3, 4, 4, dtype=dtype, requires_grad=True)
+    x = torch.randn(2, 3, 4, 4, dtype=dtype).to(device).requires_grad_()
     out = mod(x)
     assert out.dtype == dtype
     out.float().sum().backward()
     assert x.grad.dtype == dtype and mod.weight.grad.dtype == dtype
-    ref = nn.BatchNorm2d(3).to(dtype)
+    ref = nn.BatchNorm2d(3).to(device, dtype)
     ref.load_state_dict(mod.state_dict())
     mod.eval()
     ref.eval()
@@ -118,12 +118,12 @@ def test_to_dtype(dtype):
     torch.testing.assert_close(mod(x), F.elu(ref(x), 0.7), **tol)
 
 
-def test_train_eval_switch():
+def test_train_eval_switch(device):
     seed("train-eval")
-    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="identity"))
-    ref = _randomize(nn.BatchNorm2d(3))
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="identity")).to(device)
+    ref = _randomize(nn.BatchNorm2d(3)).to(device)
     ref.load_state_dict(mod.state_dict())
-    x = torch.randn(2, 3, 4, 4)
+    x = torch.randn(2, 3, 4, 4).to(device)
     assert mod.eval() is mod and not mod.training
     rm = mod.running_mean.clone()
     torch.testing.assert_close(mod(x), ref.eval()(x))
@@ -138,16 +138,16 @@ def test_train_eval_switch():
 
 
 @pytest.mark.parametrize("rank", [1, 2, 3])
-def test_relu_shorthand_equals_act_relu(rank):
+def test_relu_shorthand_equals_act_relu(device, rank):
     seed("relu-shorthand", rank)
     short = {1: fusedbn.BatchNormReLU1d, 2: fusedbn.BatchNormReLU2d, 3: fusedbn.BatchNormReLU3d}
     full = {1: fusedbn.BatchNormAct1d, 2: fusedbn.BatchNormAct2d, 3: fusedbn.BatchNormAct3d}
-    a = _randomize(short[rank](3, eps=1e-3, momentum=0.2))
-    b = full[rank](3, eps=1e-3, momentum=0.2, activation="relu")
+    a = _randomize(short[rank](3, eps=1e-3, momentum=0.2)).to(device)
+    b = full[rank](3, eps=1e-3, momentum=0.2, activation="relu").to(device)
     b.load_state_dict(a.state_dict())
     assert a.activation == "relu" and isinstance(a, full[rank])
     assert a.extra_repr() == b.extra_repr()
-    x = torch.randn((2, 3) + (4,) * rank)
+    x = torch.randn((2, 3) + (4,) * rank).to(device)
     for training in (True, False):
         a.train(training)
         b.train(training)
@@ -164,46 +164,47 @@ def test_relu_shorthand_has_no_activation_argument():
                                                                            False)
 
 
-def test_bias_false():
+def test_bias_false(device):
     seed("bias-false")
-    mod = fusedbn.BatchNormAct2d(3, bias=False)
+    mod = fusedbn.BatchNormAct2d(3, bias=False).to(device)
     assert mod.bias is None and mod.weight is not None
     assert "bias" not in mod.state_dict()
-    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    x = torch.randn(2, 3, 4, 4, device=device, requires_grad=True)
     mod(x).sum().backward()
     assert mod.weight.grad is not None and x.grad is not None
 
 
-def test_reset_parameters():
+def test_reset_parameters(device):
     seed("reset")
-    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="leaky_relu"))
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="leaky_relu")).to(device)
     mod.reset_parameters()
-    fresh = nn.BatchNorm2d(3)
+    fresh = nn.BatchNorm2d(3).to(device)
     for (n, a), (_, b) in zip(mod.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), n
     _randomize(mod)
     mod.reset_running_stats()
-    assert torch.equal(mod.running_mean, torch.zeros(3))
-    assert torch.equal(mod.running_var, torch.ones(3))
+    assert torch.equal(mod.running_mean, torch.zeros(3, device=device))
+    assert torch.equal(mod.running_var, torch.ones(3, device=device))
     assert mod.num_batches_tracked.item() == 0
-    assert not torch.equal(mod.weight.detach(), torch.ones(3))  # parameters kept
+    assert not torch.equal(mod.weight.detach(), torch.ones(3, device=device))  # parameters kept
 
 
-def test_device_and_dtype_factory_kwargs():
-    mod = fusedbn.BatchNormAct2d(3, device="cpu", dtype=torch.float64)
+def test_device_and_dtype_factory_kwargs(device):
+    mod = fusedbn.BatchNormAct2d(3, device=device, dtype=torch.float64)
+    assert mod.weight.device.type == device and mod.running_mean.device.type == device
     assert mod.weight.dtype == torch.float64 and mod.running_mean.dtype == torch.float64
     assert mod.num_batches_tracked.dtype == torch.long
     mod = fusedbn.BatchNormAct2d(3, device="meta")
     assert mod.weight.device.type == "meta"
 
 
-def test_deepcopy_and_pickle_roundtrip(tmp_path):
+def test_deepcopy_and_pickle_roundtrip(device, tmp_path):
     import copy
     seed("pickle")
-    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.3))
+    mod = _randomize(fusedbn.BatchNormAct2d(3, activation="elu", alpha=0.3)).to(device)
     for clone in (copy.deepcopy(mod), _roundtrip(mod, tmp_path)):
         assert clone.activation == "elu" and clone.alpha == 0.3
-        x = torch.randn(2, 3, 3, 3)
+        x = torch.randn(2, 3, 3, 3).to(device)
         assert torch.equal(clone.eval()(x), mod.eval()(x))
 
 

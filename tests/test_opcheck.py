@@ -23,25 +23,25 @@ CASE_IDS = [f"{'train' if t else 'eval'}-{a}-{'stats' if s else 'nostats'}-"
             f"{'affine' if w else 'noaffine'}" for t, a, _, s, w in CASES]
 
 
-def _input(layout, requires_grad, dtype=torch.float32):
+def _input(layout, requires_grad, dtype=torch.float32, device="cpu"):
     shape = (0, 3, 2, 3) if layout == "zero_size" else (2, 3, 2, 3)
-    x = torch.randn(shape, dtype=dtype) + 0.5
+    x = (torch.randn(shape, dtype=dtype) + 0.5).to(device)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
 
 
 def _forward_args(layout, requires_grad, training, activation, kwargs, stats, affine,
-                  dtype=torch.float32, momentum=0.1):
+                  dtype=torch.float32, momentum=0.1, device="cpu"):
     """Forward op arguments by name, with fresh buffers: forward mutates them."""
     C = 3
     return dict(
-        input=_input(layout, requires_grad, dtype),
-        weight=(torch.rand(C) + 0.5).requires_grad_(requires_grad) if affine else None,
-        bias=torch.randn(C).requires_grad_(requires_grad) if affine else None,
-        running_mean=torch.randn(C) if stats else None,
-        running_var=torch.rand(C) + 0.5 if stats else None,
-        num_batches_tracked=torch.tensor(3, dtype=torch.long) if stats else None,
+        input=_input(layout, requires_grad, dtype, device),
+        weight=(torch.rand(C) + 0.5).to(device).requires_grad_(requires_grad) if affine else None,
+        bias=torch.randn(C).to(device).requires_grad_(requires_grad) if affine else None,
+        running_mean=torch.randn(C).to(device) if stats else None,
+        running_var=(torch.rand(C) + 0.5).to(device) if stats else None,
+        num_batches_tracked=torch.tensor(3, dtype=torch.long, device=device) if stats else None,
         training=training, momentum=momentum, eps=1e-5, activation=activation,
         negative_slope=kwargs.get("negative_slope", 0.01), alpha=kwargs.get("alpha", 1.0))
 
@@ -63,29 +63,31 @@ def _run_forward(fwd):
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_opcheck_forward(case, layout, requires_grad):
+def test_opcheck_forward(device, case, layout, requires_grad):
     training, activation, kwargs, stats, affine = case
     seed("opcheck-fwd", training, activation, layout, requires_grad)
-    fwd = _forward_args(layout, requires_grad, training, activation, kwargs, stats, affine)
+    fwd = _forward_args(layout, requires_grad, training, activation, kwargs, stats, affine,
+                        device=device)
     opcheck(FORWARD, op_args(FORWARD, **fwd))
 
 
-def test_opcheck_forward_momentum_none_and_bf16():
+def test_opcheck_forward_momentum_none_and_bf16(device):
     """momentum=None (cumulative average) and a bf16 input with float32
     parameters and buffers, as autocast produces."""
     seed("opcheck-fwd-misc")
     fwd = _forward_args("channels_last", True, True, "relu", {}, True, True,
-                        dtype=torch.bfloat16, momentum=None)
+                        dtype=torch.bfloat16, momentum=None, device=device)
     opcheck(FORWARD, op_args(FORWARD, **fwd))
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_opcheck_backward(case, layout, requires_grad):
+def test_opcheck_backward(device, case, layout, requires_grad):
     training, activation, kwargs, stats, affine = case
     seed("opcheck-bwd", training, activation, layout, requires_grad)
-    fwd = _forward_args(layout, False, training, activation, kwargs, stats, affine)
+    fwd = _forward_args(layout, False, training, activation, kwargs, stats, affine,
+                        device=device)
     out = _run_forward(fwd)
     grad_out = torch.randn_like(out)
     if requires_grad:
@@ -97,10 +99,10 @@ def test_opcheck_backward(case, layout, requires_grad):
 
 @pytest.mark.parametrize("mask", [[True, False, False], [False, True, True], [False, False, True]],
                          ids=["input-only", "params-only", "bias-only"])
-def test_opcheck_backward_partial_mask(mask):
+def test_opcheck_backward_partial_mask(device, mask):
     seed("opcheck-mask", mask)
     fwd = _forward_args("contiguous", False, True, "leaky_relu", {"negative_slope": 0.1}, True,
-                        True)
+                        True, device=device)
     out = _run_forward(fwd)
     args = _backward_args(fwd, torch.randn_like(out), output_mask(BACKWARD, *mask))
     opcheck(BACKWARD, args)
@@ -129,7 +131,7 @@ class _CaptureBackward(torch.utils._python_dispatch.TorchDispatchMode):
                          ids=["identity", "relu", "leaky_relu", "elu"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck_backward_as_a_training_step_calls_it(activation, kwargs, channels_last,
+def test_opcheck_backward_as_a_training_step_calls_it(device, activation, kwargs, channels_last,
                                                       training):
     """opcheck on exactly the backward calls a module's forward + backward
     makes: saved statistics, output_mask [True, True, True, False], input,
@@ -137,8 +139,8 @@ def test_opcheck_backward_as_a_training_step_calls_it(activation, kwargs, channe
     asked autograd for the gradient of grad_bias, which for relu, leaky_relu
     and identity does not depend on those.)"""
     seed("opcheck-captured", activation, channels_last, training)
-    mod = fusedbn.BatchNormAct2d(3, activation=activation, **kwargs).train(training)
-    x = (torch.randn(2, 3, 4, 4) + 0.5).requires_grad_()
+    mod = fusedbn.BatchNormAct2d(3, activation=activation, **kwargs).to(device).train(training)
+    x = (torch.randn(2, 3, 4, 4) + 0.5).to(device).requires_grad_()
     if channels_last:
         x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     capture = _CaptureBackward()

@@ -30,14 +30,14 @@ def _full_size(packed, x):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_fused_saves_only_the_input(act, channels_last):
+def test_fused_saves_only_the_input(device, act, channels_last):
     activation, kwargs = act
     seed("saved", activation, channels_last)
-    x = torch.randn(SHAPE)
+    x = torch.randn(SHAPE).to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    mod = fusedbn.BatchNormAct2d(3, activation=activation, **kwargs).train()
+    mod = fusedbn.BatchNormAct2d(3, activation=activation, **kwargs).to(device).train()
     out, packed = _saved(mod, x)
     full = _full_size(packed, x)
     assert len(full) == 1, [tuple(t.shape) for t in packed]
@@ -48,12 +48,12 @@ def test_fused_saves_only_the_input(act, channels_last):
     assert x.grad is not None and x.grad.shape == x.shape
 
 
-def test_eager_batchnorm_relu_saves_two():
+def test_eager_batchnorm_relu_saves_two(device):
     """Documents the comparison: nn.BatchNorm2d + nn.ReLU keeps two full-size
     tensors (BatchNorm's input, ReLU's output)."""
     seed("saved-eager")
-    x = torch.randn(SHAPE, requires_grad=True)
-    mod = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).train()
+    x = torch.randn(SHAPE, device=device, requires_grad=True)
+    mod = nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()).to(device).train()
     out, packed = _saved(mod, x)
     full = _full_size(packed, x)
     assert len(full) == 2, [tuple(t.shape) for t in packed]
@@ -61,9 +61,9 @@ def test_eager_batchnorm_relu_saves_two():
     assert any(t.data_ptr() == out.data_ptr() for t in full)
 
 
-def test_fused_eval_saves_only_the_input():
+def test_fused_eval_saves_only_the_input(device):
     seed("saved-eval")
-    x = torch.randn(SHAPE, requires_grad=True)
-    mod = fusedbn.BatchNormReLU2d(3).eval()
+    x = torch.randn(SHAPE, device=device, requires_grad=True)
+    mod = fusedbn.BatchNormReLU2d(3).to(device).eval()
     _, packed = _saved(mod, x)
     assert len(_full_size(packed, x)) == 1
