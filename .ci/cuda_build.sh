@@ -22,8 +22,14 @@ OUT="$ROOT/build/cuda"
 rm -rf "$OUT/lib"
 cd "$ROOT"
 # One arch keeps the compile short; the default list (setup.py) is 8.0;9.0.
+# ptxas reports every kernel's registers and spills (checked below).
+mkdir -p "$OUT"
+rm -rf "$OUT/temp"  # a cached object would hide its kernels from the report
 FUSEDBN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=2 \
-  "$PY" setup.py -q build_ext --build-temp "$OUT/temp" --build-lib "$OUT/lib"
+  NVCC_APPEND_FLAGS="-Xptxas -v" \
+  "$PY" setup.py -q build_ext --build-temp "$OUT/temp" --build-lib "$OUT/lib" \
+  > "$OUT/build.log" 2>&1 || { tail -n 60 "$OUT/build.log"; exit 1; }
+python "$ROOT/.ci/ptxas_report.py" "$OUT/build.log"
 cp fusedbn/*.py "$OUT/lib/fusedbn/"
 cd "$OUT/lib"
 "$PY" - <<'PY'

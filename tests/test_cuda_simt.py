@@ -180,13 +180,13 @@ class Case:
     transposed storage, seen as NSC)."""
 
     def __init__(self, shape, layout="ncs", sms=2, wide=False, misalign=False, affine=True,
-                 train=True, mask=(True, True, True, True), why=""):
-        self.mask = mask
+                 train=True, mask=(True, True, True, True), occ=8, why=""):
+        self.mask, self.occ = mask, occ
         self.shape, self.layout, self.sms, self.wide = tuple(shape), layout, sms, wide
         self.misalign, self.affine, self.train, self.why = misalign, affine, train, why
 
     def __repr__(self):
-        flags = [self.layout, f"sms={self.sms}"]
+        flags = [self.layout, f"sms={self.sms}"] + [f"occupancy={self.occ}"] * (self.occ != 8)
         flags += ["int64"] * self.wide + ["misaligned"] * self.misalign
         flags += ["no-affine"] * (not self.affine)
         flags += [f"mask={''.join('01'[m] for m in self.mask)}"] * (not all(self.mask))
@@ -214,6 +214,8 @@ CASES = [
     Case((36, 2, 257), "ncs", sms=4, why="K >= 9 partials: finalize rows loop twice"),
     Case((4, 3, 8, 8), "ncs", misalign=True, why="aligned sizes, misaligned pointers"),
     Case((32, 3, 4, 4), "nsc", why="NSC multi-partial"),
+    Case((16, 3, 11, 13), "ncs", occ=1, why="occupancy 1: fewer partials than the workspace holds"),
+    Case((32, 3, 4, 4), "nsc", occ=3, why="NSC, occupancy 3"),
     Case((9300, 1), "nsc", why="NSC, K > 8 partials, one channel"),
     Case((4, 70, 3, 3), "nsc", why="NSC, 3 column blocks"),
     Case((2, 33, 3, 5), "ncs", why="33 channels: two finalize blocks"),
@@ -487,6 +489,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     g = torch.randn(case.shape, dtype=torch.float64, generator=gen).to(dtype)
 
     m.set("sm_count", case.sms)
+    m.set("occupancy", case.occ)
     m.set("force_wide", int(case.wide))
     m.take_log()
     xin = in_layout(x, case)
@@ -515,6 +518,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
         return [f"kernel error: {e}"]
     finally:
         m.set("force_wide", 0)
+        m.set("occupancy", 8)
         LAUNCHES.extend(l for l in m.take_log().splitlines() if l)
     if inplace and out.data_ptr() != xin.data_ptr():
         fails.append("inplace: output is not the input")
@@ -652,6 +656,23 @@ def test_large_mean_small_spread(simt, case):
     judge("invstd", invstd, eag[2], r64[2], torch.float32, fails)
     judge("out", out, eag[0], r64[0], torch.float32, fails)
     assert not fails, fails
+
+
+@pytest.mark.parametrize("case", [Case((7, 5), "nsc"), Case((16, 3, 11, 13), "ncs")], ids=repr)
+def test_momentum_none_reads_the_count(simt, case):
+    """momentum=None: the finalize kernel reads num_batches_tracked where it
+    lives (no host sync) and uses 1 / (n + 1); the glue then adds 1."""
+    C = case.shape[1]
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(4)) * 2 + 1
+    rm, rv, nbt = torch.zeros(C), torch.ones(C), torch.tensor(3)
+    simt.set("sm_count", case.sms)
+    simt.forward(in_layout(x, case), None, None, None, rm, rv, nbt, True, None, 1e-5,
+                 "identity", 0.01, 1.0, False)
+    rm_ref, rv_ref = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
+    F.batch_norm(x.double(), rm_ref, rv_ref, None, None, True, 0.25, 1e-5)
+    assert nbt.item() == 4
+    torch.testing.assert_close(rm.double(), rm_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", [Case((7, 5), "nsc"), Case((16, 3, 11, 13), "ncs")], ids=repr)
