@@ -84,7 +84,7 @@ def rel(pattern):
 WITH_CUDA = want_cuda()
 from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is settled)
 
-sources = ["csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
+sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
 define_macros = []
 Extension = cpp_extension.CppExtension

@@ -13,31 +13,40 @@
 #include <c10/util/TypeTraits.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
 
+#include "args.h"
+
 namespace fusedbn {
 namespace {
 
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using ForwardSig = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
-    double, double, c10::string_view, const OptTensor&, double);
-using ForwardInplaceSig = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const OptTensor&, const OptTensor&, bool, std::optional<double>, double, c10::string_view,
-    double, double, c10::string_view, const OptTensor&, double);
-using BackwardSig = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>(
-    const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-    const Tensor&, const Tensor&, bool, c10::string_view, double, double, std::array<bool, 4>,
-    bool, c10::string_view, const OptTensor&, const OptTensor&);
+enum class Op { Forward, ForwardInplace, Backward };
+const c10::OperatorHandle& find_op(Op which) {
+  static const c10::OperatorHandle ops[] = {
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedbn::forward", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedbn::forward_", ""),
+      c10::Dispatcher::singleton().findSchemaOrThrow("fusedbn::backward", "")};
+  return ops[int(which)];
+}
 
-template <typename Sig>
-const c10::TypedOperatorHandle<Sig>& find_op(const char* name) {
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-  return op;
+// A call's stack built by argument name, in the schema's order; arguments
+// not named take their schema default.
+Stack named_stack(const c10::OperatorHandle& op,
+                  std::initializer_list<std::pair<const char*, c10::IValue>> named) {
+  Stack stack;
+  for (const c10::Argument& arg : op.schema().arguments()) {
+    auto it = std::find_if(named.begin(), named.end(),
+                           [&](const auto& kv) { return arg.name() == kv.first; });
+    if (it != named.end()) {
+      stack.push_back(it->second);
+    } else {
+      TORCH_INTERNAL_ASSERT(arg.default_value().has_value(), "fusedbn: ", arg.name(),
+                            " of ", op.schema().name(), " has no default");
+      stack.push_back(*arg.default_value());
+    }
+  }
+  return stack;
 }
 
 Tensor or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
@@ -57,26 +66,23 @@ struct SideResults {
 template <bool Inplace>
 class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inplace>> {
  public:
+  // input, residual, weight, bias: the differentiable arguments, passed
+  // apart so that autograd sees them; args: every argument as on the stack.
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const OptTensor& residual,
-                        const OptTensor& weight, const OptTensor& bias,
-                        const OptTensor& running_mean, const OptTensor& running_var,
-                        const OptTensor& nbt, bool training, std::optional<double> momentum,
-                        double eps, c10::string_view activation, double negative_slope,
-                        double alpha, c10::string_view order, const OptTensor& activity,
-                        double activity_momentum, SideResults* side) {
+                        const OptTensor& weight, const OptTensor& bias, const ArgList* args,
+                        const ForwardArgs* a, SideResults* side) {
     Tensor out;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
+      Stack stack;
+      args->push_to(stack);
+      find_op(Inplace ? Op::ForwardInplace : Op::Forward).callBoxed(stack);
+      out = stack[0].toTensor();
+      side->mean = stack[1].toTensor();
+      side->invstd = stack[2].toTensor();
       if constexpr (Inplace) {
-        std::tie(out, side->mean, side->invstd, side->kept_input, side->kept_channels) =
-            find_op<ForwardInplaceSig>("fusedbn::forward_").call(
-                input, residual, weight, bias, running_mean, running_var, nbt, training,
-                momentum, eps, activation, negative_slope, alpha, order, activity,
-                activity_momentum);
-      } else {
-        std::tie(out, side->mean, side->invstd) = find_op<ForwardSig>("fusedbn::forward").call(
-            input, residual, weight, bias, running_mean, running_var, nbt, training, momentum,
-            eps, activation, negative_slope, alpha, order, activity, activity_momentum);
+        side->kept_input = stack[3].toTensor();
+        side->kept_channels = stack[4].toTensor();
       }
     }
     if (Inplace) ctx->mark_dirty({input});
@@ -86,11 +92,11 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
     ctx->save_for_backward({Inplace ? out : input, or_undefined(residual), or_undefined(weight),
                             or_undefined(bias), side->mean, side->invstd, side->kept_input,
                             side->kept_channels});
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->saved_data["negative_slope"] = negative_slope;
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["order"] = std::string(order);
+    ctx->saved_data["training"] = a->training;
+    ctx->saved_data["activation"] = a->activation;
+    ctx->saved_data["negative_slope"] = a->negative_slope;
+    ctx->saved_data["alpha"] = a->alpha;
+    ctx->saved_data["order"] = a->order;
     return out;
   }
 
@@ -104,19 +110,33 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
     const bool gz_wanted = needs(saved[1].defined());
     const bool gw_wanted = needs(saved[2].defined());
     const bool gb_wanted = needs(saved[3].defined());
-    const std::array<bool, 4> mask = {gi_wanted, gw_wanted, gb_wanted, gz_wanted};
-    auto [gi, gw, gb, gz] = find_op<BackwardSig>("fusedbn::backward").call(
-        grads[0], saved[0], or_none(saved[1]), or_none(saved[2]), or_none(saved[3]), saved[4],
-        saved[5], ctx->saved_data["training"].toBool(),
-        ctx->saved_data["activation"].toStringRef(), ctx->saved_data["negative_slope"].toDouble(),
-        ctx->saved_data["alpha"].toDouble(), mask, Inplace,
-        ctx->saved_data["order"].toStringRef(), or_none(saved[6]), or_none(saved[7]));
-    // One gradient per argument of forward (after ctx), the first four differentiable.
+    const auto& d = ctx->saved_data;
+    const c10::OperatorHandle& op = find_op(Op::Backward);
+    Stack stack = named_stack(
+        op, {{"grad_out", grads[0]},
+             {"input", saved[0]},
+             {"residual", or_none(saved[1])},
+             {"weight", or_none(saved[2])},
+             {"bias", or_none(saved[3])},
+             {"save_mean", saved[4]},
+             {"save_invstd", saved[5]},
+             {"training", d.at("training")},
+             {"activation", d.at("activation")},
+             {"negative_slope", d.at("negative_slope")},
+             {"alpha", d.at("alpha")},
+             {"output_mask", c10::List<bool>({gi_wanted, gw_wanted, gb_wanted, gz_wanted})},
+             {"from_output", Inplace},
+             {"order", d.at("order")},
+             {"kept_input", or_none(saved[6])},
+             {"kept_channels", or_none(saved[7])}});
+    op.callBoxed(stack);
+    // One gradient per argument of forward (after ctx), the first four
+    // differentiable; the op returns (input, weight, bias, residual).
     variable_list result(kForwardArgs);
-    result[0] = or_undefined(gi);
-    result[1] = or_undefined(gz);
-    result[2] = or_undefined(gw);
-    result[3] = or_undefined(gb);
+    result[0] = stack[0].isNone() ? Tensor() : stack[0].toTensor();
+    result[1] = stack[3].isNone() ? Tensor() : stack[3].toTensor();
+    result[2] = stack[1].isNone() ? Tensor() : stack[1].toTensor();
+    result[3] = stack[2].isNone() ? Tensor() : stack[2].toTensor();
     return result;
   }
 
@@ -128,37 +148,33 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
 // grad, a view autograd cannot rebase), made before anything is written: an
 // error raised by autograd after the Function ran would come after the
 // running statistics were updated.
-void check_inplace_input(const Tensor& input, const OptTensor& residual, const OptTensor& weight,
-                         const OptTensor& bias) {
+void check_inplace_input(const ForwardArgs& a) {
   bool requires_grad = false;
-  for (const OptTensor& t : {OptTensor(input), residual, weight, bias})
+  for (const OptTensor& t : {OptTensor(a.input), a.residual, a.weight, a.bias})
     requires_grad = requires_grad || (t.has_value() && t->defined() && t->requires_grad());
-  torch::autograd::check_inplace(input, requires_grad);
+  torch::autograd::check_inplace(a.input, requires_grad);
 }
 
-template <bool Inplace, typename Result>
-Result forward_autograd(
-    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
-    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
-    double activity_momentum) {
-  if (Inplace) check_inplace_input(input, residual, weight, bias);
+template <bool Inplace>
+void forward_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+  const ArgList args(op, *stack);
+  const ForwardArgs a = ForwardArgs::read(args);
+  if (Inplace) check_inplace_input(a);
   SideResults side;
-  Tensor out = FusedBatchNormAct<Inplace>::apply(input, residual, weight, bias, running_mean,
-                                                 running_var, nbt, training, momentum, eps,
-                                                 activation, negative_slope, alpha, order,
-                                                 activity, activity_momentum, &side);
+  Tensor out = FusedBatchNormAct<Inplace>::apply(a.input, a.residual, a.weight, a.bias, &args, &a,
+                                                 &side);
   // What ADInplaceOrView would do for the buffers mutated below autograd.
-  if (training) {
-    for (const OptTensor* t : {&running_mean, &running_var, &nbt})
+  if (a.training) {
+    for (const OptTensor* t : {&a.running_mean, &a.running_var, &a.num_batches_tracked})
       if (t->has_value() && (*t)->defined()) torch::autograd::impl::bump_version(**t);
   }
-  if (activity.has_value() && activity->defined()) torch::autograd::impl::bump_version(*activity);
+  if (a.activity.has_value() && a.activity->defined())
+    torch::autograd::impl::bump_version(*a.activity);
   if constexpr (Inplace) {
-    return {out, side.mean, side.invstd, side.kept_input, side.kept_channels};
+    push_results(*stack, std::make_tuple(out, side.mean, side.invstd, side.kept_input,
+                                         side.kept_channels));
   } else {
-    return {out, side.mean, side.invstd};
+    push_results(*stack, std::make_tuple(out, side.mean, side.invstd));
   }
 }
 
@@ -166,8 +182,6 @@ Result forward_autograd(
 }  // namespace fusedbn
 
 TORCH_LIBRARY_IMPL(fusedbn, Autograd, m) {
-  using at::Tensor;
-  m.impl("forward", &fusedbn::forward_autograd<false, std::tuple<Tensor, Tensor, Tensor>>);
-  m.impl("forward_",
-         &fusedbn::forward_autograd<true, std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>>);
+  m.impl("forward", torch::CppFunction::makeFromBoxedFunction<&fusedbn::forward_autograd<false>>());
+  m.impl("forward_", torch::CppFunction::makeFromBoxedFunction<&fusedbn::forward_autograd<true>>());
 }

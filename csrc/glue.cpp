@@ -1,4 +1,5 @@
 #include "glue.h"
+#include "kernels/activations.h"
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -46,10 +47,7 @@ ActParams parse_activation(const std::string& name, double negative_slope, doubl
 // In-place mode recovers the pre-activation from the output, so the
 // activation must be one-to-one.
 void check_invertible(const ActParams& a) {
-  const bool ok = a.kind == Activation::Identity ||
-                  (a.kind == Activation::LeakyReLU && a.negative_slope > 0) ||
-                  (a.kind == Activation::ELU && a.alpha > 0);
-  TORCH_CHECK_VALUE(ok,
+  TORCH_CHECK_VALUE(is_invertible(a),
                     "fusedbn: inplace=True needs an invertible activation: 'identity', "
                     "'leaky_relu' with negative_slope > 0 or 'elu' with alpha > 0. In-place mode "
                     "keeps only the output and recovers the input from it in the backward; ReLU "
@@ -281,39 +279,107 @@ Tensor kept_channels(const Tensor& input, const OptTensor& weight, const OptTens
 }
 }  // namespace
 
-void check_devices(const Tensor& input, std::initializer_list<Named> others) {
-  for (const auto& [name, t] : others)
-    TORCH_CHECK(!defined(*t) || (*t)->device() == input.device(), "fusedbn: ", name, " is on ",
-                (*t)->device(), " but input is on ", input.device(),
-                "; all tensors must be on the same device");
+
+bool is_invertible(const std::string& activation, double negative_slope, double alpha) {
+  return is_invertible(parse_activation(activation, negative_slope, alpha, "bn_act"));
 }
 
-ForwardResult forward_impl(
-    const Tensor& input_arg, const OptTensor& residual_arg, const OptTensor& weight,
-    const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
-    double eps, const std::string& activation, double negative_slope, double alpha,
-    const std::string& order, const OptTensor& activity, double activity_momentum, bool inplace,
-    ForwardKernel kernel) {
-  const Tensor input = with_channel_dim(input_arg);
+// ------------------------------------------------------------- arguments
+
+ArgList::ArgList(const c10::OperatorHandle& op, Stack& stack) : schema_(&op.schema()) {
+  const size_t n = schema_->arguments().size();
+  auto args = torch::jit::last(stack, n);
+  values_.assign(args.begin(), args.end());
+  torch::jit::drop(stack, n);
+}
+
+const c10::IValue& ArgList::operator[](const char* name) const {
+  const std::optional<int> i = schema_->argumentIndexWithName(name);
+  TORCH_INTERNAL_ASSERT(i.has_value(), "fusedbn: ", schema_->name(), " has no argument ", name);
+  return values_[size_t(*i)];
+}
+
+void ArgList::push_to(Stack& stack) const {
+  stack.insert(stack.end(), values_.begin(), values_.end());
+}
+
+void ArgList::check_devices(const Tensor& input) const {
+  const auto& args = schema_->arguments();
+  for (size_t i = 0; i < args.size(); ++i) {
+    const c10::IValue& v = values_[i];
+    if (!v.isTensor() || !v.toTensor().defined()) continue;
+    const Tensor& t = v.toTensor();
+    TORCH_CHECK(t.device() == input.device(), "fusedbn: ", args[i].name(), " is on ",
+                t.device(), " but input is on ", input.device(),
+                "; all tensors must be on the same device");
+  }
+}
+
+ForwardArgs ForwardArgs::read(const ArgList& a) {
+  ForwardArgs f;
+  f.input = a["input"].toTensor();
+  f.residual = a["residual"].toOptional<Tensor>();
+  f.weight = a["weight"].toOptional<Tensor>();
+  f.bias = a["bias"].toOptional<Tensor>();
+  f.running_mean = a["running_mean"].toOptional<Tensor>();
+  f.running_var = a["running_var"].toOptional<Tensor>();
+  f.num_batches_tracked = a["num_batches_tracked"].toOptional<Tensor>();
+  f.training = a["training"].toBool();
+  f.momentum = a["momentum"].toOptional<double>();
+  f.eps = a["eps"].toDouble();
+  f.activation = a["activation"].toStringRef();
+  f.negative_slope = a["negative_slope"].toDouble();
+  f.alpha = a["alpha"].toDouble();
+  f.order = a["order"].toStringRef();
+  f.activity = a["activity"].toOptional<Tensor>();
+  f.activity_momentum = a["activity_momentum"].toDouble();
+  return f;
+}
+
+BackwardArgs BackwardArgs::read(const ArgList& a) {
+  BackwardArgs b;
+  b.grad_out = a["grad_out"].toTensor();
+  b.input = a["input"].toTensor();
+  b.residual = a["residual"].toOptional<Tensor>();
+  b.weight = a["weight"].toOptional<Tensor>();
+  b.bias = a["bias"].toOptional<Tensor>();
+  b.save_mean = a["save_mean"].toTensor();
+  b.save_invstd = a["save_invstd"].toTensor();
+  b.training = a["training"].toBool();
+  b.activation = a["activation"].toStringRef();
+  b.negative_slope = a["negative_slope"].toDouble();
+  b.alpha = a["alpha"].toDouble();
+  const c10::List<bool> mask = a["output_mask"].toBoolList();
+  for (size_t i = 0; i < 4; ++i) b.output_mask[i] = mask.get(i);
+  b.from_output = a["from_output"].toBool();
+  b.order = a["order"].toStringRef();
+  b.kept_input = a["kept_input"].toOptional<Tensor>();
+  b.kept_channels = a["kept_channels"].toOptional<Tensor>();
+  return b;
+}
+
+// ------------------------------------------------------------------ forward
+
+ForwardResult forward_impl(const ForwardArgs& a, bool inplace, ForwardKernel kernel) {
+  const Tensor input = with_channel_dim(a.input);
   const OptTensor residual =
-      defined(residual_arg) ? OptTensor(with_channel_dim(*residual_arg)) : residual_arg;
+      defined(a.residual) ? OptTensor(with_channel_dim(*a.residual)) : a.residual;
   // Every check comes before any buffer is touched.
-  const ActParams act = parse_activation(activation, negative_slope, alpha, order);
+  const ActParams act = parse_activation(a.activation, a.negative_slope, a.alpha, a.order);
   check_mode(act, residual, inplace);
   if (inplace) check_invertible(act);
-  check_forward(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                training, momentum, eps);
-  check_activity(activity, input, activity_momentum);
-  if (inplace) check_inplace_overlap(input, {&residual, &weight, &bias, &running_mean,
-                                             &running_var, &num_batches_tracked, &activity});
+  check_forward(input, residual, a.weight, a.bias, a.running_mean, a.running_var,
+                a.num_batches_tracked, a.training, a.momentum, a.eps);
+  check_activity(a.activity, input, a.activity_momentum);
+  if (inplace) check_inplace_overlap(input, {&residual, &a.weight, &a.bias, &a.running_mean,
+                                             &a.running_var, &a.num_batches_tracked, &a.activity});
 
   // Before the output overwrites them: the inputs of the channels the
   // backward could not recover from the output.
   Tensor kept_idx, kept;
   if (inplace) {
-    kept_idx = kept_channels(input, weight, bias, residual,
-                             training ? OptTensor() : running_var, eps);
+    kept_idx = kept_channels(input, a.weight, a.bias, residual,
+                             a.training ? OptTensor() : a.running_var, a.eps);
     kept = input.index_select(1, kept_idx).contiguous();
   }
   const at::ScalarType acc = acc_dtype(input.scalar_type());
@@ -326,7 +392,7 @@ ForwardResult forward_impl(
   const int64_t C = v.shape.C;
   auto fopts = input.options().dtype(acc);
   Tensor mean, invstd;
-  const Tensor w = per_channel_acc(weight, acc), b = per_channel_acc(bias, acc);
+  const Tensor w = per_channel_acc(a.weight, acc), b = per_channel_acc(a.bias, acc);
 
   ForwardParams p;
   p.shape = v.shape;
@@ -337,18 +403,18 @@ ForwardResult forward_impl(
   p.y = y.data_ptr();
   p.weight = ptr_or_null(w);
   p.bias = ptr_or_null(b);
-  p.eps = eps;
+  p.eps = a.eps;
   p.num_threads = at::get_num_threads();
   // The kernels update a float32 activity (bn_math.h: update_activity), a
   // copy when the buffer is not one.
   Tensor act32;
-  if (defined(activity)) {
-    const bool direct = activity->scalar_type() == at::kFloat && activity->is_contiguous();
-    act32 = direct ? *activity : activity->to(at::kFloat).contiguous();
+  if (defined(a.activity)) {
+    const bool direct = a.activity->scalar_type() == at::kFloat && a.activity->is_contiguous();
+    act32 = direct ? *a.activity : a.activity->to(at::kFloat).contiguous();
     if (v.shape.count() > 0) {
       p.activity = act32.data_ptr<float>();
       p.activity_rows = act32.dim() == 2 ? 3 : 1;
-      p.activity_momentum = activity_momentum;
+      p.activity_momentum = a.activity_momentum;
     } else {
       // An empty batch has no fraction; the average and streak stay as they
       // are, as the running statistics do.
@@ -356,8 +422,8 @@ ForwardResult forward_impl(
     }
   }
 
-  const bool update = training && defined(running_mean);
-  if (training) {
+  const bool update = a.training && defined(a.running_mean);
+  if (a.training) {
     mean = at::zeros({C}, fopts);
     invstd = at::zeros({C}, fopts);
     // As in PyTorch, an empty batch leaves the running statistics alone.
@@ -366,35 +432,35 @@ ForwardResult forward_impl(
       p.invstd = invstd.data_ptr();
       Tensor rm, rv;
       if (update) {
-        rm = running_mean->contiguous();
-        rv = running_var->contiguous();
+        rm = a.running_mean->contiguous();
+        rv = a.running_var->contiguous();
         p.running_mean = rm.data_ptr();
         p.running_var = rv.data_ptr();
         p.running_dtype = to_dtype(rm.scalar_type());
         // momentum=None: the kernels read the count where it lives (no sync).
-        if (momentum.has_value()) p.momentum = *momentum;
-        else p.num_batches_tracked = num_batches_tracked->const_data_ptr<int64_t>();
+        if (a.momentum.has_value()) p.momentum = *a.momentum;
+        else p.num_batches_tracked = a.num_batches_tracked->const_data_ptr<int64_t>();
       }
       kernel(p, true);
       if (update) {
-        if (!rm.is_same(*running_mean)) running_mean->copy_(rm);
-        if (!rv.is_same(*running_var)) running_var->copy_(rv);
+        if (!rm.is_same(*a.running_mean)) a.running_mean->copy_(rm);
+        if (!rv.is_same(*a.running_var)) a.running_var->copy_(rv);
       }
     }
-    if (defined(num_batches_tracked)) num_batches_tracked->add_(1);
+    if (defined(a.num_batches_tracked)) a.num_batches_tracked->add_(1);
   } else {
     // A copy, never the buffer itself: outputs must not alias inputs.
-    mean = running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
-    invstd = (running_var->to(acc) + eps).rsqrt().contiguous();
+    mean = a.running_mean->to(acc, /*non_blocking=*/false, /*copy=*/true).contiguous();
+    invstd = (a.running_var->to(acc) + a.eps).rsqrt().contiguous();
     p.mean = mean.data_ptr();
     p.invstd = invstd.data_ptr();
     kernel(p, false);
   }
   if (!v.native) out.copy_(y);
-  if (defined(activity) && !act32.is_same(*activity)) activity->copy_(act32);
-  if (inplace) out = input_arg;
+  if (defined(a.activity) && !act32.is_same(*a.activity)) a.activity->copy_(act32);
+  if (inplace) out = a.input;
   // (A 1-D input passes the checks only when empty.)
-  else if (input_arg.dim() == 1) out = at::empty_like(input_arg);
+  else if (a.input.dim() == 1) out = at::empty_like(a.input);
   return {out, mean, invstd, kept, kept_idx};
 }
 
@@ -402,64 +468,60 @@ namespace {
 
 using Grads = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>;
 
-Grads backward_channels(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
-    const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
-    const Tensor& save_invstd, bool training, const std::string& activation,
-    double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    const std::string& order, BackwardKernel kernel) {
-  const ActParams act = parse_activation(activation, negative_slope, alpha, order);
-  check_mode(act, residual, from_output);
-  if (from_output) check_invertible(act);
-  check_input(input);
-  check_residual(residual, input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  TORCH_CHECK_VALUE(grad_out.sizes() == input.sizes(), "fusedbn: grad_out has shape ",
-                    size_str(grad_out), " but input has shape ", size_str(input));
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == input.scalar_type(), "fusedbn: grad_out dtype ",
-                   grad_out.scalar_type(), " differs from the input's ", input.scalar_type());
-  TORCH_CHECK(grad_out.device() == input.device(), "fusedbn: grad_out is on ", grad_out.device(),
-              " but input is on ", input.device());
-  const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const int64_t C = input.size(1);
-  for (const Tensor* t : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(t->device() == input.device(), "fusedbn: saved statistics are on ", t->device(),
-                " but input is on ", input.device());
+// The backward of every channel, from a.input (or from the output).
+Grads backward_channels(const BackwardArgs& a, BackwardKernel kernel) {
+  const ActParams act = parse_activation(a.activation, a.negative_slope, a.alpha, a.order);
+  check_mode(act, a.residual, a.from_output);
+  if (a.from_output) check_invertible(act);
+  check_input(a.input);
+  check_residual(a.residual, a.input);
+  check_per_channel(a.weight, "weight", a.input);
+  check_per_channel(a.bias, "bias", a.input);
+  TORCH_CHECK_VALUE(a.grad_out.sizes() == a.input.sizes(), "fusedbn: grad_out has shape ",
+                    size_str(a.grad_out), " but input has shape ", size_str(a.input));
+  TORCH_CHECK_TYPE(a.grad_out.scalar_type() == a.input.scalar_type(), "fusedbn: grad_out dtype ",
+                   a.grad_out.scalar_type(), " differs from the input's ", a.input.scalar_type());
+  TORCH_CHECK(a.grad_out.device() == a.input.device(), "fusedbn: grad_out is on ", a.grad_out.device(),
+              " but input is on ", a.input.device());
+  const at::ScalarType acc = acc_dtype(a.input.scalar_type());
+  const int64_t C = a.input.size(1);
+  for (const Tensor* t : {&a.save_mean, &a.save_invstd}) {
+    TORCH_CHECK(t->device() == a.input.device(), "fusedbn: saved statistics are on ", t->device(),
+                " but input is on ", a.input.device());
     TORCH_CHECK_VALUE(t->dim() == 1 && t->numel() == C && t->scalar_type() == acc,
                       "fusedbn: save_mean and save_invstd must be ", acc, " of shape [", C,
                       "], got ", t->scalar_type(), " of shape ", size_str(*t));
   }
-  const bool want_w = output_mask[1] && defined(weight);
-  const bool want_b = output_mask[2] && defined(bias);
-  const bool want_z = output_mask[3] && defined(residual);
-  if (!output_mask[0] && !want_w && !want_b && !want_z) return {};
+  const bool want_w = a.output_mask[1] && defined(a.weight);
+  const bool want_b = a.output_mask[2] && defined(a.bias);
+  const bool want_z = a.output_mask[3] && defined(a.residual);
+  if (!a.output_mask[0] && !want_w && !want_b && !want_z) return {};
 
-  const View v = view_of(input);
-  const Tensor x = v.native ? input : input.contiguous();
+  const View v = view_of(a.input);
+  const Tensor x = v.native ? a.input : a.input.contiguous();
   // The kernels read dy and z in x's layout.
-  const Tensor dy = in_layout_of(grad_out, x);
-  const Tensor z = defined(residual) ? in_layout_of(*residual, x) : Tensor();
+  const Tensor dy = in_layout_of(a.grad_out, x);
+  const Tensor z = defined(a.residual) ? in_layout_of(*a.residual, x) : Tensor();
   Tensor grad_input, dx, grad_residual, dz;
-  if (output_mask[0]) {
-    grad_input = at::empty_like(input);
+  if (a.output_mask[0]) {
+    grad_input = at::empty_like(a.input);
     dx = v.native ? grad_input : at::empty_like(x);
   }
   if (want_z) {
-    grad_residual = at::empty_like(*residual);
+    grad_residual = at::empty_like(*a.residual);
     dz = grad_residual.strides() == x.strides() ? grad_residual : at::empty_like(x);
   }
-  auto fopts = input.options().dtype(acc);
+  auto fopts = a.input.options().dtype(acc);
   Tensor gw = at::empty({C}, fopts), gb = at::empty({C}, fopts);
-  const Tensor w = per_channel_acc(weight, acc), b = per_channel_acc(bias, acc);
-  const Tensor mean = save_mean.contiguous(), invstd = save_invstd.contiguous();
+  const Tensor w = per_channel_acc(a.weight, acc), b = per_channel_acc(a.bias, acc);
+  const Tensor mean = a.save_mean.contiguous(), invstd = a.save_invstd.contiguous();
 
   BackwardParams p;
   p.shape = v.shape;
-  p.dtype = to_dtype(input.scalar_type());
+  p.dtype = to_dtype(a.input.scalar_type());
   p.act = act;
-  p.training = training;
-  p.from_output = from_output;
+  p.training = a.training;
+  p.from_output = a.from_output;
   p.dy = dy.const_data_ptr();
   p.x = x.const_data_ptr();
   p.dx = dx.defined() ? dx.data_ptr() : nullptr;
@@ -477,8 +539,8 @@ Grads backward_channels(
   if (grad_input.defined() && !v.native) grad_input.copy_(dx);
   if (want_z && !dz.is_same(grad_residual)) grad_residual.copy_(dz);
   OptTensor gi = grad_input.defined() ? OptTensor(grad_input) : std::nullopt;
-  OptTensor gwo = want_w ? OptTensor(gw.to(weight->scalar_type())) : std::nullopt;
-  OptTensor gbo = want_b ? OptTensor(gb.to(bias->scalar_type())) : std::nullopt;
+  OptTensor gwo = want_w ? OptTensor(gw.to(a.weight->scalar_type())) : std::nullopt;
+  OptTensor gbo = want_b ? OptTensor(gb.to(a.bias->scalar_type())) : std::nullopt;
   OptTensor gzo = want_z ? OptTensor(grad_residual) : std::nullopt;
   return {gi, gwo, gbo, gzo};
 }
@@ -489,38 +551,35 @@ OptTensor channels_of(const OptTensor& t, int64_t dim, const Tensor& idx) {
 
 }  // namespace
 
-Grads backward_impl(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
-    const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
-    const Tensor& save_invstd, bool training, const std::string& activation,
-    double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    const std::string& order, const OptTensor& kept_input, const OptTensor& kept_channels,
-    BackwardKernel kernel) {
-  if (input.dim() == 1 && input.numel() == 0) {
+Grads backward_impl(const BackwardArgs& a, BackwardKernel kernel) {
+  if (a.input.dim() == 1 && a.input.numel() == 0) {
     // The empty 1-D input F.batch_norm accepts (forward_impl): checked as (0, 0).
-    const OptTensor z = defined(residual) ? OptTensor(with_channel_dim(*residual)) : residual;
-    auto g = backward_channels(with_channel_dim(grad_out), with_channel_dim(input), z, weight,
-                               bias, save_mean, save_invstd, training, activation,
-                               negative_slope, alpha, output_mask, from_output, order, kernel);
-    if (std::get<0>(g)) std::get<0>(g) = at::empty_like(input);
-    if (std::get<3>(g)) std::get<3>(g) = at::empty_like(*residual);
+    BackwardArgs b = a;
+    b.grad_out = with_channel_dim(a.grad_out);
+    b.input = with_channel_dim(a.input);
+    if (defined(a.residual)) b.residual = with_channel_dim(*a.residual);
+    auto g = backward_channels(b, kernel);
+    if (std::get<0>(g)) std::get<0>(g) = at::empty_like(a.input);
+    if (std::get<3>(g)) std::get<3>(g) = at::empty_like(*a.residual);
     return g;
   }
+  const OptTensor& kept_input = a.kept_input;
+  const OptTensor& kept_channels = a.kept_channels;
+  const Tensor& input = a.input;
   TORCH_CHECK_VALUE(defined(kept_input) == defined(kept_channels) &&
-                        (from_output || !defined(kept_input)),
+                        (a.from_output || !defined(kept_input)),
                     "fusedbn: kept_input and kept_channels come together, from an in-place "
                     "forward (from_output=True)");
   const int64_t K = defined(kept_channels) ? kept_channels->numel() : 0;
   const bool all_kept = K > 0 && K == input.size(1) && kept_input->sizes() == input.sizes();
   if (all_kept) {
     // Every channel kept its input (16-bit dtypes): the plain backward of it.
-    return backward_channels(grad_out, *kept_input, residual, weight, bias, save_mean,
-                             save_invstd, training, activation, negative_slope, alpha,
-                             output_mask, false, order, kernel);
+    BackwardArgs b = a;
+    b.input = *kept_input;
+    b.from_output = false;
+    return backward_channels(b, kernel);
   }
-  auto grads = backward_channels(grad_out, input, residual, weight, bias, save_mean, save_invstd,
-                                 training, activation, negative_slope, alpha, output_mask,
-                                 from_output, order, kernel);
+  auto grads = backward_channels(a, kernel);
   if (K == 0) return grads;
   // The channels forward_ kept the input of: their gradients again, from it.
   const Tensor& idx = *kept_channels;
@@ -532,11 +591,16 @@ Grads backward_impl(
                         kept_input->device() == input.device(),
                     "fusedbn: kept_input (", size_str(*kept_input), ") and kept_channels (",
                     size_str(idx), ") do not match the input ", size_str(input));
-  auto part = backward_channels(grad_out.index_select(1, idx), *kept_input,
-                                channels_of(residual, 1, idx), channels_of(weight, 0, idx),
-                                channels_of(bias, 0, idx), save_mean.index_select(0, idx),
-                                save_invstd.index_select(0, idx), training, activation,
-                                negative_slope, alpha, output_mask, false, order, kernel);
+  BackwardArgs b = a;
+  b.grad_out = a.grad_out.index_select(1, idx);
+  b.input = *kept_input;
+  b.residual = channels_of(a.residual, 1, idx);
+  b.weight = channels_of(a.weight, 0, idx);
+  b.bias = channels_of(a.bias, 0, idx);
+  b.save_mean = a.save_mean.index_select(0, idx);
+  b.save_invstd = a.save_invstd.index_select(0, idx);
+  b.from_output = false;
+  auto part = backward_channels(b, kernel);
   auto merge = [&](OptTensor& all, const OptTensor& some, int64_t dim) {
     if (defined(all) && defined(some)) all->index_copy_(dim, idx, *some);
   };

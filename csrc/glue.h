@@ -10,12 +10,12 @@
 #include <tuple>
 #include <utility>
 
+#include <torch/library.h>
+
+#include "args.h"
 #include "kernels/params.h"
 
 namespace fusedbn {
-
-using at::Tensor;
-using OptTensor = std::optional<Tensor>;
 
 using ForwardKernel = void (*)(const ForwardParams&, bool training);
 using BackwardKernel = void (*)(const BackwardParams&);
@@ -24,81 +24,52 @@ using BackwardKernel = void (*)(const BackwardParams&);
 // are defined in place only (see forward_ in ops.cpp).
 using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-ForwardResult forward_impl(
-    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var,
-    const OptTensor& num_batches_tracked, bool training, std::optional<double> momentum,
-    double eps, const std::string& activation, double negative_slope, double alpha,
-    const std::string& order, const OptTensor& activity, double activity_momentum, bool inplace,
-    ForwardKernel kernel);
+// Whether in-place mode takes this activation (kernels/activations.h:
+// is_invertible); ValueError (c10::ValueError) for an unknown name.
+bool is_invertible(const std::string& activation, double negative_slope, double alpha);
 
-std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
-    const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
-    const Tensor& save_invstd, bool training, const std::string& activation,
-    double negative_slope, double alpha, std::array<bool, 4> output_mask, bool from_output,
-    const std::string& order, const OptTensor& kept_input, const OptTensor& kept_channels,
-    BackwardKernel kernel);
+ForwardResult forward_impl(const ForwardArgs& a, bool inplace, ForwardKernel kernel);
 
-// Every tensor on the input's device: checked before the device guard is
-// made from the input (a CPU input with CUDA parameters is dispatched to the
-// CUDA kernels, and a CUDA guard cannot take a CPU device).
-using Named = std::pair<const char*, const OptTensor*>;
-void check_devices(const Tensor& input, std::initializer_list<Named> others);
+std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(const BackwardArgs& a,
+                                                                     BackwardKernel kernel);
 
-// The operator entry points with a device's kernels plugged in; each
-// backend registers these (see csrc/cpu, csrc/cuda). Guard is constructed from
-// the input's device first (a CUDA device guard; a no-op on CPU).
+// The operator entry points with a device's kernels plugged in, as boxed
+// kernels reading their arguments by name (args.h); each backend registers
+// these (see csrc/cpu, csrc/cuda). Every tensor is checked to be on the
+// input's device before Guard is made from it (a CUDA device guard; a no-op
+// on CPU): a CPU input with a CUDA weight is dispatched to the CUDA kernels.
 struct NoGuard {
   explicit NoGuard(const c10::Device&) {}
 };
 
-// forward (Inplace = false; kept_input, kept_channels undefined) and forward_.
+// forward (Inplace = false: output, save_mean, save_invstd) and forward_
+// (Inplace: also kept_input, kept_channels).
 template <typename Guard, ForwardKernel K, bool Inplace>
-ForwardResult forward_inplace_op(
-    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
-    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
-    double activity_momentum) {
-  check_devices(input, {{"residual", &residual}, {"weight", &weight}, {"bias", &bias},
-                        {"running_mean", &running_mean}, {"running_var", &running_var},
-                        {"num_batches_tracked", &nbt}, {"activity", &activity}});
-  const Guard guard(input.device());
-  return forward_impl(input, residual, weight, bias, running_mean, running_var, nbt, training,
-                      momentum, eps, std::string(activation), negative_slope, alpha,
-                      std::string(order), activity, activity_momentum, Inplace, K);
-}
-
-template <typename Guard, ForwardKernel K>
-std::tuple<Tensor, Tensor, Tensor> forward_op(
-    const Tensor& input, const OptTensor& residual, const OptTensor& weight, const OptTensor& bias,
-    const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& nbt,
-    bool training, std::optional<double> momentum, double eps, c10::string_view activation,
-    double negative_slope, double alpha, c10::string_view order, const OptTensor& activity,
-    double activity_momentum) {
-  auto r = forward_inplace_op<Guard, K, false>(input, residual, weight, bias, running_mean,
-                                               running_var, nbt, training, momentum, eps,
-                                               activation, negative_slope, alpha, order, activity,
-                                               activity_momentum);
-  return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+void forward_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+  const ArgList args(op, *stack);
+  const ForwardArgs a = ForwardArgs::read(args);
+  args.check_devices(a.input);
+  const Guard guard(a.input.device());
+  const ForwardResult r = forward_impl(a, Inplace, K);
+  if constexpr (Inplace) push_results(*stack, r);
+  else push_results(*stack, std::make_tuple(std::get<0>(r), std::get<1>(r), std::get<2>(r)));
 }
 
 template <typename Guard, BackwardKernel K>
-std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_op(
-    const Tensor& grad_out, const Tensor& input, const OptTensor& residual, const OptTensor& weight,
-    const OptTensor& bias, const Tensor& save_mean, const Tensor& save_invstd, bool training,
-    c10::string_view activation, double negative_slope, double alpha,
-    std::array<bool, 4> output_mask, bool from_output, c10::string_view order,
-    const OptTensor& kept_input, const OptTensor& kept_channels) {
-  const OptTensor g(grad_out), m(save_mean), v(save_invstd);
-  check_devices(input, {{"grad_out", &g}, {"residual", &residual}, {"weight", &weight},
-                        {"bias", &bias}, {"save_mean", &m}, {"save_invstd", &v},
-                        {"kept_input", &kept_input}, {"kept_channels", &kept_channels}});
-  const Guard guard(input.device());
-  return backward_impl(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                       std::string(activation), negative_slope, alpha, output_mask, from_output,
-                       std::string(order), kept_input, kept_channels, K);
+void backward_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+  const ArgList args(op, *stack);
+  const BackwardArgs a = BackwardArgs::read(args);
+  args.check_devices(a.input);
+  const Guard guard(a.input.device());
+  push_results(*stack, backward_impl(a, K));
+}
+
+// The registrations of one device: Guard and its kernels.
+template <typename Guard, ForwardKernel F, BackwardKernel B>
+void register_kernels(torch::Library& m) {
+  m.impl("forward", torch::CppFunction::makeFromBoxedFunction<&forward_boxed<Guard, F, false>>());
+  m.impl("forward_", torch::CppFunction::makeFromBoxedFunction<&forward_boxed<Guard, F, true>>());
+  m.impl("backward", torch::CppFunction::makeFromBoxedFunction<&backward_boxed<Guard, B>>());
 }
 
 }  // namespace fusedbn

@@ -1,13 +1,6 @@
 // The operator schemas, declared once; each backend registers its kernels
 // with TORCH_LIBRARY_IMPL in its own file.
-#include <Python.h>
 #include <torch/library.h>
-
-// Importing fusedbn._C runs the registrations below; the module itself is empty.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&def);
-}
 
 TORCH_LIBRARY(fusedbn, m) {
   // y = act(batchnorm(input) + residual), residual optional (ResNet's

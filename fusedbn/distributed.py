@@ -162,7 +162,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             grad_w = sum_gxhat.to(weight.dtype)
         if need_b:
             grad_b = sum_g.to(bias.dtype)
-        return (grad_x, grad_res, grad_w, grad_b) + (None,) * 10
+        # One gradient per argument of forward: the rest are not differentiable.
+        return (grad_x, grad_res, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 class SyncBatchNormAct(_BatchNorm):

@@ -4,6 +4,8 @@ import numbers
 
 import torch
 
+from . import _C
+
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
 ORDERS = ("bn_act", "act_bn")
 
@@ -27,9 +29,8 @@ def check_order(order):
 
 def is_invertible(activation, negative_slope, alpha):
     """Whether in-place mode can recover the pre-activation from the output
-    (the same rule as glue.cpp's check_invertible)."""
-    return (activation == "identity" or (activation == "leaky_relu" and negative_slope > 0)
-            or (activation == "elu" and alpha > 0))
+    (asks the C++ rule, csrc/kernels/activations.h: is_invertible)."""
+    return _C.is_invertible(activation, float(negative_slope), float(alpha))
 
 
 def _check_number(name, value, allow_none=False):

@@ -2,30 +2,45 @@
 fake (meta) kernels for torch.compile / export, and the double-backward
 formula of the ``backward`` op. The autograd of ``forward`` is in C++.
 """
+import types
+
 import torch
 
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_same_device(input, **others):
+def bind(op, args, kwargs):
+    """The arguments of a call to ``torch.ops.fusedbn.<op>`` by name (schema
+    defaults filled in): the schemas in csrc/ops.cpp are the one definition
+    of each op's signature, read here rather than written out again."""
+    schema = getattr(torch.ops.fusedbn, op).default._schema
+    names = [a.name for a in schema.arguments]
+    values = dict(zip(names, args))
+    values.update(kwargs)
+    for a in schema.arguments:
+        if a.name not in values:
+            values[a.name] = a.default_value
+    return types.SimpleNamespace(**values)
+
+
+def _check_same_device(a):
     # The dispatcher sends a call that mixes devices (e.g. a meta tensor among
     # CPU ones) here, so the fake kernels must say so rather than succeed.
-    for name, t in others.items():
-        torch._check(
-            t is None or t.device == input.device,
-            lambda: f"fusedbn: {name} is on {t.device} but input is on {input.device}; "
-            "all tensors must be on the same device",
-        )
+    for name, t in vars(a).items():
+        if isinstance(t, torch.Tensor):
+            torch._check(
+                t.device == a.input.device,
+                lambda: f"fusedbn: {name} is on {t.device} but input is on {a.input.device}; "
+                "all tensors must be on the same device",
+            )
 
 
 @torch.library.register_fake("fusedbn::forward")
-def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                  training, momentum, eps, activation, negative_slope, alpha, order="bn_act",
-                  activity=None, activity_momentum=0.1):
-    _check_same_device(input, residual=residual, weight=weight, bias=bias, running_mean=running_mean,
-                       running_var=running_var, num_batches_tracked=num_batches_tracked,
-                       activity=activity)
+def _forward_fake(*args, **kwargs):
+    a = bind("forward", args, kwargs)
+    _check_same_device(a)
+    input = a.input
     # (A 1-D input is accepted when empty, as F.batch_norm does: no channels.)
     torch._check(input.dim() >= 2 or input.numel() == 0,
                  lambda: f"fusedbn: expected input of rank 2 to 5, got {input.dim()}D")
@@ -36,8 +51,9 @@ def _forward_fake(input, residual, weight, bias, running_mean, running_var, num_
 
 
 @torch.library.register_fake("fusedbn::forward_")
-def _forward_inplace_fake(input, *args, **kwargs):
-    _out, mean, invstd = _forward_fake(input, *args, **kwargs)
+def _forward_inplace_fake(*args, **kwargs):
+    _out, mean, invstd = _forward_fake(*args, **kwargs)
+    input = bind("forward_", args, kwargs).input
     # How many channels keep their input depends on the weights' values
     # (glue.cpp: kept_channels).
     kept = torch.library.get_ctx().new_dynamic_size() if input.dim() >= 2 else 0
@@ -47,12 +63,10 @@ def _forward_inplace_fake(input, *args, **kwargs):
 
 
 @torch.library.register_fake("fusedbn::backward")
-def _backward_fake(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                   activation, negative_slope, alpha, output_mask, from_output=False,
-                   order="bn_act", kept_input=None, kept_channels=None):
-    _check_same_device(input, grad_out=grad_out, residual=residual, weight=weight, bias=bias,
-                       save_mean=save_mean, save_invstd=save_invstd, kept_input=kept_input,
-                       kept_channels=kept_channels)
+def _backward_fake(*args, **kwargs):
+    a = bind("backward", args, kwargs)
+    _check_same_device(a)
+    input, residual, weight, bias, output_mask = a.input, a.residual, a.weight, a.bias, a.output_mask
     if not (output_mask[0] or (output_mask[1] and weight is not None)
             or (output_mask[2] and bias is not None) or (output_mask[3] and residual is not None)):
         return None, None, None, None
@@ -134,12 +148,11 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
 
 
 def _backward_setup_context(ctx, inputs, output):
-    (grad_out, input, residual, weight, bias, save_mean, save_invstd, training, activation,
-     negative_slope, alpha, _mask, *rest) = inputs
-    from_output = bool(rest[0]) if rest else False
-    order = rest[1] if len(rest) > 1 else "bn_act"
-    ctx.save_for_backward(grad_out, input, residual, weight, bias, save_mean, save_invstd)
-    ctx.config = (training, activation, negative_slope, alpha, from_output, order)
+    a = bind("backward", inputs, {})
+    ctx.save_for_backward(a.grad_out, a.input, a.residual, a.weight, a.bias, a.save_mean,
+                          a.save_invstd)
+    ctx.config = (a.training, a.activation, a.negative_slope, a.alpha, bool(a.from_output),
+                  a.order)
 
 
 def _backward_backward(ctx, *cotangents):

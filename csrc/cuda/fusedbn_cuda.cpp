@@ -26,14 +26,14 @@ Tensor workspace(size_t bytes) {
                                          .device(at::kCUDA, c10::cuda::current_device()));
 }
 
-void forward_kernel(const ForwardParams& p, bool training) {
+void run_forward(const ForwardParams& p, bool training) {
   const Tensor ws = workspace(cuda::forward_workspace_bytes(p, training));
   check_launch(cuda::forward(p, training, ws.defined() ? ws.data_ptr() : nullptr,
                              c10::cuda::getCurrentCUDAStream()),
                "forward");
 }
 
-void backward_kernel(const BackwardParams& p) {
+void run_backward(const BackwardParams& p) {
   const Tensor ws = workspace(cuda::backward_workspace_bytes(p));
   check_launch(cuda::backward(p, ws.defined() ? ws.data_ptr() : nullptr,
                               c10::cuda::getCurrentCUDAStream()),
@@ -45,8 +45,5 @@ void backward_kernel(const BackwardParams& p) {
 
 TORCH_LIBRARY_IMPL(fusedbn, CUDA, m) {
   using namespace fusedbn;
-  using Guard = c10::cuda::CUDAGuard;
-  m.impl("forward", &forward_op<Guard, &forward_kernel>);
-  m.impl("forward_", &forward_inplace_op<Guard, &forward_kernel, true>);
-  m.impl("backward", &backward_op<Guard, &backward_kernel>);
+  register_kernels<c10::cuda::CUDAGuard, &run_forward, &run_backward>(m);
 }

@@ -86,6 +86,19 @@ struct ELUAct {
   FUSEDBN_HD A grad_from_output(A dy, A out) const { return out <= A(0) ? dy * (out + alpha) : dy; }
 };
 
+// Whether in-place mode can recover the pre-activation from the output: the
+// functor has an inverse (Act::invertible) and the parameters keep the
+// activation one-to-one (a positive slope or alpha). The one statement of
+// the rule: the glue and fusedbn.functional.is_invertible ask here.
+inline bool is_invertible(const ActParams& a) {
+  switch (a.kind) {
+    case Activation::Identity: return IdentityAct<double>::invertible;
+    case Activation::LeakyReLU: return LeakyReLUAct<double>::invertible && a.negative_slope > 0;
+    case Activation::ELU: return ELUAct<double>::invertible && a.alpha > 0;
+    default: return ReLUAct<double>::invertible;
+  }
+}
+
 // Runtime activation -> functor type, once per call, outside the hot loops.
 template <typename A, typename F>
 auto dispatch_activation(const ActParams& a, F&& f) {

@@ -429,18 +429,43 @@ __attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, 
   }
 }
 
-// dx (when non-null) and, with a residual, dz = g (when non-null).
+// Which gradients the dx pass writes (a template switch, so the element
+// loops never test for them): dx, and with a residual dz = g, or only dz.
+enum Wanted : int { kDx = 1, kDz = 2, kDxDz = 3 };
+
+// Calls f(Train, Out) with the pass's switches as types: training or eval,
+// and which of dx, dz (non-null) are written. Without a residual only dx
+// exists (and the pass runs only when it is wanted).
+template <bool Res, typename F>
+FUSEDBN_INLINE void with_dx_switches(bool training, const void* dx, const void* dz, F&& f) {
+  auto out = [&](auto train) {
+    using Out = std::integral_constant<int, kDx>;
+    if constexpr (!Res) {
+      f(train, Out{});
+    } else if (dx && dz) {
+      f(train, std::integral_constant<int, kDxDz>{});
+    } else if (dx) {
+      f(train, Out{});
+    } else {
+      f(train, std::integral_constant<int, kDz>{});
+    }
+  };
+  if (training) out(std::true_type{});
+  else out(std::false_type{});
+}
+
+// dx (Out & kDx) and, with a residual, dz = g (Out & kDz).
 // Train: dx = g * scale + xh * k_xh + k_const (the batch statistics' terms);
 // eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
-template <bool Train, bool Res, bool FromOut, typename A, typename Act>
+template <bool Train, int Out, bool Res, bool FromOut, typename A, typename Act>
 FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, int64_t n,
                            ChannelCoef<A> k, A k_xh, A k_const, Act act) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
     const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
                                        k.hat, act, xh);
-    if (dx) dx[i] = dx_value<Train>(g, xh, k.scale, k_xh, k_const);
-    if (Res && dz) dz[i] = g;
+    if constexpr ((Out & kDx) != 0) dx[i] = dx_value<Train>(g, xh, k.scale, k_xh, k_const);
+    if constexpr (Res && (Out & kDz) != 0) dz[i] = g;
   }
 }
 
@@ -822,8 +847,10 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       const A* dya = as_acc(dy + o, len, dybuf.data());
       A* out = dx ? out_acc(dx + o, obuf.data()) : nullptr;
       A* dzo = dz ? out_acc(dz + o, dzbuf.data()) : nullptr;
-      if (p.training) run_dx<true, Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
-      else run_dx<false, Res, FromOut>(xa, za, dya, out, dzo, len, k, kx, kc, act);
+      with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
+        run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
+            xa, za, dya, out, dzo, len, k, kx, kc, act);
+      });
       if (dx) {
         chain_input_grad(out, x + o, len, pre);
         narrow_to<T>(out, dx + o, len);
@@ -904,7 +931,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
 }
 
 // dx (and dz) of rr channels-last rows, as run_dx.
-template <bool Train, bool Res, bool FromOut, typename A, typename Act>
+template <bool Train, int Out, bool Res, bool FromOut, typename A, typename Act>
 FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* dzo, int64_t rr,
                             int64_t C, const A* mp, const A* sc, const A* sh, const A* ht,
                             const A* kx, const A* kc, Act act) {
@@ -913,8 +940,8 @@ FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* d
       A xh;
       const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c), dyb[i * C + c],
                                          mp[c], sc[c], sh[c], ht[c], act, xh);
-      if (out) out[i * C + c] = dx_value<Train>(g, xh, sc[c], kx[c], kc[c]);
-      if (Res && dzo) dzo[i * C + c] = g;
+      if constexpr ((Out & kDx) != 0) out[i * C + c] = dx_value<Train>(g, xh, sc[c], kx[c], kc[c]);
+      if constexpr (Res && (Out & kDz) != 0) dzo[i * C + c] = g;
     }
 }
 
@@ -1002,7 +1029,7 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp single
     finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
     // implicit barrier: every thread sees the coefficients
-    // Train as a template switch: the eval loop has no xh term at all.
+    // Train and the wanted gradients as template switches (with_dx_switches).
     if (dx || dz) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
@@ -1012,10 +1039,10 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
         const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
         A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
         A* dzo = dz ? out_acc(dz + r * C, dzbuf.data()) : nullptr;
-        if (p.training)
-          rows_dx<true, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
-        else
-          rows_dx<false, Res, FromOut>(xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
+        with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
+          rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
+              xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
+        });
         if (dx) {
           chain_input_grad(out, x + r * C, rr * C, pre);
           narrow_to<T>(out, dx + r * C, rr * C);
@@ -1072,16 +1099,21 @@ void backward(const BackwardParams& p) {
         constexpr bool R = decltype(res)::value, F = decltype(from_out)::value;
         ncs ? backward_ncs<T, R, F>(p, post, pre) : backward_nsc<T, R, F>(p, post, pre);
       };
-      using Yes = std::true_type;
-      using No = std::false_type;
+      using WithResidual = std::true_type;
+      using NoResidual = std::false_type;
+      using FromOutput = std::true_type;
+      using FromInput = std::false_type;
       if constexpr (!IsIdentity<Act>::value) {
-        if (p.act.order == Order::ActBn) return run(No{}, No{}, Id{}, act);
+        if (p.act.order == Order::ActBn) return run(NoResidual{}, FromInput{}, Id{}, act);
       }
       if constexpr (Act::invertible) {
-        if (p.from_output) return p.residual ? run(Yes{}, Yes{}, act, Id{}) : run(No{}, Yes{}, act, Id{});
+        if (p.from_output)
+          return p.residual ? run(WithResidual{}, FromOutput{}, act, Id{})
+                            : run(NoResidual{}, FromOutput{}, act, Id{});
       }
       // (The glue refuses in-place mode for activations that cannot be inverted.)
-      p.residual ? run(Yes{}, No{}, act, Id{}) : run(No{}, No{}, act, Id{});
+      p.residual ? run(WithResidual{}, FromInput{}, act, Id{})
+                 : run(NoResidual{}, FromInput{}, act, Id{});
     });
   });
 }

@@ -124,10 +124,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const OptTensor& nbt, bool training, std::optional<double> momentum, double eps,
            const std::string& activation, double negative_slope, double alpha, bool inplace,
            const std::string& order, const OptTensor& activity, double activity_momentum) {
-          return fusedbn::forward_impl(input, residual, weight, bias, running_mean, running_var,
-                                       nbt, training, momentum, eps, activation, negative_slope,
-                                       alpha, order, activity, activity_momentum, inplace,
-                                       &fusedbn::forward_kernel);
+          fusedbn::ForwardArgs a;
+          a.input = input;
+          a.residual = residual;
+          a.weight = weight;
+          a.bias = bias;
+          a.running_mean = running_mean;
+          a.running_var = running_var;
+          a.num_batches_tracked = nbt;
+          a.training = training;
+          a.momentum = momentum;
+          a.eps = eps;
+          a.activation = activation;
+          a.negative_slope = negative_slope;
+          a.alpha = alpha;
+          a.order = order;
+          a.activity = activity;
+          a.activity_momentum = activity_momentum;
+          return fusedbn::forward_impl(a, inplace, &fusedbn::forward_kernel);
         },
         py::arg("input"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
         py::arg("running_mean"), py::arg("running_var"), py::arg("num_batches_tracked"),
@@ -142,10 +156,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            double negative_slope, double alpha, std::array<bool, 4> output_mask,
            bool from_output, const OptTensor& kept_input, const OptTensor& kept_channels,
            const std::string& order) {
-          return fusedbn::backward_impl(grad_out, input, residual, weight, bias, save_mean,
-                                        save_invstd, training, activation, negative_slope, alpha,
-                                        output_mask, from_output, order, kept_input,
-                                        kept_channels, &fusedbn::backward_kernel);
+          fusedbn::BackwardArgs a;
+          a.grad_out = grad_out;
+          a.input = input;
+          a.residual = residual;
+          a.weight = weight;
+          a.bias = bias;
+          a.save_mean = save_mean;
+          a.save_invstd = save_invstd;
+          a.training = training;
+          a.activation = activation;
+          a.negative_slope = negative_slope;
+          a.alpha = alpha;
+          a.output_mask = output_mask;
+          a.from_output = from_output;
+          a.order = order;
+          a.kept_input = kept_input;
+          a.kept_channels = kept_channels;
+          return fusedbn::backward_impl(a, &fusedbn::backward_kernel);
         },
         py::arg("grad_out"), py::arg("input"), py::arg("residual"), py::arg("weight"),
         py::arg("bias"), py::arg("save_mean"), py::arg("save_invstd"), py::arg("training"),
