@@ -15,7 +15,7 @@
 #   4. python -m fusedbn.bench on CUDA at the ResNet-50 shapes, both layouts,
 #      float32 and bfloat16, against eager and torch.compile (CUDA events,
 #      inputs cycled through a pool >= 2x L2, achieved GB/s vs a device copy);
-#   5. benchmarks/results/<gpu>-<date>.md with device, commit, commands, tables
+#   5. benchmarks/results/<date>-cuda-<gpu>-bench.md with device, commit, commands, tables
 #      (and a copy under $OUT when the device tool provides it).
 # Without a GPU it prints what it would run and exits 0.
 set -uo pipefail
@@ -26,7 +26,7 @@ gpu=$(python -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', 
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))" 2>/dev/null || echo 9.0)
 date_=$(date -u +%Y-%m-%d)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-report="benchmarks/results/${gpu}-${date_}.md"
+report="benchmarks/results/${date_}-cuda-${gpu}-bench.md"
 
 steps=(
   "FUSEDBN_CUDA=1 TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=\$(nproc) pip install --no-build-isolation --no-deps -e ."

@@ -23,7 +23,38 @@ from .modules import (
     BatchNormReLU3d,
 )
 
-__version__ = "0.1.0"
+
+def _version():
+    """pyproject.toml's [project] version: from the installed distribution's
+    metadata, else (an in-tree checkout that was never installed) from the
+    pyproject.toml next to the package."""
+    from importlib import metadata
+    import os
+    import re
+
+    try:
+        return metadata.version("fusedbn")
+    except metadata.PackageNotFoundError:
+        pass
+    table = None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "pyproject.toml"), encoding="utf-8") as f:
+            for line in f:
+                header = re.match(r"\s*\[([^\[\]]+)\]\s*(#.*)?$", line)
+                if header:
+                    table = header.group(1).strip()
+                    continue
+                m = re.match(r'\s*version\s*=\s*"([^"]+)"', line)
+                if m and table == "project":
+                    return m.group(1)
+    except OSError:
+        pass
+    return "0+unknown"
+
+
+__version__ = _version()
+del _version
 
 __all__ = [
     "cpu_isa",

@@ -1,6 +1,7 @@
 """The functional form: ``batch_norm_act``, with the arguments of
 ``torch.nn.functional.batch_norm`` in its order, then the activation's."""
 import numbers
+from typing import Optional
 
 import torch
 
@@ -10,7 +11,7 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
 ORDERS = ("bn_act", "act_bn")
 
 
-def check_activation(activation):
+def check_activation(activation: str) -> None:
     """Raise TypeError/ValueError unless ``activation`` names a supported activation."""
     if not isinstance(activation, str):
         raise TypeError(
@@ -20,14 +21,14 @@ def check_activation(activation):
         raise ValueError(f"fusedbn: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
 
 
-def check_order(order):
+def check_order(order: str) -> None:
     """Raise ValueError unless ``order`` is ``"bn_act"`` or ``"act_bn"``."""
     if order not in ORDERS:
         raise ValueError(f"fusedbn: unknown order {order!r}; expected 'bn_act' (act(bn(x))) "
                          "or 'act_bn' (bn(act(x)))")
 
 
-def is_invertible(activation, negative_slope, alpha):
+def is_invertible(activation: str, negative_slope: float, alpha: float) -> bool:
     """Whether in-place mode can recover the pre-activation from the output
     (asks the C++ rule, csrc/kernels/activations.h: is_invertible)."""
     return _C.is_invertible(activation, float(negative_slope), float(alpha))
@@ -41,10 +42,15 @@ def _check_number(name, value, allow_none=False):
         raise TypeError(f"fusedbn: {name} must be {what}, got {type(value).__name__}")
 
 
-def batch_norm_act(input, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5, activation="relu", negative_slope=0.01, alpha=1.0,
-                   *, residual=None, inplace=False, num_batches_tracked=None, order="bn_act",
-                   activity=None, activity_momentum=0.1):
+def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
+                   running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, training: bool = False,
+                   momentum: Optional[float] = 0.1, eps: float = 1e-5, activation: str = "relu",
+                   negative_slope: float = 0.01, alpha: float = 1.0, *,
+                   residual: Optional[torch.Tensor] = None, inplace: bool = False,
+                   num_batches_tracked: Optional[torch.Tensor] = None, order: str = "bn_act",
+                   activity: Optional[torch.Tensor] = None,
+                   activity_momentum: float = 0.1) -> torch.Tensor:
     """BatchNorm followed by an activation, in one fused kernel.
 
     Same semantics as ``F.batch_norm(...)`` followed by the activation:

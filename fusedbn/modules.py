@@ -5,8 +5,11 @@ classes derive from its base), so a state_dict saved from ``nn.BatchNorm2d``
 loads as is. The activity buffers of ``track_activity=True`` are not part of
 the state_dict.
 """
+from typing import Any, Optional
+
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.types import Device
 
 from .functional import (_check_number, batch_norm_act, check_activation, check_order,
                          is_invertible)
@@ -32,10 +35,12 @@ class _BatchNormAct(_BatchNorm):
     active value). ``fusedbn.diagnostics.report(model)`` tabulates them.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, activation="relu", negative_slope=0.01, alpha=1.0,
-                 device=None, dtype=None, *, bias=True, inplace=False, order="bn_act",
-                 bias_init=0.0, track_activity=False, activity_momentum=0.1):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, activation: str = "relu",
+                 negative_slope: float = 0.01, alpha: float = 1.0, device: Device = None,
+                 dtype: Optional[torch.dtype] = None, *, bias: bool = True, inplace: bool = False,
+                 order: str = "bn_act", bias_init: float = 0.0, track_activity: bool = False,
+                 activity_momentum: float = 0.1) -> None:
         check_activation(activation)
         check_order(order)
         _check_number("activity_momentum", activity_momentum)
@@ -76,24 +81,25 @@ class _BatchNormAct(_BatchNorm):
         return self
 
     @property
-    def active_fraction(self):
+    def active_fraction(self) -> torch.Tensor:
         return self.activity[0]
 
     @property
-    def active_fraction_avg(self):
+    def active_fraction_avg(self) -> torch.Tensor:
         return self.activity[1]
 
     @property
-    def inactive_steps(self):
+    def inactive_steps(self) -> torch.Tensor:
         return self.activity[2].long()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         super().reset_parameters()
         if self.affine and self.bias is not None and getattr(self, "bias_init", 0.0):
             with torch.no_grad():
                 self.bias.fill_(self.bias_init)
 
-    def forward(self, input, residual=None):
+    def forward(self, input: torch.Tensor,
+                residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
         self._check_input_dim(input)
         # Exactly nn.BatchNorm's choices: batch statistics in training and
@@ -113,7 +119,7 @@ class _BatchNormAct(_BatchNorm):
             activity_momentum=self.activity_momentum)
         return out
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         s = super().extra_repr() + f", activation={self.activation}"
         if self.activation == "leaky_relu":
             s += f", negative_slope={self.negative_slope}"
@@ -158,8 +164,11 @@ def _relu_variant(base, doc):
     class _Cls(base):
         __doc__ = doc
 
-        def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                     track_running_stats=True, device=None, dtype=None, *, bias=True, **options):
+        def __init__(self, num_features: int, eps: float = 1e-5,
+                     momentum: Optional[float] = 0.1, affine: bool = True,
+                     track_running_stats: bool = True, device: Device = None,
+                     dtype: Optional[torch.dtype] = None, *, bias: bool = True,
+                     **options: Any) -> None:
             super().__init__(num_features, eps, momentum, affine, track_running_stats,
                              "relu", device=device, dtype=dtype, bias=bias, **options)
     return _Cls
