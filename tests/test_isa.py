@@ -47,7 +47,7 @@ COMPUTE = textwrap.dedent("""
 SCRIPT = COMPUTE + textwrap.dedent("""
     import sys
     inputs = torch.load(sys.argv[1])
-    torch.save(compute(inputs), sys.argv[2])
+    torch.save({"isa": fusedbn.cpu_isa(), "results": compute(inputs)}, sys.argv[2])
 """)
 
 
@@ -82,6 +82,34 @@ def inputs_and_reference():
     return inputs, namespace["compute"](inputs)
 
 
+ISAS = ["baseline", "avx2", "avx512"]
+
+
+def _best_isa():
+    """The best copy this CPU can run, from /proc/cpuinfo (None if absent)."""
+    if not os.path.exists("/proc/cpuinfo"):
+        return None
+    with open("/proc/cpuinfo") as f:
+        flags = set(f.read().split())
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "baseline"
+    return "avx512" if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags else "avx2"
+
+
+def _capped(best, cap):
+    return cap if cap in ISAS and ISAS.index(cap) < ISAS.index(best) else best
+
+
+def test_cpu_isa_names_the_best_copy():
+    """fusedbn.cpu_isa() says which copy of the CPU kernels runs: the best
+    this CPU has unless FUSEDBN_CPU_ISA caps it."""
+    import fusedbn
+    best = _best_isa()
+    if best is None:
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert fusedbn.cpu_isa() == _capped(best, os.environ.get("FUSEDBN_CPU_ISA"))
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_capped_isa_matches_default(isa, inputs_and_reference, tmp_path):
     inputs, reference = inputs_and_reference
@@ -93,7 +121,13 @@ def test_capped_isa_matches_default(isa, inputs_and_reference, tmp_path):
     proc = subprocess.run([sys.executable, str(script), str(in_path), str(out_path)], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    results = torch.load(out_path)
+    saved = torch.load(out_path)
+    # The cap took effect (a cap only lowers the choice).
+    best = _best_isa()
+    if best is not None:
+        assert saved["isa"] == _capped(best, isa), \
+            f"FUSEDBN_CPU_ISA={isa} ran the {saved['isa']} kernels on a {best} CPU"
+    results = saved["results"]
     assert results.keys() == reference.keys()
     names = ("out", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var")
     failures = []
