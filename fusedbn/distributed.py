@@ -18,14 +18,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._reference import acc_dtype as _acc_dtype
 from .functional import _check_number, batch_norm_act, check_activation
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNormAct"]
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _too_few_values(count, world_size):

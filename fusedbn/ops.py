@@ -6,8 +6,9 @@ import types
 
 import torch
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._reference import acc_dtype as _acc_dtype
+from ._reference import activation as _activation
+from ._reference import activation_grad as _activation_grad
 
 
 def bind(op, args, kwargs):
@@ -76,27 +77,6 @@ def _backward_fake(*args, **kwargs):
     grad_residual = (torch.empty_like(residual)
                      if output_mask[3] and residual is not None else None)
     return grad_input, grad_weight, grad_bias, grad_residual
-
-
-def _activation_grad(dy, y, activation, negative_slope, alpha):
-    """dy times the activation's derivative at the pre-activation y (torch ops)."""
-    if activation == "relu":
-        return torch.where(y > 0, dy, torch.zeros_like(dy))
-    if activation == "leaky_relu":
-        return torch.where(y > 0, dy, dy * negative_slope)
-    if activation == "elu":
-        return torch.where(y > 0, dy, dy * alpha * torch.exp(torch.clamp(y, max=0)))
-    return dy
-
-
-def _activation(x, activation, negative_slope, alpha):
-    if activation == "relu":
-        return torch.relu(x)
-    if activation == "leaky_relu":
-        return torch.nn.functional.leaky_relu(x, negative_slope)
-    if activation == "elu":
-        return torch.nn.functional.elu(x, alpha)
-    return x
 
 
 def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
