@@ -28,6 +28,9 @@ def check_order(order: str) -> None:
                          "or 'act_bn' (bn(act(x)))")
 
 
+# A constant of its arguments: torch.compile calls it while tracing instead
+# of breaking the graph at the C function.
+@torch.compiler.assume_constant_result
 def is_invertible(activation: str, negative_slope: float, alpha: float) -> bool:
     """Whether in-place mode can recover the pre-activation from the output
     (asks the C++ rule, csrc/kernels/activations.h: is_invertible)."""
