@@ -7,8 +7,6 @@ tolerance.
 """
 import copy
 import io
-import os
-import sys
 import warnings
 from collections import Counter
 
@@ -17,13 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import fusedbn  # noqa: E402
-from fusedbn.convert import Fusion, convert, unconvert  # noqa: E402
-from fusedbn.modules import _BatchNormAct  # noqa: E402
+import fusedbn
+from fusedbn.convert import Fusion, convert, unconvert
+from fusedbn.modules import _BatchNormAct
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-10)
