@@ -185,6 +185,7 @@ def test_activity_other_float_dtypes_and_strided_view(device):
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         activity = torch.zeros(3, dtype=dtype, device=device)
         _call(x, st, True, "relu", {}, activity=activity)
+        # Exact: a count over a count, rounded once to the tensor's dtype.
         torch.testing.assert_close(activity, expected.to(dtype), rtol=0, atol=0)
     big = torch.full((6,), -7.0, device=device)
     _call(x, st, True, "relu", {}, activity=big[::2])
@@ -294,6 +295,7 @@ def test_activity_state_rows(device):
                                activity_momentum=0.25)
         assert torch.equal(state[0], frac), (i, state[0], frac)
         avg = frac.clone() if avg is None else avg + 0.25 * (frac - avg)
+        # Tighter than assert_close's rule: one float32 multiply-add per step.
         torch.testing.assert_close(state[1], avg, rtol=1e-6, atol=1e-7)
         streak = torch.where(frac == 0, streak + 1, 0.0)
         assert torch.equal(state[2], streak), (i, state[2], streak)
@@ -393,6 +395,7 @@ def test_module_counters(device, cls, rank, activation, kwargs, order):
         mod(x)
         assert torch.equal(mod.active_fraction, frac), (i, mod.active_fraction, frac)
         avg = frac.clone() if avg is None else avg + 0.3 * (frac - avg)
+        # Tighter than assert_close's rule: one float32 multiply-add per step.
         torch.testing.assert_close(mod.active_fraction_avg, avg, rtol=1e-6, atol=1e-7)
         streak = torch.where(frac == 0, streak + 1, 0)
         assert torch.equal(mod.inactive_steps, streak)

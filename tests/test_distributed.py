@@ -22,10 +22,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 import fusedbn
 from fusedbn.distributed import SyncBatchNormAct
 from fusedbn.modules import _BatchNormAct
-from helpers import apply_activation, seed
+from helpers import apply_activation, assert_close, seed
 
 WORLD = 2
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # Each scenario: per-rank batch sizes Ns (uneven, one with an empty rank),
 # spatial dims, and the steps to run ("train" / "eval"), all on one module.
@@ -255,9 +254,7 @@ def ranks(tmp_path_factory):
 
 
 def _close(actual, expected, name):
-    assert actual.dtype == expected.dtype, f"{name}: {actual.dtype} vs {expected.dtype}"
-    torch.testing.assert_close(actual, expected, **TOL[expected.dtype],
-                               msg=lambda m: f"{name}: {m}")
+    assert_close(actual, expected, name=name)  # the suite's rule (float32/float64 here)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -8,6 +8,9 @@ import fusedbn
 from helpers import ACT_IDS, ACTIVATIONS, Stats, avoid_kink, off_kink, seed
 
 SHAPE = (2, 3, 2, 3)
+# gradcheck's finite differences in float64 (inputs kept off the kink).
+GC_TOL = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
+GG_TOL = dict(eps=1e-6, atol=1e-4, rtol=1e-3)
 NONLINEAR = ACTIVATIONS[1:]
 # (activation, order): every activation with order="bn_act", the nonlinear
 # ones with "act_bn" (with the identity both orders are the same op).
@@ -54,8 +57,7 @@ def test_gradcheck(device, act, order, training, channels_last):
     activation, kwargs = act
     x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device, order)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-    assert gradcheck(_fn(rm, rv, training, activation, kwargs, order), args, eps=1e-6,
-                     atol=1e-5, rtol=1e-4)
+    assert gradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GC_TOL)
 
 
 @pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
@@ -69,7 +71,7 @@ def test_gradcheck_single_input(device, wrt, training):
     tensors[wrt].requires_grad_()
     f = _fn(rm, rv, training, activation, kwargs)
     assert gradcheck(lambda t: f(*[t if k == wrt else v for k, v in tensors.items()]),
-                     (tensors[wrt],), eps=1e-6, atol=1e-5, rtol=1e-4)
+                     (tensors[wrt],), **GC_TOL)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -77,8 +79,7 @@ def test_gradcheck_without_affine(device, training):
     activation, kwargs = ACTIVATIONS[3]
     x, _, _, rm, rv = _inputs(activation, training, False, "noaffine", device)
     f = _fn(rm, rv, training, activation, kwargs)
-    assert gradcheck(lambda t: f(t, None, None), (x.requires_grad_(),), eps=1e-6, atol=1e-5,
-                     rtol=1e-4)
+    assert gradcheck(lambda t: f(t, None, None), (x.requires_grad_(),), **GC_TOL)
 
 
 # (activation, order, channels_last, training)
@@ -96,8 +97,7 @@ def test_gradgradcheck(device, act, order, channels_last, training):
     activation, kwargs = act
     x, w, b, rm, rv = _inputs(activation, training, channels_last, "gg", device, order)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-    assert gradgradcheck(_fn(rm, rv, training, activation, kwargs, order), args, eps=1e-6,
-                         atol=1e-4, rtol=1e-3)
+    assert gradgradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GG_TOL)
 
 
 @pytest.mark.parametrize("activation,kw", ACTIVATIONS, ids=ACT_IDS)
