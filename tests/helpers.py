@@ -12,6 +12,9 @@ import torch.nn.functional as F
 
 import fusedbn
 
+# The checkout's root (the directory holding fusedbn/), e.g. for subprocesses.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # (activation, extra kwargs) as used throughout the suite.
 ACTIVATIONS = [
     ("identity", {}),
