@@ -16,10 +16,9 @@ exactly ``BatchNormAct*``.
 """
 import torch
 import torch.distributed as dist
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._reference import acc_dtype as _acc_dtype
-from .functional import _check_number, batch_norm_act, check_activation
+from .functional import _check_number, check_activation
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNormAct"]
@@ -163,7 +162,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         return (grad_x, grad_res, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-class SyncBatchNormAct(_BatchNorm):
+class SyncBatchNormAct(_BatchNormAct):
     """``nn.SyncBatchNorm`` followed by an activation (``identity``, ``relu``,
     ``leaky_relu`` with ``negative_slope``, ``elu`` with ``alpha``), over input
     of any rank >= 2; ``forward(x, residual=None)`` computes
@@ -177,6 +176,15 @@ class SyncBatchNormAct(_BatchNorm):
     exactly what ``BatchNormAct{1,2,3}d`` does. Unlike ``nn.SyncBatchNorm``,
     CPU tensors are accepted (with the gloo backend).
 
+    The keyword options of ``BatchNormAct*`` are accepted (``bias_init``,
+    ``track_activity``, ``activity_momentum``, ``order``, ``inplace``), and
+    ``fusedbn.diagnostics`` sees the module as one of them. The synchronized
+    forward computes ``act(bn(x))`` only, without activity counting or
+    in-place output: with ``order="act_bn"``, ``inplace=True`` or
+    ``track_activity=True`` it raises ``ValueError`` (on every rank, before
+    the collective); where the module computes exactly ``BatchNormAct*``
+    (eval, no group, a group of one) they work as there.
+
     Every rank of the group must call it the same number of times (each call
     in training is a collective), with the same number of channels; the
     input's requires_grad must agree across ranks too.
@@ -184,16 +192,20 @@ class SyncBatchNormAct(_BatchNorm):
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, activation="relu", negative_slope=0.01, alpha=1.0,
-                 process_group=None, device=None, dtype=None, *, bias=True):
+                 process_group=None, device=None, dtype=None, *, bias=True, **options):
+        # process_group sits where nn.SyncBatchNorm has it, before device.
         check_activation(activation)
         _check_number("negative_slope", negative_slope)
         _check_number("alpha", alpha)
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device, dtype, bias=bias)
-        self.activation = activation
-        self.negative_slope = negative_slope
-        self.alpha = alpha
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
+                         negative_slope, alpha, device, dtype, bias=bias, **options)
         self.process_group = process_group
+
+    def _unsupported_when_synchronized(self):
+        """The options the synchronized forward does not implement, by name."""
+        return [name for name, on in (("order='act_bn'", self.order == "act_bn"),
+                                      ("inplace=True", self.inplace),
+                                      ("track_activity=True", self.track_activity)) if on]
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -239,11 +251,14 @@ class SyncBatchNormAct(_BatchNorm):
             world_size = dist.get_world_size(process_group)
             need_sync = world_size > 1
         if not need_sync:
-            return batch_norm_act(
-                input, running_mean, running_var, self.weight, self.bias, use_batch_stats,
-                self.momentum, self.eps, self.activation, self.negative_slope, self.alpha,
-                residual=residual,
-                num_batches_tracked=self.num_batches_tracked if counts else None)
+            return super().forward(input, residual)
+        unsupported = self._unsupported_when_synchronized()
+        if unsupported:
+            # Every rank has the same options: every rank raises, before the collective.
+            raise ValueError(
+                f"fusedbn: SyncBatchNormAct's synchronized forward (training in a group of "
+                f"more than one process) does not support {', '.join(unsupported)}; it "
+                "computes act(bn(x)) without activity counting or in-place output")
         _check_number("momentum", self.momentum, allow_none=True)
         _check_number("eps", self.eps)
         if not self.eps > 0:
@@ -253,35 +268,30 @@ class SyncBatchNormAct(_BatchNorm):
             self.num_batches_tracked if counts else None, self.momentum, self.eps,
             self.activation, self.negative_slope, self.alpha, process_group, world_size)
 
-    def extra_repr(self):
-        s = super().extra_repr() + f", activation={self.activation}"
-        if self.activation == "leaky_relu":
-            s += f", negative_slope={self.negative_slope}"
-        elif self.activation == "elu":
-            s += f", alpha={self.alpha}"
-        return s
-
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):
         """Replace every fusedbn ``BatchNormAct*`` module (any
         ``fusedbn.modules._BatchNormAct``) in ``module``, recursively, by a
         ``SyncBatchNormAct`` sharing its parameter and buffer tensors and
         copying eps, momentum, affine, track_running_stats, the activation and
-        its parameters, and the train/eval flag (and ``qconfig``), as
+        its parameters, order, bias_init, the activity tracking (sharing the
+        ``activity`` buffer) and the train/eval flag (and ``qconfig``), as
         ``nn.SyncBatchNorm.convert_sync_batchnorm`` does for ``nn.BatchNorm*``.
 
         Returns ``module`` with its children converted, or the new module
         when ``module`` itself is a ``BatchNormAct*``. Plain ``nn.BatchNorm*``
         layers are left alone (use ``nn.SyncBatchNorm.convert_sync_batchnorm``
-        or ``fusedbn.convert`` first). ``inplace=True`` is not carried: it
-        only saves memory, and the synchronized path does not have it.
+        or ``fusedbn.convert`` first), and so are ``SyncBatchNormAct`` layers
+        already there. ``inplace=True`` is not carried: it only saves memory,
+        and the synchronized path does not have it.
         """
         module_output = module
-        if isinstance(module, _BatchNormAct):
+        if isinstance(module, _BatchNormAct) and not isinstance(module, SyncBatchNormAct):
             module_output = cls(
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, module.activation, module.negative_slope,
-                module.alpha, process_group, bias=module.bias is not None)
+                module.alpha, process_group, bias=module.bias is not None, order=module.order,
+                bias_init=module.bias_init, activity_momentum=module.activity_momentum)
             if module.affine:
                 with torch.no_grad():
                     module_output.weight = module.weight
@@ -289,6 +299,9 @@ class SyncBatchNormAct(_BatchNorm):
             module_output.running_mean = module.running_mean
             module_output.running_var = module.running_var
             module_output.num_batches_tracked = module.num_batches_tracked
+            if getattr(module, "activity", None) is not None:
+                module_output.activity = module.activity
+            module_output.track_activity = module.track_activity
             module_output.training = module.training
             if hasattr(module, "qconfig"):
                 module_output.qconfig = module.qconfig

@@ -5,9 +5,22 @@ carries the ``cuda`` marker, so that on a GPU machine
     python -m pytest -q -m cuda tests
 
 runs exactly it (benchmarks/gpu_check.sh does). tests/test_cuda_simt.py
-emulates the CUDA kernels on the CPU: its items never get the marker."""
-import pytest
-import torch
+emulates the CUDA kernels on the CPU: its items never get the marker.
+
+It also puts this checkout's root first on sys.path, the suite's one place
+for it: ``import fusedbn`` then loads the package (and its compiled _C)
+beside these tests, whatever the working directory and whatever copy an
+editable install points at. The shared samples, references and the one
+tolerance rule (``assert_close``) live in tests/helpers.py."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if sys.path[0] != ROOT:
+    sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -1,21 +1,19 @@
-"""Shared helpers for the fusedbn tests: the eager reference, one tolerance
-rule, and sample-input generators."""
+"""Shared helpers for the fusedbn tests: the eager references (both
+orders), the one tolerance rule (``assert_close``), and sample-input
+generators. (tests/conftest.py puts this checkout first on sys.path.)"""
+import contextlib
 import copy
 import os
 import zlib
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Make `import fusedbn` work from the in-place build when pytest runs from
-# anywhere (the package is built with `setup.py build_ext --inplace`).
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import fusedbn
 
-import fusedbn  # noqa: E402
+# The checkout's root (the directory holding fusedbn/), e.g. for subprocesses.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (activation, extra kwargs) as used throughout the suite.
 ACTIVATIONS = [
@@ -82,9 +80,25 @@ class EagerBNAct(nn.Module):
         return apply_activation(self.bn(x), self.activation, self.negative_slope, self.alpha)
 
 
+class EagerActBN(EagerBNAct):
+    """The reference for order="act_bn": the activation, then eager
+    nn.BatchNormNd (``.bn``, so bn_of / sync_buffers apply)."""
+
+    def forward(self, x):
+        return self.bn(apply_activation(x, self.activation, self.negative_slope, self.alpha))
+
+
+class Stats:
+    """What pre_activation64 / avoid_kink need to know of a module."""
+
+    def __init__(self, rm, rv, w, b, eps=1e-5):
+        self.running_mean, self.running_var, self.weight, self.bias, self.eps = rm, rv, w, b, eps
+
+
 def eager_like(mod, dtype=None):
-    """An eager nn.BatchNormNd + activation with mod's configuration, loaded
-    with mod's state_dict (cast to ``dtype`` when given)."""
+    """An eager nn.BatchNormNd + activation with mod's configuration (the
+    activation first for order="act_bn"), loaded with mod's state_dict (cast
+    to ``dtype`` when given)."""
     rank_cls = {fusedbn.BatchNormAct1d: nn.BatchNorm1d, fusedbn.BatchNormAct2d: nn.BatchNorm2d,
                 fusedbn.BatchNormAct3d: nn.BatchNorm3d}
     base = next(c for c in type(mod).__mro__ if c in rank_cls)
@@ -99,7 +113,8 @@ def eager_like(mod, dtype=None):
     if tensors:
         bn = bn.to(tensors[0].device)
     bn.train(mod.training)
-    return EagerBNAct(bn, mod.activation, mod.negative_slope, mod.alpha)
+    cls = EagerActBN if getattr(mod, "order", "bn_act") == "act_bn" else EagerBNAct
+    return cls(bn, mod.activation, mod.negative_slope, mod.alpha)
 
 
 def make_fused(rank, C, activation, act_kwargs, dtype=torch.float32, param_dtype=None,
@@ -239,20 +254,70 @@ def step(mod, x, grad_out, training):
             None if b is None else b.grad)
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Run eager references on one thread: on tiny tensors their parallel
+    regions only cost time (a lot of it on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def off_kink(x, margin=1e-3):
+    """x with the elements within ``margin`` of 0 moved to +-0.0625, in x's
+    own layout. With order="act_bn" the activation's kink is at the input's
+    0 (not at the BatchNorm output's, as avoid_kink assumes)."""
+    near = x.detach().double().abs() < margin
+    if not near.any():
+        return x
+    x = clone_layout(x)
+    with torch.no_grad():
+        x[near] = torch.where(x.double()[near] < 0, -0.0625, 0.0625).to(x.dtype)
+    return x
+
+
+def both_branches(x):
+    """x shifted per channel so that 30% to 70% of each channel's values are
+    negative: both branches of the activation well populated. (An input with
+    almost no positive value makes relu(x) a spike of one value among zeros,
+    whose float32 BatchNorm backward is ill-conditioned: fusedbn's float32
+    grad_input is then a few times further from float64 than eager's, and the
+    elementwise float32 tolerance fails on rounding, not on a wrong formula;
+    also with order="bn_act" on such data.)"""
+    C = x.shape[1]
+    xd = x.detach().double()
+    flat = xd.transpose(0, 1).reshape(C, -1)
+    q = torch.linspace(0.3, 0.7, C, dtype=torch.float64, device=x.device)
+    shift = torch.stack([torch.quantile(flat[c], q[c]) for c in range(C)])
+    y = clone_layout(x)
+    with torch.no_grad():
+        y.copy_((xd - shift.view([1, C] + [1] * (x.dim() - 2))).to(x.dtype))
+    return y
+
+
 def compare_steps(fused, ref, ref64, x, training,
                   names=("out", "grad_input", "grad_weight", "grad_bias"), vs64=False):
     """Run one step on fusedbn, eager (same dtypes) and the float64 eager
     reference, and compare outputs, gradients and the running statistics.
     The references first take fused's current buffers, so that each step is
     judged on its own (low-precision running statistics may legitimately
-    differ by a rounding after an earlier step)."""
+    differ by a rounding after an earlier step). With order="act_bn" the
+    input is first spread over both branches of the activation and moved off
+    its kink (at the input's 0), and the references run on one thread."""
     sync_buffers(fused, ref, ref64)
-    if fused.activation != "identity":
+    act_bn = fused.order == "act_bn"
+    if act_bn:
+        x = off_kink(both_branches(x))
+    elif fused.activation != "identity":
         x = avoid_kink(x, fused, training)
     g = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
     res_f = step(fused, x, g, training)
-    res_e = step(ref, x, g, training)
-    res_64 = step(ref64, x.double(), g.double(), training)
+    with single_thread() if act_bn else contextlib.nullcontext():
+        res_e = step(ref, x, g, training)
+        res_64 = step(ref64, x.double(), g.double(), training)
     for name, a, e, r in zip(names, res_f, res_e, res_64):
         assert_close(a, e, r, name=name, compute_dtype=x.dtype, vs64=vs64)
     compare_buffers(fused, ref, ref64, x.dtype, vs64)
@@ -340,6 +405,17 @@ def output_mask(op, input=True, weight=True, bias=True):
     then False for any further gradient the schema returns)."""
     n = len(op._schema.returns)
     return [input, weight, bias] + [False] * (n - 3)
+
+
+def dead_channel_module(device="cpu", **kwargs):
+    """BatchNormReLU2d(3) counting activity, whose channel 0 is never active
+    (bias -100; |normalized value| < sqrt(N*H*W) for the suite's small batches)."""
+    mod = fusedbn.BatchNormReLU2d(3, track_activity=True, device=device, **kwargs)
+    with torch.no_grad():
+        mod.weight.fill_(1.0)
+        mod.bias.zero_()
+        mod.bias[0] = -100.0
+    return mod
 
 
 class CompileNet(nn.Module):

@@ -1,29 +1,23 @@
-"""Activity counting -- batch_norm_act(..., activity=t) with t of shape [C]
-(the fraction) or [3, C] (fraction, running average, inactive streak), the
-``activity`` buffer of track_activity=True modules, fusedbn.diagnostics --
-and the modules' bias_init.
+"""Activity counting semantics -- batch_norm_act(..., activity=t) with t of
+shape [C] (the fraction) or [3, C] (fraction, running average, inactive
+streak), the counters of track_activity=True modules, fusedbn.diagnostics.
+(Its opcheck, compile and bad-input tests are in the concern files, with the
+activity argument as one of their parameters; the buffer's state_dict
+behaviour in test_modules.py.)
 
 The reference for the counts: the activation's input computed in float64
 (the BatchNorm output, plus the residual when given, for order="bn_act"; the
 input itself for order="act_bn"), with the inputs moved off its 0 so that
 rounding cannot flip a sign, and counted > 0 per channel."""
-import copy
-
 import pytest
 import torch
 import torch.nn as nn
-from torch.library import opcheck
 
 import fusedbn
 from fusedbn import diagnostics
-from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, SHAPES, avoid_kink, clone_layout,
-                     make_fused, make_input, op_args, pre_activation64, seed)
+from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, SHAPES, Stats, avoid_kink, clone_layout,
+                     dead_channel_module, make_fused, make_input, pre_activation64, seed)
 
-FORWARD = torch.ops.fusedbn.forward.default
-FORWARD_ = torch.ops.fusedbn.forward_.default
-
-NONLINEAR = ACTIVATIONS[1:]
-NONLINEAR_IDS = ACT_IDS[1:]
 INVERTIBLE = [a for a in ACTIVATIONS if a[0] != "relu"]
 INVERTIBLE_IDS = [a for a, _ in INVERTIBLE]
 DTYPE_IDS = [str(d).replace("torch.", "") for d in ALL_DTYPES]
@@ -35,16 +29,9 @@ RL_IDS = [f"{r}d-{lay}" for r, lay in RANK_LAYOUTS]
 MARGIN = 1e-4
 
 
-class _Stats:
-    """What helpers.pre_activation64 / avoid_kink need to know of a module."""
-
-    def __init__(self, rm, rv, w, b, eps=1e-5):
-        self.running_mean, self.running_var, self.weight, self.bias, self.eps = rm, rv, w, b, eps
-
-
 def _params(C, dtype, device="cpu"):
     to = dict(device=device, dtype=dtype)
-    return _Stats(rm=(torch.randn(C) * 0.5 + 0.5).to(**to), rv=(torch.rand(C) * 2 + 0.5).to(**to),
+    return Stats(rm=(torch.randn(C) * 0.5 + 0.5).to(**to), rv=(torch.rand(C) * 2 + 0.5).to(**to),
                   w=(torch.rand(C) + 0.5).to(**to), b=(torch.randn(C) * 0.5).to(**to))
 
 
@@ -198,6 +185,7 @@ def test_activity_other_float_dtypes_and_strided_view(device):
     for dtype in (torch.float64, torch.bfloat16, torch.float16):
         activity = torch.zeros(3, dtype=dtype, device=device)
         _call(x, st, True, "relu", {}, activity=activity)
+        # Exact: a count over a count, rounded once to the tensor's dtype.
         torch.testing.assert_close(activity, expected.to(dtype), rtol=0, atol=0)
     big = torch.full((6,), -7.0, device=device)
     _call(x, st, True, "relu", {}, activity=big[::2])
@@ -300,13 +288,14 @@ def test_activity_state_rows(device):
     for i, training in enumerate((True, True, False, True, False)):
         if i == 3:
             b[0] = 0.0  # revived
-        st = _Stats(rm, rv, w, b)
+        st = Stats(rm, rv, w, b)
         x, _, pre = reference(make_input((2, C, 4, 5), device=device), st, training, "bn_act")
         frac = fraction(pre)
         fusedbn.batch_norm_act(x, rm, rv, w, b, training, activation="relu", activity=state,
                                activity_momentum=0.25)
         assert torch.equal(state[0], frac), (i, state[0], frac)
         avg = frac.clone() if avg is None else avg + 0.25 * (frac - avg)
+        # Tighter than assert_close's rule: one float32 multiply-add per step.
         torch.testing.assert_close(state[1], avg, rtol=1e-6, atol=1e-7)
         streak = torch.where(frac == 0, streak + 1, 0.0)
         assert torch.equal(state[2], streak), (i, state[2], streak)
@@ -349,119 +338,6 @@ def test_activity_state_dtypes_and_views(device):
             assert torch.equal(states["bfloat16"], ref.bfloat16())
 
 
-# ------------------------------------------------------------ bad input
-
-C4 = 4
-BAD_ACTIVITY = {
-    "too_long": (lambda: torch.zeros(C4 + 1), ValueError, r"activity must have shape \[4\]"),
-    "too_short": (lambda: torch.zeros(C4 - 1), ValueError, r"activity must have shape"),
-    "column": (lambda: torch.zeros(C4, 1), ValueError, r"activity must have shape"),
-    "two_rows": (lambda: torch.zeros(2, C4), ValueError, r"activity must have shape"),
-    "four_rows": (lambda: torch.zeros(4, C4), ValueError, r"activity must have shape"),
-    "three_rows_too_long": (lambda: torch.zeros(3, C4 + 1), ValueError,
-                            r"activity must have shape \[4\] or \[3, 4\]"),
-    "three_rows_3d": (lambda: torch.zeros(3, C4, 1), ValueError, r"activity must have shape"),
-    "scalar": (lambda: torch.zeros(()), ValueError, r"activity must have shape"),
-    "long": (lambda: torch.zeros(C4, dtype=torch.long), TypeError, r"activity"),
-    "int32": (lambda: torch.zeros(C4, dtype=torch.int32), TypeError, r"activity"),
-    "bool": (lambda: torch.zeros(C4, dtype=torch.bool), TypeError, r"activity"),
-    "complex": (lambda: torch.zeros(C4, dtype=torch.complex64), TypeError, r"activity"),
-    "meta": (lambda: torch.zeros(C4, device="meta"), RuntimeError, r"activity is on meta"),
-    "int_state": (lambda: torch.zeros(3, C4, dtype=torch.long), TypeError, r"activity"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_ACTIVITY))
-def test_bad_activity(device, case):
-    make, exc, pattern = BAD_ACTIVITY[case]
-    _assert_failed_call_changes_nothing(device, make, exc, pattern)
-
-
-@pytest.mark.parametrize("momentum", [-0.1, 1.5, float("nan")])
-def test_bad_activity_momentum(device, momentum):
-    def make():
-        t = torch.zeros(3, C4)
-        t[0] = 0.5
-        return t
-    _assert_failed_call_changes_nothing(device, make, ValueError, r"activity_momentum must be in \[0, 1\]",
-                                        activity_momentum=momentum)
-
-
-def _assert_failed_call_changes_nothing(device, make, exc, pattern, **options):
-    for training, inplace, order in ((True, False, "bn_act"), (False, False, "act_bn"),
-                                     (True, True, "bn_act")):
-        seed("bad-activity", pattern, training, inplace)
-        x = torch.randn(2, C4, 3).to(device)
-        rm, rv = torch.randn(C4).to(device), (torch.rand(C4) + 0.5).to(device)
-        nbt = torch.tensor(7, device=device)
-        activity = make()
-        if activity.device.type != "meta":
-            activity = activity.to(device)
-        keep = [t.clone() for t in (x, rm, rv, nbt)]
-        keep_activity = activity.clone() if activity.device.type != "meta" else None
-        with pytest.raises(exc, match=pattern):
-            fusedbn.batch_norm_act(x, rm, rv, (torch.rand(C4) + 0.5).to(device),
-                                   torch.randn(C4).to(device), training,
-                                   activation="leaky_relu", num_batches_tracked=nbt,
-                                   inplace=inplace, order=order, activity=activity, **options)
-        for name, t, k in zip(("input", "running_mean", "running_var", "num_batches_tracked"),
-                              (x, rm, rv, nbt), keep):
-            assert torch.equal(t, k), f"{name} changed by a failed call"
-        if keep_activity is not None:
-            assert torch.equal(activity, keep_activity), "activity changed by a failed call"
-            assert activity.dtype == keep_activity.dtype
-
-
-# -------------------------------------------------------------- opcheck
-
-# (training, activation, order, residual?, layout)
-OP_CASES = [
-    (True, "relu", "bn_act", False, "contiguous"),
-    (False, "elu", "bn_act", True, "channels_last"),
-    (True, "leaky_relu", "bn_act", True, "contiguous"),
-    (True, "elu", "act_bn", False, "channels_last"),
-    (False, "relu", "act_bn", False, "contiguous"),
-    (True, "relu", "bn_act", False, "zero_size"),
-]
-OP_IDS = [f"{'train' if t else 'eval'}-{a}-{o}{'-residual' if r else ''}-{lay}"
-          for t, a, o, r, lay in OP_CASES]
-
-
-def _op_args(op, training, activation, order, residual, layout, requires_grad, device):
-    shape = (0, 3, 2, 3) if layout == "zero_size" else (2, 3, 2, 3)
-    x = (torch.randn(shape) + 0.3).to(device)
-    if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    return op_args(
-        op, input=x.requires_grad_(requires_grad and op is FORWARD),
-        residual=torch.randn_like(x).requires_grad_(requires_grad) if residual else None,
-        weight=(torch.rand(3) + 0.5).to(device).requires_grad_(requires_grad),
-        bias=torch.randn(3).to(device).requires_grad_(requires_grad),
-        running_mean=torch.randn(3).to(device), running_var=(torch.rand(3) + 0.5).to(device),
-        num_batches_tracked=torch.tensor(3, device=device), training=training,
-        momentum=0.1, eps=1e-5, activation=activation, negative_slope=0.1, alpha=0.7,
-        order=order, activity=torch.zeros(3, device=device))
-
-
-@pytest.mark.parametrize("case,requires_grad",
-                         [(c, True) for c in OP_CASES] + [(OP_CASES[0], False)],
-                         ids=[i + "-grad" for i in OP_IDS] + [OP_IDS[0] + "-nograd"])
-def test_opcheck_forward_with_activity(device, case, requires_grad):
-    seed("activity-opcheck", case, requires_grad)
-    opcheck(FORWARD, _op_args(FORWARD, *case, requires_grad, device))
-
-
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_opcheck_inplace_forward_with_activity(device, training):
-    """forward_ (inplace=True) with activity: schema (two mutated arguments
-    and the aliased output), autograd registration, fake kernel. Not
-    test_aot_dispatch_dynamic: see test_compile_inplace_module_with_activity."""
-    seed("activity-opcheck-inplace", training)
-    opcheck(FORWARD_, _op_args(FORWARD_, training, "leaky_relu", "bn_act", True, "channels_last",
-                               False, device),
-            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-
-
 def test_activity_is_counted_by_the_op_and_visible_to_autograd(device):
     """The activity tensor is mutated by the op (its version counter moves)."""
     activity = torch.zeros(3, device=device)
@@ -486,29 +362,6 @@ def _kink_free(mod, x, training):
     if mod.order == "act_bn" and mod.activation != "identity":
         return _off_zero(x)
     return avoid_kink(x, mod, training, margin=MARGIN)
-
-
-def test_module_buffer_and_state_dict(device):
-    mod = fusedbn.BatchNormAct2d(4, track_activity=True, activity_momentum=0.2).to(device)
-    assert mod.track_activity and mod.activity_momentum == 0.2
-    assert "track_activity=True" in repr(mod)
-    assert mod.activity.dtype == torch.float32 and mod.activity.shape == (3, 4)
-    assert "activity" in dict(mod.named_buffers())
-    # Before any batch: fraction 0, no average yet (NaN), no streak.
-    assert torch.equal(mod.active_fraction, torch.zeros(4, device=device))
-    assert torch.isnan(mod.active_fraction_avg).all()
-    assert mod.inactive_steps.dtype == torch.long
-    assert torch.equal(mod.inactive_steps, torch.zeros(4, dtype=torch.long, device=device))
-    ref = nn.BatchNorm2d(4).to(device)
-    assert mod.state_dict().keys() == ref.state_dict().keys()
-    mod(torch.randn(2, 4, 3, 3, device=device))
-    assert mod.state_dict().keys() == ref.state_dict().keys()
-    ref.load_state_dict(mod.state_dict(), strict=True)
-    mod.load_state_dict(ref.state_dict(), strict=True)
-    # Without tracking there is no activity buffer at all.
-    plain = fusedbn.BatchNormAct2d(4)
-    assert not plain.track_activity and getattr(plain, "activity", None) is None
-    assert plain.state_dict().keys() == ref.state_dict().keys()
 
 
 MODULE_CASES = [(fusedbn.BatchNormAct1d, 2, "elu", {"alpha": 0.7}, "bn_act"),
@@ -542,6 +395,7 @@ def test_module_counters(device, cls, rank, activation, kwargs, order):
         mod(x)
         assert torch.equal(mod.active_fraction, frac), (i, mod.active_fraction, frac)
         avg = frac.clone() if avg is None else avg + 0.3 * (frac - avg)
+        # Tighter than assert_close's rule: one float32 multiply-add per step.
         torch.testing.assert_close(mod.active_fraction_avg, avg, rtol=1e-6, atol=1e-7)
         streak = torch.where(frac == 0, streak + 1, 0)
         assert torch.equal(mod.inactive_steps, streak)
@@ -593,18 +447,9 @@ def test_module_inplace_counts_before_overwriting(device):
         assert torch.equal(mods[0].activity, mods[1].activity)
 
 
-def _dead_channel_module(device="cpu", **kwargs):
-    mod = fusedbn.BatchNormReLU2d(3, track_activity=True, device=device, **kwargs)
-    with torch.no_grad():
-        mod.weight.fill_(1.0)
-        mod.bias.zero_()
-        mod.bias[0] = -100.0  # |normalized value| < sqrt(N*H*W) = 6.4 here: never active
-    return mod
-
-
 def test_dead_channel(device):
     seed("activity-dead")
-    mod = _dead_channel_module(device)
+    mod = dead_channel_module(device)
     for i, training in enumerate((True, True, True, False)):
         mod.train(training)
         mod(make_input((2, 3, 4, 5), device=device))
@@ -627,83 +472,11 @@ def test_dead_channel(device):
                          ids=["bfloat16", "float16"])
 def test_inactive_streak_of_low_precision_module_keeps_counting(device, dtype, start):
     seed("activity-streak", dtype)
-    mod = _dead_channel_module(device).to(dtype)
+    mod = dead_channel_module(device).to(dtype)
     with torch.no_grad():
         mod.activity[2, 0] = start  # as after `start` dead forwards
     mod(make_input((2, 3, 4, 5), dtype, device=device))
     assert mod.inactive_steps[0].item() == start + 1
-
-
-# ---------------------------------------------------------- torch.compile
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
-        self.bn1 = _dead_channel_module(activity_momentum=0.25)
-        self.conv2 = nn.Conv2d(3, 4, 1)
-        self.bn2 = fusedbn.BatchNormAct2d(4, activation="elu", alpha=0.7, order="act_bn",
-                                          track_activity=True)
-
-    def forward(self, x):
-        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
-
-
-def test_compile_fullgraph_activity_matches_eager(device):
-    torch._dynamo.reset()
-    seed("activity-compile")
-    net = Net().to(device)
-    eager = copy.deepcopy(net)
-    compiled = torch.compile(copy.deepcopy(net), fullgraph=True, backend="aot_eager")
-    x = (torch.randn(2, 3, 6, 6) + 0.3).to(device)
-    try:
-        for i, training in enumerate((True, True, False)):
-            for m in (compiled, eager):
-                m.train(training)
-            g = torch.randn(2, 4, 6, 6).to(device)
-            outs = []
-            for m in (compiled, eager):
-                xi = (x + 0.1 * i).requires_grad_()
-                out = m(xi)
-                out.backward(g)
-                outs.append((out.detach(), xi.grad))
-            torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
-            for layer in ("bn1", "bn2"):
-                for name in ("activity", "running_mean", "running_var", "num_batches_tracked"):
-                    a, e = (getattr(getattr(m, layer), name) for m in (compiled, eager))
-                    torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-7,
-                                               msg=lambda s: f"step {i} {layer}.{name}: {s}")
-            assert compiled.bn1.inactive_steps[0].item() == i + 1
-            assert not torch.isnan(compiled.bn2.active_fraction_avg).any()
-    finally:
-        torch._dynamo.reset()
-
-
-def test_dynamo_explain_no_graph_break(device):
-    torch._dynamo.reset()
-    try:
-        explanation = torch._dynamo.explain(Net().to(device).train())(
-            torch.randn(2, 3, 6, 6, device=device))
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        assert explanation.graph_count == 1
-    finally:
-        torch._dynamo.reset()
-
-
-def test_compile_inplace_module_with_activity(device):
-    # (Was a strict xfail: the autograd of forward_ read weight.eq(0).any().item().)
-    torch._dynamo.reset()
-    seed("activity-compile-inplace")
-    mod = fusedbn.BatchNormAct2d(3, activation="leaky_relu", negative_slope=0.1, inplace=True,
-                                 track_activity=True).to(device)
-    eager = copy.deepcopy(mod)
-    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
-    x = torch.randn(2, 3, 4, 4).to(device)
-    try:
-        torch.testing.assert_close(compiled(x.clone()), eager(x.clone()))
-        assert torch.equal(mod.activity, eager.activity)
-    finally:
-        torch._dynamo.reset()
 
 
 # ------------------------------------------------------------ diagnostics
@@ -793,41 +566,3 @@ def test_report_of_a_bare_module_and_float64(device):
         fraction(pre_activation64(mod, x, True)).mean().item())
     assert "| (model) |" in str(diagnostics.report(mod))
     assert diagnostics.report(nn.Sequential(nn.BatchNorm2d(3))) == []
-
-
-# -------------------------------------------------------------- bias_init
-
-@pytest.mark.parametrize("cls", [fusedbn.BatchNormAct1d, fusedbn.BatchNormAct2d,
-                                 fusedbn.BatchNormAct3d, fusedbn.BatchNormReLU2d],
-                         ids=lambda c: c.__name__)
-def test_bias_init(cls):
-    mod = cls(4, bias_init=0.01)
-    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
-    assert torch.equal(mod.weight.detach(), torch.ones(4))
-    assert "bias_init=0.01" in repr(mod)
-    with torch.no_grad():
-        mod.bias.uniform_()
-        mod.weight.uniform_()
-        mod.running_mean.uniform_()
-    mod.reset_parameters()
-    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
-    assert torch.equal(mod.weight.detach(), torch.ones(4))
-    assert torch.equal(mod.running_mean, torch.zeros(4))
-    ref = nn.BatchNorm2d(4)
-    ref.load_state_dict(mod.state_dict())
-    assert torch.equal(ref.bias.detach(), torch.full((4,), 0.01))
-
-
-def test_bias_init_default_and_other_values():
-    assert torch.equal(fusedbn.BatchNormAct2d(4).bias.detach(), torch.zeros(4))
-    assert "bias_init" not in repr(fusedbn.BatchNormAct2d(4))
-    mod = fusedbn.BatchNormAct2d(4, bias_init=-0.5, dtype=torch.float64)
-    assert torch.equal(mod.bias.detach(), torch.full((4,), -0.5, dtype=torch.float64))
-
-
-def test_bias_init_without_bias(device):
-    for kwargs in (dict(affine=False), dict(bias=False)):
-        mod = fusedbn.BatchNormAct2d(4, bias_init=0.01, **kwargs).to(device)
-        assert mod.bias is None
-        mod.reset_parameters()
-        assert mod(torch.randn(2, 4, 3, 3, device=device)).shape == (2, 4, 3, 3)

@@ -61,10 +61,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import helpers  # noqa: E402,F401  (puts the repository root first on sys.path)
-
-import fusedbn  # noqa: E402
+import fusedbn
 
 # --------------------------------------------------------------------------
 # KNOWN_BROKEN -- delete an entry once its fix lands; an empty dict = strict.

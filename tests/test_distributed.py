@@ -10,7 +10,6 @@ run on every device.
 import datetime
 import os
 import socket
-import sys
 import time
 
 import pytest
@@ -20,14 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from helpers import apply_activation, seed  # noqa: E402
-
-import fusedbn  # noqa: E402
-from fusedbn.distributed import SyncBatchNormAct  # noqa: E402
+import fusedbn
+from fusedbn.distributed import SyncBatchNormAct
+from fusedbn.modules import _BatchNormAct
+from helpers import apply_activation, assert_close, seed
 
 WORLD = 2
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # Each scenario: per-rank batch sizes Ns (uneven, one with an empty rank),
 # spatial dims, and the steps to run ("train" / "eval"), all on one module.
@@ -198,9 +195,38 @@ def _worker(rank, port, outdir):
         (model(x[rows]) * g[rows]).sum().backward()
         opt.step()
         out["ddp"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        out["unsupported"] = _unsupported_options_in_sync(rank)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+# Options of BatchNormAct* that the synchronized forward does not implement.
+UNSUPPORTED = {"act_bn": dict(order="act_bn"), "inplace": dict(activation="elu", inplace=True),
+               "track_activity": dict(track_activity=True)}
+
+
+def _same(a, b):
+    """Equal values, NaN where the other has NaN (the activity buffer's
+    average starts as NaN)."""
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _unsupported_options_in_sync(rank):
+    """Per option: (exception type name, message) of a synchronized training
+    forward, and whether its buffers stayed as they were."""
+    results = {}
+    for name, options in UNSUPPORTED.items():
+        try:
+            mod = SyncBatchNormAct(C, **options).double().train()
+            before = {k: v.clone() for k, v in mod.named_buffers()}
+            mod(torch.randn(2 + rank, C, 3, dtype=torch.float64) * 1)
+            results[name] = ("no error", "", True)
+        except Exception as e:  # noqa: BLE001  (compared in the test)
+            unchanged = "mod" in locals() and all(
+                _same(v, before[k]) for k, v in mod.named_buffers())
+            results[name] = (type(e).__name__, str(e), unchanged)
+    return results
 
 
 def _free_port():
@@ -228,9 +254,7 @@ def ranks(tmp_path_factory):
 
 
 def _close(actual, expected, name):
-    assert actual.dtype == expected.dtype, f"{name}: {actual.dtype} vs {expected.dtype}"
-    torch.testing.assert_close(actual, expected, **TOL[expected.dtype],
-                               msg=lambda m: f"{name}: {m}")
+    assert_close(actual, expected, name=name)  # the suite's rule (float32/float64 here)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -403,3 +427,132 @@ def test_convert_sync_batchnorm():
     assert type(conv) is SyncBatchNormAct and conv.weight is single.weight
     x = torch.randn(3, 4, 2, 2)
     torch.testing.assert_close(conv(x), fusedbn.BatchNormAct2d(4)(x))
+
+
+def test_unsupported_options_raise_in_the_synchronized_forward(ranks):
+    """order="act_bn", inplace=True and track_activity=True are accepted (and
+    work outside the synchronized path), but a synchronized training forward
+    refuses them by name on every rank, before any buffer changes."""
+    for r in range(WORLD):
+        for name, (exc, msg, unchanged) in ranks[r]["unsupported"].items():
+            assert exc == "ValueError", f"rank {r} {name}: {exc}: {msg}"
+            option = next(iter(UNSUPPORTED[name].items())) if name != "inplace" else \
+                ("inplace", True)
+            assert f"{option[0]}={option[1]!r}" in msg, msg
+            assert "synchronized" in msg, msg
+            assert unchanged, f"rank {r} {name}: buffers changed by the refused call"
+
+
+# ------------------------------------------- one of the fused modules' family
+def test_is_a_fused_module_with_their_options():
+    mod = SyncBatchNormAct(4, activation="leaky_relu", negative_slope=0.2, bias_init=0.01,
+                           track_activity=True, activity_momentum=0.3, order="act_bn")
+    assert isinstance(mod, _BatchNormAct)
+    assert (mod.order, mod.track_activity, mod.activity_momentum, mod.bias_init) == (
+        "act_bn", True, 0.3, 0.01)
+    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
+    with torch.no_grad():
+        mod.bias.zero_()
+    mod.reset_parameters()
+    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
+    assert mod.activity.shape == (3, 4) and mod.activity.dtype == torch.float32
+    r = repr(mod)
+    for part in ("activation=leaky_relu, negative_slope=0.2", "order=act_bn", "bias_init=0.01",
+                 "track_activity=True"):
+        assert part in r, r
+    # The fused modules' checks, with their messages.
+    with pytest.raises(ValueError, match="unknown order"):
+        SyncBatchNormAct(4, order="bn")
+    with pytest.raises(ValueError, match="invertible"):
+        SyncBatchNormAct(4, inplace=True)
+    with pytest.raises(ValueError, match="activity_momentum"):
+        SyncBatchNormAct(4, activity_momentum=2.0)
+    with pytest.raises(TypeError, match="negative_slope"):
+        SyncBatchNormAct(4, negative_slope="0.1")
+
+
+def test_state_dict_compatible_with_sync_batchnorm_and_the_fused_modules():
+    """The activity buffer stays out of the state_dict: the keys are
+    nn.SyncBatchNorm's, and state_dicts load strictly both ways with it and
+    with BatchNormAct2d."""
+    seed("sync-state-dict")
+    mod = SyncBatchNormAct(3, track_activity=True, bias_init=0.1)
+    mod(torch.randn(4, 3, 2, 2))  # no group: counts, as BatchNormAct2d
+    keys = nn.SyncBatchNorm(3).state_dict().keys()
+    assert mod.state_dict().keys() == keys
+    for other in (nn.SyncBatchNorm(3), fusedbn.BatchNormAct2d(3, track_activity=True)):
+        other.load_state_dict(mod.state_dict(), strict=True)
+        for k, v in mod.state_dict().items():
+            assert torch.equal(other.state_dict()[k], v), k
+        fresh = SyncBatchNormAct(3, track_activity=True)
+        fresh.load_state_dict(other.state_dict(), strict=True)
+        assert fresh.state_dict().keys() == keys
+
+
+@pytest.mark.parametrize("options", [dict(order="act_bn", activation="elu", alpha=0.7),
+                                     dict(track_activity=True, activation="leaky_relu"),
+                                     dict(inplace=True, activation="leaky_relu")],
+                         ids=["act_bn", "track_activity", "inplace"])
+def test_options_without_process_group_equal_batchnormact(device, options):
+    """Outside the synchronized path the options work exactly as in
+    BatchNormAct2d: outputs, gradients, buffers (the activity one too)."""
+    seed("sync-options", sorted(options))
+    plain = fusedbn.BatchNormAct2d(C, **options).to(device)
+    sync = SyncBatchNormAct(C, **options).to(device)
+    with torch.no_grad():
+        plain.weight.copy_((torch.rand(C) + 0.5).to(device))
+        plain.bias.copy_(torch.randn(C).to(device))
+    sync.load_state_dict(plain.state_dict())
+    for mode in ("train", "eval"):
+        x = (torch.randn(4, C, 3, 5) + 0.3).to(device)
+        g = torch.randn_like(x)
+        outs = []
+        for mod in (plain, sync):
+            mod.train(mode == "train")
+            mod.zero_grad(set_to_none=True)
+            leaf = _leaf(x, True)
+            out = mod(leaf * 1 if options.get("inplace") else leaf)
+            out.backward(g)
+            outs.append((out, leaf.grad, mod.weight.grad, mod.bias.grad))
+        for a, b in zip(*outs):
+            assert torch.equal(a, b)
+        assert dict(plain.named_buffers()).keys() == dict(sync.named_buffers()).keys()
+        for (k, a), (_, b) in zip(plain.named_buffers(), sync.named_buffers()):
+            assert _same(a, b), k
+
+
+def test_diagnostics_and_unconvert_see_it():
+    seed("sync-diagnostics")
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), SyncBatchNormAct(4), nn.BatchNorm2d(4))
+    assert fusedbn.diagnostics.track(model) is model
+    assert model[1].track_activity and model[1].activity.shape == (3, 4)
+    model(torch.randn(2, 3, 4, 4))  # no process group: counted as BatchNormAct2d counts
+    (row,) = fusedbn.diagnostics.report(model)
+    assert (row.layer, row.activation, row.order, row.channels) == ("1", "relu", "bn_act", 4)
+    assert row.active_fraction == pytest.approx(model[1].active_fraction.mean().item())
+    # fusedbn.convert leaves it as it is; unconvert names it among the fused
+    # modules it did not create.
+    converted = fusedbn.convert(model, inplace=False)
+    assert type(converted[1]) is SyncBatchNormAct
+    with pytest.warns(UserWarning, match=r"did not create.*\b1\b"):
+        fusedbn.unconvert(model)
+    assert type(model[1]) is SyncBatchNormAct
+
+
+def test_convert_sync_batchnorm_carries_the_options():
+    """order, bias_init, activity tracking (the same activity tensor) move
+    along; a SyncBatchNormAct already there is left alone."""
+    act_bn = fusedbn.BatchNormAct2d(4, activation="elu", order="act_bn", bias_init=0.2)
+    tracked = diagnostics_track(fusedbn.BatchNormReLU2d(4), activity_momentum=0.4)
+    already = SyncBatchNormAct(4, process_group="old")
+    model = nn.Sequential(act_bn, tracked, already)
+    SyncBatchNormAct.convert_sync_batchnorm(model, process_group="pg")
+    assert type(model[0]) is SyncBatchNormAct and model[0].order == "act_bn"
+    assert model[0].bias_init == 0.2 and model[0].bias is act_bn.bias
+    assert model[1].track_activity and model[1].activity_momentum == 0.4
+    assert model[1].activity is tracked.activity
+    assert model[2] is already and already.process_group == "old"
+
+
+def diagnostics_track(mod, **kw):
+    return fusedbn.diagnostics.track(mod, **kw)

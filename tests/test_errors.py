@@ -1,5 +1,7 @@
 """Bad inputs raise a clear Python exception naming the problem, and leave
-running_mean / running_var / num_batches_tracked untouched.
+running_mean / running_var / num_batches_tracked (and the input, the
+activity tensor) untouched -- over every option: order, residual, in-place
+mode, activity counting.
 
 Exception types: where PyTorch has a deliberate check for the same mistake
 (F.batch_norm / nn.BatchNormNd), fusedbn must raise the same type (e.g.
@@ -112,6 +114,71 @@ CASES = {
                                  EAGER, r"got input size torch\.Size\(\[1, 4, 1\]\)"),
 }
 
+# order="act_bn" refuses the residual and in-place mode (every nonlinear
+# activation; in-place only where it is otherwise accepted), train and eval.
+ORDER_ERROR = r"order='act_bn'"
+for _act, _kw in (("relu", {}), ("leaky_relu", {"negative_slope": 0.1}), ("elu", {"alpha": 0.7})):
+    for _training in (True, False):
+        CASES[f"act_bn_residual_{_act}{'' if _training else '_eval'}"] = (
+            dict(order="act_bn", residual=torch.randn(2, C, 4), activation=_act,
+                 training=_training, **_kw),
+            ValueError, r"order='act_bn'.*residual")  # says what it computes, and why
+    if _act != "relu":
+        CASES[f"act_bn_inplace_{_act}"] = (dict(order="act_bn", inplace=True, activation=_act,
+                                               **_kw), ValueError, ORDER_ERROR)
+BAD_ORDERS = ["act-bn", "ACT_BN", "bn", "", "relu"]
+for _order in BAD_ORDERS:
+    for _training in (True, False):
+        CASES[f"unknown_order_{_order!r}{'' if _training else '_eval'}"] = (
+            dict(order=_order, training=_training), ValueError,
+            rf"unknown order {re.escape(repr(_order))}.*'bn_act'.*'act_bn'")
+CASES["order_none"] = (dict(order=None), (ValueError, TypeError), r"order")
+# In-place mode needs an invertible activation; the residual the input's shape and dtype.
+CASES["inplace_relu"] = (dict(inplace=True), ValueError, r"invertible")
+CASES["residual_shape"] = (dict(residual=torch.randn(2, C, 3)), ValueError, r"residual has shape")
+CASES["residual_dtype"] = (dict(residual=torch.randn(2, C, 4).double()), TypeError,
+                           r"residual dtype")
+
+# The activity argument: shape [C] or [3, C], floating, on the input's
+# device; activity_momentum in [0, 1]. Each in training, in eval with
+# order="act_bn", and in place.
+BAD_ACTIVITY = {
+    "too_long": (lambda: torch.zeros(C + 1), ValueError, r"activity must have shape \[3\]"),
+    "too_short": (lambda: torch.zeros(C - 1), ValueError, r"activity must have shape"),
+    "column": (lambda: torch.zeros(C, 1), ValueError, r"activity must have shape"),
+    "two_rows": (lambda: torch.zeros(2, C), ValueError, r"activity must have shape"),
+    "four_rows": (lambda: torch.zeros(4, C), ValueError, r"activity must have shape"),
+    "three_rows_too_long": (lambda: torch.zeros(3, C + 1), ValueError,
+                            r"activity must have shape \[3\] or \[3, 3\]"),
+    "three_rows_3d": (lambda: torch.zeros(3, C, 1), ValueError, r"activity must have shape"),
+    "scalar": (lambda: torch.zeros(()), ValueError, r"activity must have shape"),
+    "long": (lambda: torch.zeros(C, dtype=torch.long), TypeError, r"activity"),
+    "int32": (lambda: torch.zeros(C, dtype=torch.int32), TypeError, r"activity"),
+    "bool": (lambda: torch.zeros(C, dtype=torch.bool), TypeError, r"activity"),
+    "complex": (lambda: torch.zeros(C, dtype=torch.complex64), TypeError, r"activity"),
+    "meta": (lambda: torch.zeros(C, device="meta"), RuntimeError, r"activity is on meta"),
+    "int_state": (lambda: torch.zeros(3, C, dtype=torch.long), TypeError, r"activity"),
+}
+
+
+def _half_state():
+    t = torch.zeros(3, C)
+    t[0] = 0.5
+    return t
+
+
+for _m in (-0.1, 1.5, float("nan")):
+    BAD_ACTIVITY[f"activity_momentum_{_m}"] = (_half_state, ValueError,
+                                               r"activity_momentum must be in \[0, 1\]",
+                                               dict(activity_momentum=_m))
+for _name, (_make, _exc, _pattern, *_more) in BAD_ACTIVITY.items():
+    for _variant, _over in (("", dict(training=True)),
+                            ("_eval_act_bn", dict(training=False, order="act_bn")),
+                            ("_inplace", dict(training=True, inplace=True))):
+        CASES[f"activity_{_name}{_variant}"] = (
+            dict(activity=_make(), activation="leaky_relu", **_over, **(_more[0] if _more else {})),
+            _exc, _pattern)
+
 
 def _call(a):
     a = dict(a)
@@ -121,12 +188,16 @@ def _call(a):
 
 
 def _snapshot(a):
-    return {k: a[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+    """The tensors a failed call must leave alone: the buffers, the input
+    (in-place mode) and the activity tensor."""
+    return {k: a[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked",
+                                      "input", "activity")
             if isinstance(a.get(k), torch.Tensor) and a[k].device.type != "meta"}
 
 
 def _assert_unchanged(a, snap):
     for k, v in snap.items():
+        assert a[k].dtype == v.dtype, f"{k}: dtype changed by a failed call"
         assert torch.equal(a[k], v), f"{k} changed by a failed call: {v} -> {a[k]}"
 
 
@@ -139,7 +210,7 @@ def test_functional_error(device, case):
     with pytest.raises(Exception) as info:
         _call(a)
     assert exc is EAGER or isinstance(info.value, exc), (
-        f"expected {exc.__name__}, got {type(info.value).__name__}: {info.value}")
+        f"expected {exc}, got {type(info.value).__name__}: {info.value}")
     assert re.search(pattern, str(info.value)), f"message {str(info.value)!r} !~ {pattern!r}"
     _assert_unchanged(a, snap)
 
@@ -217,25 +288,58 @@ def test_module_rank_check_like_nn(device, fused_cls, eager_cls, shapes, prefix)
             assert torch.equal(v, snap[k]), k
 
 
-@pytest.mark.parametrize("activation,exc,pattern", [
-    ("gelu", ValueError, r"unknown activation 'gelu'"),
-    ("", ValueError, r"unknown activation ''"),
-    (None, TypeError, r"activation must be a string"),
-    (nn.ReLU, TypeError, r"activation must be a string"),
-])
-def test_module_bad_activation_at_construction(activation, exc, pattern):
+BOTH_ORDERS = r"unknown order .*'bn_act'.*'act_bn'"
+BAD_OPTIONS = (
+    [(fusedbn.BatchNormAct2d, dict(activation=a), exc, pattern) for a, exc, pattern in (
+        ("gelu", ValueError, r"unknown activation 'gelu'"),
+        ("", ValueError, r"unknown activation ''"),
+        (None, TypeError, r"activation must be a string"),
+        (nn.ReLU, TypeError, r"activation must be a string"))]
+    + [(cls, dict(order=o), ValueError, BOTH_ORDERS)
+       for o in BAD_ORDERS for cls in (fusedbn.BatchNormAct2d, fusedbn.BatchNormReLU1d)]
+    + [(fusedbn.BatchNormAct2d, dict(activation=a, order="act_bn", inplace=True, **kw), ValueError,
+        ORDER_ERROR) for a, kw in (("identity", {}), ("relu", {}),
+                                   ("leaky_relu", {"negative_slope": 0.1}),
+                                   ("elu", {"alpha": 0.7}))]
+    + [(fusedbn.BatchNormReLU2d, dict(order="act_bn", inplace=True), ValueError, ORDER_ERROR),
+       (fusedbn.BatchNormAct2d, dict(inplace=True), ValueError, r"ReLU"),
+       (fusedbn.BatchNormAct2d, dict(activation="leaky_relu", negative_slope=0.0, inplace=True),
+        ValueError, r"invertible")])
+
+
+@pytest.mark.parametrize("cls,options,exc,pattern", BAD_OPTIONS,
+                         ids=[f"{c.__name__}-{'-'.join(f'{k}={v!r}' for k, v in o.items())}"
+                              for c, o, _, _ in BAD_OPTIONS])
+def test_module_bad_option_at_construction(cls, options, exc, pattern):
     with pytest.raises(exc, match=pattern):
-        fusedbn.BatchNormAct2d(C, activation=activation)
+        cls(C, **options)
 
 
-def test_module_bad_activation_at_call_time(device):
+@pytest.mark.parametrize("attr,value,pattern", [
+    ("activation", "swish", r"unknown activation 'swish'"),
+    ("order", "act_then_bn", BOTH_ORDERS)])
+def test_module_bad_option_at_call_time(device, attr, value, pattern):
     mod = fusedbn.BatchNormAct2d(C).to(device)
-    mod.activation = "swish"
+    setattr(mod, attr, value)
     snap = {k: v.clone() for k, v in mod.named_buffers()}
-    with pytest.raises(ValueError, match=r"unknown activation 'swish'"):
+    with pytest.raises(ValueError, match=pattern):
         mod(torch.randn(2, C, 3, 3).to(device))
     for k, v in mod.named_buffers():
         assert torch.equal(v, snap[k]), k
+
+
+@pytest.mark.parametrize("activation,kwargs", [("relu", {}), ("leaky_relu", {"negative_slope": 0.1}),
+                                               ("elu", {"alpha": 0.7})])
+def test_module_act_bn_residual_raises(device, activation, kwargs):
+    mod = fusedbn.BatchNormAct2d(C, activation=activation, order="act_bn", **kwargs).to(device)
+    x, z = torch.randn(2, C, 3, 3, device=device), torch.randn(2, C, 3, 3, device=device)
+    for training in (True, False):
+        mod.train(training)
+        snap = {k: v.clone() for k, v in mod.named_buffers()}
+        with pytest.raises(ValueError, match=ORDER_ERROR):
+            mod(x, z)
+        for k, v in mod.named_buffers():
+            assert torch.equal(v, snap[k]), f"{k} changed by a failed call"
 
 
 @pytest.mark.parametrize("shape", [(1, C), (1, C, 1), (1, C, 1, 1)])
@@ -283,8 +387,25 @@ def _backward_args(device, **over):
     (dict(input=torch.ones(2, C, 4, dtype=torch.int32), grad_out=torch.ones(2, C, 4,
                                                                            dtype=torch.int32)),
      TypeError, r"input must be float32"),
+    # The C++ operators check the order themselves (callers of
+    # torch.ops.fusedbn.* skip the Python checks).
+    (dict(order="bnact"), ValueError, BOTH_ORDERS),
+    (dict(order="act_bn", activation="leaky_relu", negative_slope=0.1,
+          residual=torch.randn(2, C, 4)), ValueError, ORDER_ERROR),
+    (dict(order="act_bn", activation="leaky_relu", negative_slope=0.1, from_output=True),
+     ValueError, ORDER_ERROR),
 ], ids=["grad_shape", "grad_dtype", "save_mean_shape", "save_invstd_dtype", "weight_shape",
-        "activation", "int_input"])
+        "activation", "int_input", "unknown_order", "act_bn_residual", "act_bn_from_output"])
 def test_backward_op_errors(device, over, exc, pattern):
     with pytest.raises(exc, match=pattern):
         torch.ops.fusedbn.backward.default(*_backward_args(device, **over))
+
+
+def test_forward_op_unknown_order(device):
+    a = _tensors(device)
+    snap = _snapshot(a)
+    FORWARD = torch.ops.fusedbn.forward.default
+    with pytest.raises(ValueError, match=BOTH_ORDERS):
+        FORWARD(*op_args(FORWARD, order="bnact", momentum=0.1, eps=1e-5, activation="relu",
+                         negative_slope=0.01, alpha=1.0, **a))
+    _assert_unchanged(a, snap)

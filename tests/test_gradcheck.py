@@ -1,24 +1,26 @@
 """torch.autograd.gradcheck (and a few gradgradchecks) of batch_norm_act in
-float64, inputs kept off the activation's kink."""
+float64, inputs kept off the activation's kink: both orders, the residual."""
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
 
 import fusedbn
-from helpers import ACT_IDS, ACTIVATIONS, avoid_kink, seed
+from helpers import ACT_IDS, ACTIVATIONS, Stats, avoid_kink, off_kink, seed
 
 SHAPE = (2, 3, 2, 3)
+# gradcheck's finite differences in float64 (inputs kept off the kink).
+GC_TOL = dict(eps=1e-6, atol=1e-5, rtol=1e-4)
+GG_TOL = dict(eps=1e-6, atol=1e-4, rtol=1e-3)
+NONLINEAR = ACTIVATIONS[1:]
+# (activation, order): every activation with order="bn_act", the nonlinear
+# ones with "act_bn" (with the identity both orders are the same op).
+ACT_ORDERS = ([(a, "bn_act") for a in ACTIVATIONS] + [(a, "act_bn") for a in NONLINEAR])
+ACT_ORDER_IDS = [f"{a[0]}-{o}" if o != "bn_act" else a[0] for a, o in ACT_ORDERS]
 
 
-class _Stats:
-    """Just what avoid_kink needs to know of a module."""
-
-    def __init__(self, rm, rv, w, b, eps):
-        self.running_mean, self.running_var, self.weight, self.bias, self.eps = rm, rv, w, b, eps
-
-
-def _inputs(activation, training, channels_last, key, device):
-    seed("gradcheck", activation, training, channels_last, key)
+def _inputs(activation, training, channels_last, key, device, order="bn_act"):
+    seed("gradcheck" if order == "bn_act" else "act_bn-gradcheck", activation, training,
+         channels_last, key)
     C = SHAPE[1]
     x = torch.randn(SHAPE, dtype=torch.float64) * 1.5 + 0.3
     w = torch.rand(C, dtype=torch.float64) + 0.5
@@ -28,32 +30,34 @@ def _inputs(activation, training, channels_last, key, device):
     x, w, b, rm, rv = (t.to(device) for t in (x, w, b, rm, rv))
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    if activation != "identity":
-        # Normalized (pre-activation) values at least 2e-2 away from 0, far
-        # beyond what gradcheck's eps=1e-6 perturbation can move them.
-        x = avoid_kink(x, _Stats(rm, rv, w, b, 1e-5), training, margin=2e-2)
+    # Activation inputs at least 2e-2 away from the kink, far beyond what
+    # gradcheck's eps=1e-6 perturbation can move them: the normalized values
+    # for order="bn_act", the input itself for "act_bn".
+    if order == "act_bn":
+        x = off_kink(x, margin=2e-2)
+    elif activation != "identity":
+        x = avoid_kink(x, Stats(rm, rv, w, b, 1e-5), training, margin=2e-2)
     if channels_last:
         assert x.is_contiguous(memory_format=torch.channels_last)
     return x, w, b, rm, rv
 
 
-def _fn(rm, rv, training, activation, kwargs):
+def _fn(rm, rv, training, activation, kwargs, order="bn_act"):
     def f(x, w, b):
         # Fresh running statistics per call: forward updates them in place.
         return fusedbn.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
-                                      activation, **kwargs)
+                                      activation, order=order, **kwargs)
     return f
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", ACTIVATIONS, ids=ACT_IDS)
-def test_gradcheck(device, act, training, channels_last):
+@pytest.mark.parametrize("act,order", ACT_ORDERS, ids=ACT_ORDER_IDS)
+def test_gradcheck(device, act, order, training, channels_last):
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device)
+    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device, order)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-    assert gradcheck(_fn(rm, rv, training, activation, kwargs), args, eps=1e-6, atol=1e-5,
-                     rtol=1e-4)
+    assert gradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GC_TOL)
 
 
 @pytest.mark.parametrize("wrt", ["input", "weight", "bias"])
@@ -67,7 +71,7 @@ def test_gradcheck_single_input(device, wrt, training):
     tensors[wrt].requires_grad_()
     f = _fn(rm, rv, training, activation, kwargs)
     assert gradcheck(lambda t: f(*[t if k == wrt else v for k, v in tensors.items()]),
-                     (tensors[wrt],), eps=1e-6, atol=1e-5, rtol=1e-4)
+                     (tensors[wrt],), **GC_TOL)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -75,19 +79,45 @@ def test_gradcheck_without_affine(device, training):
     activation, kwargs = ACTIVATIONS[3]
     x, _, _, rm, rv = _inputs(activation, training, False, "noaffine", device)
     f = _fn(rm, rv, training, activation, kwargs)
-    assert gradcheck(lambda t: f(t, None, None), (x.requires_grad_(),), eps=1e-6, atol=1e-5,
-                     rtol=1e-4)
+    assert gradcheck(lambda t: f(t, None, None), (x.requires_grad_(),), **GC_TOL)
 
 
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("act", [ACTIVATIONS[1], ACTIVATIONS[3]], ids=["relu", "elu"])
-def test_gradgradcheck(device, act, training):
-    """Double backward (the backward op has its own autograd formula)."""
+# (activation, order, channels_last, training)
+GG_CASES = ([(a, "bn_act", False, t) for a in (ACTIVATIONS[1], ACTIVATIONS[3]) for t in (True, False)]
+            + [(a, "act_bn", cl, t) for a in NONLINEAR
+               for cl, t in ((False, True), (True, True), (False, False))])
+
+
+@pytest.mark.parametrize("act,order,channels_last,training", GG_CASES,
+                         ids=[f"{a[0]}-{o}-{'channels_last' if cl else 'contiguous'}-"
+                              f"{'train' if t else 'eval'}" for a, o, cl, t in GG_CASES])
+def test_gradgradcheck(device, act, order, channels_last, training):
+    """Double backward (the backward op has its own autograd formula;
+    ops.backward_reference with order="act_bn" too)."""
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, False, "gg", device)
+    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gg", device, order)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
-    assert gradgradcheck(_fn(rm, rv, training, activation, kwargs), args, eps=1e-6, atol=1e-4,
-                         rtol=1e-3)
+    assert gradgradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GG_TOL)
+
+
+@pytest.mark.parametrize("activation,kw", ACTIVATIONS, ids=ACT_IDS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_and_gradgradcheck_with_residual(device, activation, kw, training):
+    """The residual's gradient too; gradcheck's default tolerances."""
+    seed("gradgrad-residual", activation, training)
+    f64 = dict(dtype=torch.float64, device=device)
+    x = torch.randn(3, 4, 5, dtype=torch.float64).to(device).requires_grad_()
+    z = torch.randn(3, 4, 5, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.rand(4, dtype=torch.float64) + 0.5).to(device).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64).to(device).requires_grad_()
+    rm, rv = torch.zeros(4, **f64), torch.ones(4, **f64)
+
+    def f(x, z, w, b):
+        return fusedbn.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5,
+                                      activation, residual=z, **kw)
+
+    assert gradcheck(f, (x, z, w, b))
+    assert gradgradcheck(f, (x, z, w, b), atol=1e-5)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -3,6 +3,7 @@ input cannot be recovered from the output keep it), views, and checks made
 before any buffer is touched."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from types import SimpleNamespace
@@ -180,6 +181,8 @@ def test_inplace_on_view(device, name, make, activation, kw):
 
     for name_, a, e in zip(("base", "grad_leaf", "grad_w", "grad_b", "rm", "rv"),
                            run(True), run(False)):
+        # float64, but 10x assert_close's rtol: in place recovers the input
+        # through the inverted activation and affine map (extra roundings).
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name_}: {m}")
 
 
@@ -228,11 +231,69 @@ def test_forbidden_inplace_raises_before_touching_buffers(device, case):
     assert torch.equal(x.detach(), before)
 
 
-def test_double_backward_through_inplace_still_raises(device):
+@pytest.mark.parametrize("activation,with_weight", [("leaky_relu", True), ("elu", False)],
+                         ids=["leaky_relu-weight", "elu-no_weight"])
+def test_double_backward_through_inplace_still_raises(device, activation, with_weight):
     x = torch.randn(4, 3, dtype=torch.float64, device=device, requires_grad=True)
-    w = torch.rand(3, dtype=torch.float64, device=device, requires_grad=True)
-    y = fusedbn.batch_norm_act(x * 1.0, None, None, w, None, True, 0.1, 1e-5, "leaky_relu",
+    w = (torch.rand(3, dtype=torch.float64, device=device, requires_grad=True) if with_weight
+         else None)
+    y = fusedbn.batch_norm_act(x * 1.0, None, None, w, None, True, 0.1, 1e-5, activation,
                                inplace=True)
-    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(y.pow(2).sum() if not with_weight else y.sum(), x,
+                                create_graph=True)
     with pytest.raises(RuntimeError, match="double backward through inplace=True"):
         gx.sum().backward()
+
+
+def test_module_inplace_on_leaf_and_reused_input_raise_pytorch_errors(device):
+    fused = fusedbn.BatchNormAct2d(4, activation="elu", inplace=True).to(device)
+    leaf = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+        fused(leaf)
+    x = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    h = x * 2
+    other = (h * h).sum()  # saves h for its backward
+    out = fused(h)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (other + out.sum()).backward()
+
+
+def test_inplace_keeps_only_the_output(device):
+    seed("inplace-saved")
+    fused = fusedbn.BatchNormAct2d(4, activation="leaky_relu", inplace=True).to(device)
+    x = torch.randn(3, 4, 5, 5).to(device).requires_grad_()
+    h = x * 1
+    full = []
+
+    def pack(t):
+        if t.numel() == h.numel():
+            full.append(t.data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = fused(h)
+    assert full == [y.data_ptr()]
+
+
+def test_module_zero_weight_falls_back_to_the_input(device):
+    seed("inplace-w0")
+    ref = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+        ref.running_mean.uniform_(-1, 1)
+        ref.running_var.uniform_(0.5, 2)
+        ref.weight[1] = 0
+    fused = fusedbn.BatchNormAct2d(4, activation="leaky_relu", negative_slope=0.1,
+                                   inplace=True).double()
+    fused.load_state_dict(ref.state_dict())
+    ref, fused = ref.to(device), fused.to(device)
+    x = (torch.randn(3, 4, 5, 3, dtype=torch.float64) * 2 + 1).to(device)
+    xr, leaf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ref = apply_activation(ref(xr), "leaky_relu", negative_slope=0.1)
+    y = fused(leaf * 1)
+    y_ref.sum().backward()
+    y.sum().backward()
+    assert_close(y, y_ref, name="out")
+    assert_close(leaf.grad, xr.grad, name="grad_input")
+    assert_close(fused.weight.grad, ref.weight.grad, name="grad_weight")

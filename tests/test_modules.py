@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusedbn
-from helpers import ACT_IDS, ACTIVATIONS, apply_activation, seed
+from helpers import (ACT_IDS, ACTIVATIONS, apply_activation, assert_close, compare_steps, eager_like, make_input,
+                     seed)
 
 PAIRS = [(fusedbn.BatchNormAct1d, nn.BatchNorm1d, (4, 3, 5)),
          (fusedbn.BatchNormAct2d, nn.BatchNorm2d, (2, 3, 4, 4)),
@@ -37,9 +38,10 @@ def test_state_dict_from_nn_loads_strict_and_matches(device, act, fused_cls, nn_
     for training in (False, True):
         ref.train(training)
         mod.train(training)
-        torch.testing.assert_close(mod(x), apply_activation(ref(x), activation, **kwargs),
-                                   rtol=1e-5, atol=1e-5)
+        assert_close(mod(x), apply_activation(ref(x), activation, **kwargs), name="out")
         for name, buf in ref.named_buffers():
+            # Tighter than assert_close's atol: the running statistics are one
+            # rounding of the batch's, near 1 in size.
             torch.testing.assert_close(getattr(mod, name), buf, rtol=1e-5, atol=1e-6)
 
 
@@ -56,16 +58,22 @@ def test_state_dict_to_nn_loads_strict(device, fused_cls, nn_cls, shape):
     x = torch.randn(shape).to(device)
     mod.eval()
     ref.eval()
+    # Tighter than assert_close's atol: eval with an identity is one affine map.
     torch.testing.assert_close(mod(x), ref(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{}, dict(activation="elu", alpha=0.5, order="act_bn")],
+                         ids=["bn_act", "act_bn"])
 @pytest.mark.parametrize("kwargs", [{}, dict(affine=False), dict(track_running_stats=False),
                                     dict(bias=False), dict(momentum=None)],
                          ids=["default", "affine_false", "no_stats", "bias_false", "momentum_none"])
 @pytest.mark.parametrize("fused_cls,nn_cls,shape", PAIRS, ids=PAIR_IDS)
-def test_parameter_and_buffer_names_match_nn(fused_cls, nn_cls, shape, kwargs):
-    mod = fused_cls(3, **kwargs)
+def test_parameter_and_buffer_names_match_nn(fused_cls, nn_cls, shape, kwargs, options):
+    mod = fused_cls(3, **kwargs, **options)
     ref = nn_cls(3, **kwargs)
+    # Each loads the other's state_dict strictly.
+    ref.load_state_dict(mod.state_dict(), strict=True)
+    mod.load_state_dict(ref.state_dict(), strict=True)
     assert [n for n, _ in mod.named_parameters()] == [n for n, _ in ref.named_parameters()]
     assert [n for n, _ in mod.named_buffers()] == [n for n, _ in ref.named_buffers()]
     assert list(mod.state_dict()) == list(ref.state_dict())
@@ -114,6 +122,8 @@ def test_to_dtype(device, dtype):
     ref.load_state_dict(mod.state_dict())
     mod.eval()
     ref.eval()
+    # Fixed tolerances, not assert_close's float64-reference rule: this checks
+    # that .to(dtype) converts and runs, against eager in the same dtype.
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float64 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(mod(x), F.elu(ref(x), 0.7), **tol)
 
@@ -137,16 +147,18 @@ def test_train_eval_switch(device):
     assert not mod.training
 
 
+@pytest.mark.parametrize("order", ["bn_act", "act_bn"])
 @pytest.mark.parametrize("rank", [1, 2, 3])
-def test_relu_shorthand_equals_act_relu(device, rank):
-    seed("relu-shorthand", rank)
+def test_relu_shorthand_equals_act_relu(device, rank, order):
+    seed("relu-shorthand", rank, *(() if order == "bn_act" else (order,)))
     short = {1: fusedbn.BatchNormReLU1d, 2: fusedbn.BatchNormReLU2d, 3: fusedbn.BatchNormReLU3d}
     full = {1: fusedbn.BatchNormAct1d, 2: fusedbn.BatchNormAct2d, 3: fusedbn.BatchNormAct3d}
-    a = _randomize(short[rank](3, eps=1e-3, momentum=0.2)).to(device)
-    b = full[rank](3, eps=1e-3, momentum=0.2, activation="relu").to(device)
+    a = _randomize(short[rank](3, eps=1e-3, momentum=0.2, order=order)).to(device)
+    b = full[rank](3, eps=1e-3, momentum=0.2, activation="relu", order=order).to(device)
     b.load_state_dict(a.state_dict())
-    assert a.activation == "relu" and isinstance(a, full[rank])
+    assert a.activation == "relu" and isinstance(a, full[rank]) and a.order == order
     assert a.extra_repr() == b.extra_repr()
+    assert ("order=act_bn" in repr(a)) == (order == "act_bn")
     x = torch.randn((2, 3) + (4,) * rank).to(device)
     for training in (True, False):
         a.train(training)
@@ -154,6 +166,13 @@ def test_relu_shorthand_equals_act_relu(device, rank):
         assert torch.equal(a(x), b(x))
         for (n, t1), (_, t2) in zip(a.state_dict().items(), b.state_dict().items()):
             assert torch.equal(t1, t2), n
+    if order == "act_bn":
+        # And against eager relu -> nn.BatchNormNd.
+        for training in (True, False):
+            compare_steps(a, eager_like(a), eager_like(a, torch.float64),
+                          make_input((2, 3) + (4,) * rank, device=device), training)
+    # The default order stays bn_act.
+    assert short[rank](3).order == "bn_act" and "order" not in repr(short[rank](3))
 
 
 def test_relu_shorthand_has_no_activation_argument():
@@ -212,3 +231,64 @@ def _roundtrip(mod, tmp_path):
     path = tmp_path / "mod.pt"
     torch.save(mod, path)
     return torch.load(path, weights_only=False)
+
+
+# ------------------------------------------- activity buffer and bias_init
+
+def test_module_buffer_and_state_dict(device):
+    mod = fusedbn.BatchNormAct2d(4, track_activity=True, activity_momentum=0.2).to(device)
+    assert mod.track_activity and mod.activity_momentum == 0.2
+    assert "track_activity=True" in repr(mod)
+    assert mod.activity.dtype == torch.float32 and mod.activity.shape == (3, 4)
+    assert "activity" in dict(mod.named_buffers())
+    # Before any batch: fraction 0, no average yet (NaN), no streak.
+    assert torch.equal(mod.active_fraction, torch.zeros(4, device=device))
+    assert torch.isnan(mod.active_fraction_avg).all()
+    assert mod.inactive_steps.dtype == torch.long
+    assert torch.equal(mod.inactive_steps, torch.zeros(4, dtype=torch.long, device=device))
+    ref = nn.BatchNorm2d(4).to(device)
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    mod(torch.randn(2, 4, 3, 3, device=device))
+    assert mod.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(mod.state_dict(), strict=True)
+    mod.load_state_dict(ref.state_dict(), strict=True)
+    # Without tracking there is no activity buffer at all.
+    plain = fusedbn.BatchNormAct2d(4)
+    assert not plain.track_activity and getattr(plain, "activity", None) is None
+    assert plain.state_dict().keys() == ref.state_dict().keys()
+
+
+@pytest.mark.parametrize("cls", [fusedbn.BatchNormAct1d, fusedbn.BatchNormAct2d,
+                                 fusedbn.BatchNormAct3d, fusedbn.BatchNormReLU2d],
+                         ids=lambda c: c.__name__)
+def test_bias_init(cls):
+    mod = cls(4, bias_init=0.01)
+    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
+    assert torch.equal(mod.weight.detach(), torch.ones(4))
+    assert "bias_init=0.01" in repr(mod)
+    with torch.no_grad():
+        mod.bias.uniform_()
+        mod.weight.uniform_()
+        mod.running_mean.uniform_()
+    mod.reset_parameters()
+    assert torch.equal(mod.bias.detach(), torch.full((4,), 0.01))
+    assert torch.equal(mod.weight.detach(), torch.ones(4))
+    assert torch.equal(mod.running_mean, torch.zeros(4))
+    ref = nn.BatchNorm2d(4)
+    ref.load_state_dict(mod.state_dict())
+    assert torch.equal(ref.bias.detach(), torch.full((4,), 0.01))
+
+
+def test_bias_init_default_and_other_values():
+    assert torch.equal(fusedbn.BatchNormAct2d(4).bias.detach(), torch.zeros(4))
+    assert "bias_init" not in repr(fusedbn.BatchNormAct2d(4))
+    mod = fusedbn.BatchNormAct2d(4, bias_init=-0.5, dtype=torch.float64)
+    assert torch.equal(mod.bias.detach(), torch.full((4,), -0.5, dtype=torch.float64))
+
+
+def test_bias_init_without_bias(device):
+    for kwargs in (dict(affine=False), dict(bias=False)):
+        mod = fusedbn.BatchNormAct2d(4, bias_init=0.01, **kwargs).to(device)
+        assert mod.bias is None
+        mod.reset_parameters()
+        assert mod(torch.randn(2, 4, 3, 3, device=device)).shape == (2, 4, 3, 3)

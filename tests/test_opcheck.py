@@ -1,56 +1,105 @@
 """torch.library.opcheck of the fusedbn operators: schema (mutation and
-aliasing), autograd registration, fake kernels, AOT dispatch."""
+aliasing), autograd registration, fake kernels, AOT dispatch -- over both
+orders, the residual and the activity argument (and forward_, in place)."""
 import pytest
 import torch
 from torch.library import opcheck
 
 import fusedbn
-from helpers import op_args, output_mask, seed
+from helpers import off_kink, op_args, output_mask, seed
 
 FORWARD = torch.ops.fusedbn.forward.default
+FORWARD_ = torch.ops.fusedbn.forward_.default
 BACKWARD = torch.ops.fusedbn.backward.default
 
 LAYOUTS = ["contiguous", "channels_last", "zero_size"]
-# (training, activation, kwargs, has running stats, has weight/bias)
-CASES = [
-    (True, "identity", {}, True, True),
-    (True, "relu", {}, True, True),
-    (False, "leaky_relu", {"negative_slope": 0.1}, True, True),
-    (False, "elu", {"alpha": 0.7}, True, False),
-    (True, "elu", {"alpha": 0.7}, False, True),
-]
-CASE_IDS = [f"{'train' if t else 'eval'}-{a}-{'stats' if s else 'nostats'}-"
-            f"{'affine' if w else 'noaffine'}" for t, a, _, s, w in CASES]
 
 
-def _input(layout, requires_grad, dtype=torch.float32, device="cpu"):
+def _case(training, activation, kwargs=None, stats=True, affine=True, order="bn_act",
+          residual=False, activity=False):
+    return dict(training=training, activation=activation, kwargs=kwargs or {}, stats=stats,
+                affine=affine, order=order, residual=residual, activity=activity)
+
+
+def _case_id(c):
+    return "-".join([("train" if c["training"] else "eval"), c["activation"],
+                     ("stats" if c["stats"] else "nostats"),
+                     ("affine" if c["affine"] else "noaffine")]
+                    + ([c["order"]] if c["order"] != "bn_act" else [])
+                    + (["residual"] if c["residual"] else [])
+                    + (["activity"] if c["activity"] else []))
+
+
+LEAKY, ELU = {"negative_slope": 0.1}, {"alpha": 0.7}
+# The plain op over every layout, with and without grad.
+CASES = [_case(True, "identity"), _case(True, "relu"), _case(False, "leaky_relu", LEAKY),
+         _case(False, "elu", ELU, affine=False), _case(True, "elu", ELU, stats=False)]
+ACT_BN_CASES = [_case(True, "relu", order="act_bn"),
+                _case(False, "leaky_relu", LEAKY, order="act_bn"),
+                _case(True, "elu", ELU, stats=False, order="act_bn"),
+                _case(False, "elu", ELU, affine=False, order="act_bn")]
+# (case, layout): the activity argument, with the residual and both orders.
+ACTIVITY_CASES = [(_case(True, "relu", LEAKY | ELU, activity=True), "contiguous"),
+                  (_case(False, "elu", LEAKY | ELU, residual=True, activity=True),
+                   "channels_last"),
+                  (_case(True, "leaky_relu", LEAKY | ELU, residual=True, activity=True),
+                   "contiguous"),
+                  (_case(True, "elu", LEAKY | ELU, order="act_bn", activity=True),
+                   "channels_last"),
+                  (_case(False, "relu", LEAKY | ELU, order="act_bn", activity=True),
+                   "contiguous"),
+                  (_case(True, "relu", LEAKY | ELU, activity=True), "zero_size")]
+FORWARD_ROWS = ([(c, lay, grad) for c in CASES for lay in LAYOUTS for grad in (False, True)]
+                + [(c, lay, grad) for c in ACT_BN_CASES
+                   for lay, grad in (("contiguous", False), ("channels_last", True),
+                                     ("zero_size", True))]
+                + [(c, lay, True) for c, lay in ACTIVITY_CASES]
+                + [(ACTIVITY_CASES[0][0], ACTIVITY_CASES[0][1], False)])
+BACKWARD_ROWS = ([(c, lay, grad) for c in CASES for lay in LAYOUTS for grad in (False, True)]
+                 + [(ACT_BN_CASES[0], "channels_last", True),
+                    (ACT_BN_CASES[1], "channels_last", False)])
+
+
+def _ids(rows):
+    return [f"{_case_id(c)}-{lay}-{'grad' if grad else 'nograd'}" for c, lay, grad in rows]
+
+
+def _input(layout, requires_grad, dtype=torch.float32, device="cpu", order="bn_act"):
     shape = (0, 3, 2, 3) if layout == "zero_size" else (2, 3, 2, 3)
     x = (torch.randn(shape, dtype=dtype) + 0.5).to(device)
+    if order == "act_bn":
+        x = off_kink(x)  # the kink is at the input's 0
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     return x.requires_grad_(requires_grad)
 
 
-def _forward_args(layout, requires_grad, training, activation, kwargs, stats, affine,
-                  dtype=torch.float32, momentum=0.1, device="cpu"):
+def _forward_args(layout, requires_grad, case, dtype=torch.float32, momentum=0.1,
+                  device="cpu"):
     """Forward op arguments by name, with fresh buffers: forward mutates them."""
     C = 3
+    stats, affine, kwargs = case["stats"], case["affine"], case["kwargs"]
+    x = _input(layout, requires_grad, dtype, device, case["order"])
     return dict(
-        input=_input(layout, requires_grad, dtype, device),
+        input=x,
+        residual=(torch.randn_like(x).requires_grad_(requires_grad) if case["residual"]
+                  else None),
         weight=(torch.rand(C) + 0.5).to(device).requires_grad_(requires_grad) if affine else None,
         bias=torch.randn(C).to(device).requires_grad_(requires_grad) if affine else None,
         running_mean=torch.randn(C).to(device) if stats else None,
         running_var=(torch.rand(C) + 0.5).to(device) if stats else None,
         num_batches_tracked=torch.tensor(3, dtype=torch.long, device=device) if stats else None,
-        training=training, momentum=momentum, eps=1e-5, activation=activation,
-        negative_slope=kwargs.get("negative_slope", 0.01), alpha=kwargs.get("alpha", 1.0))
+        training=case["training"], momentum=momentum, eps=1e-5, activation=case["activation"],
+        negative_slope=kwargs.get("negative_slope", 0.01), alpha=kwargs.get("alpha", 1.0),
+        order=case["order"], activity=torch.zeros(C, device=device) if case["activity"] else None)
 
 
 def _backward_args(fwd, grad_out, mask):
     return op_args(BACKWARD, grad_out=grad_out, input=fwd["input"], weight=fwd["weight"],
                    bias=fwd["bias"], save_mean=fwd["save_mean"], save_invstd=fwd["save_invstd"],
                    training=fwd["training"], activation=fwd["activation"],
-                   negative_slope=fwd["negative_slope"], alpha=fwd["alpha"], output_mask=mask)
+                   negative_slope=fwd["negative_slope"], alpha=fwd["alpha"], output_mask=mask,
+                   order=fwd["order"])
 
 
 def _run_forward(fwd):
@@ -60,14 +109,10 @@ def _run_forward(fwd):
     return out
 
 
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case,layout,requires_grad", FORWARD_ROWS, ids=_ids(FORWARD_ROWS))
 def test_opcheck_forward(device, case, layout, requires_grad):
-    training, activation, kwargs, stats, affine = case
-    seed("opcheck-fwd", training, activation, layout, requires_grad)
-    fwd = _forward_args(layout, requires_grad, training, activation, kwargs, stats, affine,
-                        device=device)
+    seed("opcheck-fwd", _case_id(case), layout, requires_grad)
+    fwd = _forward_args(layout, requires_grad, case, device=device)
     opcheck(FORWARD, op_args(FORWARD, **fwd))
 
 
@@ -75,25 +120,34 @@ def test_opcheck_forward_momentum_none_and_bf16(device):
     """momentum=None (cumulative average) and a bf16 input with float32
     parameters and buffers, as autocast produces."""
     seed("opcheck-fwd-misc")
-    fwd = _forward_args("channels_last", True, True, "relu", {}, True, True,
-                        dtype=torch.bfloat16, momentum=None, device=device)
+    fwd = _forward_args("channels_last", True, _case(True, "relu"), dtype=torch.bfloat16,
+                        momentum=None, device=device)
     opcheck(FORWARD, op_args(FORWARD, **fwd))
 
 
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_opcheck_inplace_forward_with_activity(device, training):
+    """forward_ (inplace=True) with activity: schema (two mutated arguments
+    and the aliased output), autograd registration, fake kernel. Not
+    test_aot_dispatch_dynamic: see test_compile.test_compile_inplace_module_with_activity."""
+    seed("activity-opcheck-inplace", training)
+    case = _case(training, "leaky_relu", LEAKY | ELU, residual=True, activity=True)
+    opcheck(FORWARD_, op_args(FORWARD_, **_forward_args("channels_last", False, case,
+                                                         device=device)),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+@pytest.mark.parametrize("case,layout,requires_grad", BACKWARD_ROWS, ids=_ids(BACKWARD_ROWS))
 def test_opcheck_backward(device, case, layout, requires_grad):
-    training, activation, kwargs, stats, affine = case
-    seed("opcheck-bwd", training, activation, layout, requires_grad)
-    fwd = _forward_args(layout, False, training, activation, kwargs, stats, affine,
-                        device=device)
+    seed("opcheck-bwd", _case_id(case), layout, requires_grad)
+    fwd = _forward_args(layout, False, case, device=device)
     out = _run_forward(fwd)
     grad_out = torch.randn_like(out)
     if requires_grad:
         for t in (grad_out, fwd["input"], fwd["weight"], fwd["bias"]):
             if t is not None:
                 t.requires_grad_()
+    affine = case["affine"]
     opcheck(BACKWARD, _backward_args(fwd, grad_out, output_mask(BACKWARD, True, affine, affine)))
 
 
@@ -101,8 +155,7 @@ def test_opcheck_backward(device, case, layout, requires_grad):
                          ids=["input-only", "params-only", "bias-only"])
 def test_opcheck_backward_partial_mask(device, mask):
     seed("opcheck-mask", mask)
-    fwd = _forward_args("contiguous", False, True, "leaky_relu", {"negative_slope": 0.1}, True,
-                        True, device=device)
+    fwd = _forward_args("contiguous", False, _case(True, "leaky_relu", LEAKY), device=device)
     out = _run_forward(fwd)
     args = _backward_args(fwd, torch.randn_like(out), output_mask(BACKWARD, *mask))
     opcheck(BACKWARD, args)
