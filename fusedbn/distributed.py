@@ -69,7 +69,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, activation, negative_slope, alpha, process_group, world_size):
+                momentum, eps, activation, negative_slope, alpha, process_group, world_size,
+                activity, activity_momentum):
         count, mean64, var64, unbiased64 = _gather_stats(x, process_group, world_size)
         # Every rank sees the same total, so every rank raises (no rank is
         # left waiting in a later collective).
@@ -79,9 +80,12 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         # The fused op in eval mode normalizes with the statistics it is
         # given: (x - mean) * rsqrt(var + eps), the biased variance as in
         # training, then affine, residual and activation in the same passes.
+        # Activity: this rank's values whose pre-activation (with the group's
+        # statistics) is positive, counted in the same pass.
         out, save_mean, save_invstd = torch.ops.fusedbn.forward.default(
             x, residual, weight, bias, mean64.to(acc), var64.to(acc), None, False, None,
-            float(eps), activation, float(negative_slope), float(alpha))
+            float(eps), activation, float(negative_slope), float(alpha), activity=activity,
+            activity_momentum=float(activity_momentum))
 
         # Buffers change only once the collective and the kernel succeeded.
         # An all-empty group leaves the running statistics alone, as an empty
@@ -179,11 +183,12 @@ class SyncBatchNormAct(_BatchNormAct):
     The keyword options of ``BatchNormAct*`` are accepted (``bias_init``,
     ``track_activity``, ``activity_momentum``, ``order``, ``inplace``), and
     ``fusedbn.diagnostics`` sees the module as one of them. The synchronized
-    forward computes ``act(bn(x))`` only, without activity counting or
-    in-place output: with ``order="act_bn"``, ``inplace=True`` or
-    ``track_activity=True`` it raises ``ValueError`` (on every rank, before
-    the collective); where the module computes exactly ``BatchNormAct*``
-    (eval, no group, a group of one) they work as there.
+    forward computes ``act(bn(x))`` only, without in-place output: with
+    ``order="act_bn"`` or ``inplace=True`` it raises ``ValueError`` (on every
+    rank, before the collective); where the module computes exactly
+    ``BatchNormAct*`` (eval, no group, a group of one) they work as there.
+    Activity tracking works in both: synchronized, each rank counts its own
+    values whose pre-activation, with the group's statistics, is positive.
 
     Every rank of the group must call it the same number of times (each call
     in training is a collective), with the same number of channels; the
@@ -204,8 +209,7 @@ class SyncBatchNormAct(_BatchNormAct):
     def _unsupported_when_synchronized(self):
         """The options the synchronized forward does not implement, by name."""
         return [name for name, on in (("order='act_bn'", self.order == "act_bn"),
-                                      ("inplace=True", self.inplace),
-                                      ("track_activity=True", self.track_activity)) if on]
+                                      ("inplace=True", self.inplace)) if on]
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -258,7 +262,7 @@ class SyncBatchNormAct(_BatchNormAct):
             raise ValueError(
                 f"fusedbn: SyncBatchNormAct's synchronized forward (training in a group of "
                 f"more than one process) does not support {', '.join(unsupported)}; it "
-                "computes act(bn(x)) without activity counting or in-place output")
+                "computes act(bn(x)) without in-place output")
         _check_number("momentum", self.momentum, allow_none=True)
         _check_number("eps", self.eps)
         if not self.eps > 0:
@@ -266,7 +270,8 @@ class SyncBatchNormAct(_BatchNormAct):
         return _SyncBatchNormActFunction.apply(
             input, residual, self.weight, self.bias, running_mean, running_var,
             self.num_batches_tracked if counts else None, self.momentum, self.eps,
-            self.activation, self.negative_slope, self.alpha, process_group, world_size)
+            self.activation, self.negative_slope, self.alpha, process_group, world_size,
+            self.activity if self.track_activity else None, self.activity_momentum)
 
     @classmethod
     def convert_sync_batchnorm(cls, module, process_group=None):

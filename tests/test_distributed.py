@@ -196,14 +196,30 @@ def _worker(rank, port, outdir):
         opt.step()
         out["ddp"] = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
         out["unsupported"] = _unsupported_options_in_sync(rank)
+        out["activity"] = _synchronized_activity(rank)
         torch.save(out, os.path.join(outdir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 # Options of BatchNormAct* that the synchronized forward does not implement.
-UNSUPPORTED = {"act_bn": dict(order="act_bn"), "inplace": dict(activation="elu", inplace=True),
-               "track_activity": dict(track_activity=True)}
+UNSUPPORTED = {"act_bn": dict(order="act_bn"), "inplace": dict(activation="elu", inplace=True)}
+
+# Activity in the synchronized forward: each rank's fraction of values whose
+# pre-activation, with the group's statistics, is positive.
+ACTIVITY_NS = (5, 3)
+
+
+def _activity_data():
+    gen = torch.Generator().manual_seed(11)
+    return torch.randn(sum(ACTIVITY_NS), C, 4, dtype=torch.float64, generator=gen) * 2 + 0.3
+
+
+def _synchronized_activity(rank):
+    mod = SyncBatchNormAct(C, activation="relu", track_activity=True).double().train()
+    rows = slice(sum(ACTIVITY_NS[:rank]), sum(ACTIVITY_NS[:rank + 1]))
+    mod(_activity_data()[rows])
+    return mod.activity.clone()
 
 
 def _same(a, b):
@@ -429,10 +445,24 @@ def test_convert_sync_batchnorm():
     torch.testing.assert_close(conv(x), fusedbn.BatchNormAct2d(4)(x))
 
 
+def test_synchronized_activity_counts_with_the_group_statistics(ranks):
+    """track_activity=True in a synchronized training forward: each rank's
+    fraction of its own values whose pre-activation, normalized with the
+    group's batch statistics, is positive; the first average equals it."""
+    x = _activity_data()
+    pre = F.batch_norm(x, None, None, training=True, eps=1e-5)
+    for r in range(WORLD):
+        rows = slice(sum(ACTIVITY_NS[:r]), sum(ACTIVITY_NS[:r + 1]))
+        frac = (pre[rows] > 0).double().mean((0, 2)).float()
+        got = ranks[r]["activity"]
+        assert torch.equal(got[0], frac), (r, got[0], frac)
+        assert torch.equal(got[1], frac) and torch.equal(got[2], torch.where(frac == 0, 1.0, 0.0))
+
+
 def test_unsupported_options_raise_in_the_synchronized_forward(ranks):
-    """order="act_bn", inplace=True and track_activity=True are accepted (and
-    work outside the synchronized path), but a synchronized training forward
-    refuses them by name on every rank, before any buffer changes."""
+    """order="act_bn" and inplace=True are accepted (and work outside the
+    synchronized path), but a synchronized training forward refuses them by
+    name on every rank, before any buffer changes."""
     for r in range(WORLD):
         for name, (exc, msg, unchanged) in ranks[r]["unsupported"].items():
             assert exc == "ValueError", f"rank {r} {name}: {exc}: {msg}"
