@@ -30,7 +30,8 @@ FUSEDBN_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS=2 \
   "$PY" setup.py -q build_ext --build-temp "$OUT/temp" --build-lib "$OUT/lib" \
   > "$OUT/build.log" 2>&1 || { tail -n 60 "$OUT/build.log"; exit 1; }
 python "$ROOT/.ci/ptxas_report.py" "$OUT/build.log"
-cp fusedbn/*.py "$OUT/lib/fusedbn/"
+# The Python package (subpackages too) beside the CUDA build's _C.
+tar -C fusedbn --exclude='*.so' --exclude=__pycache__ -cf - . | tar -C "$OUT/lib/fusedbn" -xf -
 cd "$OUT/lib"
 "$PY" - <<'PY'
 import torch
