@@ -1,7 +1,7 @@
 // Times the torch-free CPU kernels (the AVX-512 copy) against memcpy, without
 // torch or Python in the way: what the kernels themselves reach, as a
 // percentage of the copy bandwidth under the pass model (forward-train 3
-// passes, eval 2, backward 5; see fusedbn/bench.py).
+// passes, eval 2, backward 5; see fusedbn/bench/passes.py).
 //
 //   g++ -O3 -std=c++17 -fopenmp -Icsrc/kernels benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter]
