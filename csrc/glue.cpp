@@ -481,8 +481,8 @@ Grads backward_channels(const BackwardArgs& a, BackwardKernel kernel) {
                     size_str(a.grad_out), " but input has shape ", size_str(a.input));
   TORCH_CHECK_TYPE(a.grad_out.scalar_type() == a.input.scalar_type(), "fusedbn: grad_out dtype ",
                    a.grad_out.scalar_type(), " differs from the input's ", a.input.scalar_type());
-  TORCH_CHECK(a.grad_out.device() == a.input.device(), "fusedbn: grad_out is on ", a.grad_out.device(),
-              " but input is on ", a.input.device());
+  TORCH_CHECK(a.grad_out.device() == a.input.device(), "fusedbn: grad_out is on ",
+              a.grad_out.device(), " but input is on ", a.input.device());
   const at::ScalarType acc = acc_dtype(a.input.scalar_type());
   const int64_t C = a.input.size(1);
   for (const Tensor* t : {&a.save_mean, &a.save_invstd}) {

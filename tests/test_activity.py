@@ -16,7 +16,7 @@ import torch.nn as nn
 import fusedbn
 from fusedbn import diagnostics
 from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, SHAPES, Stats, avoid_kink, clone_layout,
-                     dead_channel_module, make_fused, make_input, pre_activation64, seed)
+                     dead_channel_module, make_fused, make_input, off_kink, pre_activation64, seed)
 
 INVERTIBLE = [a for a in ACTIVATIONS if a[0] != "relu"]
 INVERTIBLE_IDS = [a for a, _ in INVERTIBLE]
@@ -45,21 +45,10 @@ def fraction(pre):
     return ((pre > 0).sum(_dims(pre)).double() / n).float()
 
 
-def _off_zero(t, margin=MARGIN):
-    """t with its elements within ``margin`` of 0 moved to +-0.0625 (t's layout kept)."""
-    near = t.detach().double().abs() < margin
-    if not near.any():
-        return t
-    t = clone_layout(t)
-    with torch.no_grad():
-        t[near] = torch.where(t.double()[near] < 0, -0.0625, 0.0625).to(t.dtype)
-    return t
-
-
 def reference(x, st, training, order, residual=None):
     """(x, residual, float64 activation input), the tensors moved off the kink."""
     if order == "act_bn":
-        x = _off_zero(x)
+        x = off_kink(x, MARGIN)
         return x, residual, x.double()
     if residual is None:
         x = avoid_kink(x, st, training, margin=MARGIN)
@@ -168,7 +157,7 @@ def test_identity_act_bn_counts_the_input(device):
                          ids=["leaky_relu-negative_slope", "elu-negative_alpha"])
 def test_act_bn_counts_positive_input_for_negative_slope(device, activation, kwargs):
     seed("activity-negative-slope", activation)
-    x = _off_zero(make_input((2, 3, 4, 5), device=device))
+    x = off_kink(make_input((2, 3, 4, 5), device=device), MARGIN)
     activity = torch.zeros(3, device=device)
     fusedbn.batch_norm_act(x, None, None, training=True, activation=activation,
                            order="act_bn", activity=activity, **kwargs)
@@ -360,7 +349,7 @@ def _module_reference(mod, x, training):
 
 def _kink_free(mod, x, training):
     if mod.order == "act_bn" and mod.activation != "identity":
-        return _off_zero(x)
+        return off_kink(x, MARGIN)
     return avoid_kink(x, mod, training, margin=MARGIN)
 
 

@@ -78,7 +78,6 @@ struct Moments {
     chan_update(mean, m2, n, nb, tot, mean_b, m2_b);
     n = tot;
   }
-  FUSEDBN_HD void merge(const Moments& b) { merge(b.n, b.mean, b.m2); }
 };
 
 // A batch's (mean, M2) from the corrected two-pass sums: bmean0 = sum / nb
