@@ -9,6 +9,7 @@ import torch
 from ._reference import acc_dtype as _acc_dtype
 from ._reference import activation as _activation
 from ._reference import activation_grad as _activation_grad
+from ._reference import PARAMS as _PARAMS
 
 
 def bind(op, args, kwargs):
@@ -80,13 +81,14 @@ def _backward_fake(*args, **kwargs):
 
 
 def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_invstd, training,
-                       activation, negative_slope, alpha, order="bn_act"):
+                       activation, order="bn_act", **params):
     """fusedbn::backward written with differentiable torch ops.
 
     Used as the backward op's own autograd formula (double backward). In
     training the saved mean and invstd are functions of the input: they keep
     their saved values here but take their derivatives from a recomputation,
-    so the second derivative sees that dependence.
+    so the second derivative sees that dependence. params: the activation's
+    (``_reference.PARAMS``).
     """
     acc = _acc_dtype(input.dtype)
     dims = [0] + list(range(2, input.dim()))
@@ -94,7 +96,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     x_in, dy = input.to(acc), grad_out.to(acc)
     # act_bn: the BatchNorm (with no activation after it) of a = act(x).
     act_bn = order == "act_bn" and activation != "identity"
-    x = _activation(x_in, activation, negative_slope, alpha) if act_bn else x_in
+    x = _activation(x_in, activation, **params) if act_bn else x_in
     post = "identity" if act_bn else activation  # the activation after the BatchNorm
     count = max(x.numel() // max(x.shape[1], 1), 1)
     w = weight.to(acc) if weight is not None else torch.ones_like(save_mean)
@@ -110,7 +112,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     y = xhat * w.reshape(per_channel) + b.reshape(per_channel)
     if residual is not None:
         y = y + residual.to(acc)
-    g = _activation_grad(dy, y, post, negative_slope, alpha)
+    g = _activation_grad(dy, y, post, **params)
     grad_bias = g.sum(dims)
     grad_weight = (g * xhat).sum(dims)
     scale = (w * invstd).reshape(per_channel)
@@ -120,7 +122,7 @@ def backward_reference(grad_out, input, residual, weight, bias, save_mean, save_
     else:
         grad_input = g * scale
     if act_bn:
-        grad_input = _activation_grad(grad_input, x_in, activation, negative_slope, alpha)
+        grad_input = _activation_grad(grad_input, x_in, activation, **params)
     return (grad_input.to(input.dtype),
             None if weight is None else grad_weight.to(weight.dtype),
             None if bias is None else grad_bias.to(bias.dtype),
@@ -131,12 +133,13 @@ def _backward_setup_context(ctx, inputs, output):
     a = bind("backward", inputs, {})
     ctx.save_for_backward(a.grad_out, a.input, a.residual, a.weight, a.bias, a.save_mean,
                           a.save_invstd)
-    ctx.config = (a.training, a.activation, a.negative_slope, a.alpha, bool(a.from_output),
-                  a.order)
+    ctx.config = (a.training, a.activation, bool(a.from_output), a.order,
+                  {k: getattr(a, k) for k in _PARAMS if hasattr(a, k)})
 
 
 def _backward_backward(ctx, *cotangents):
-    if ctx.config[4]:
+    training, activation, from_output, order, params = ctx.config
+    if from_output:
         # The saved output is a function of the input through the batch
         # statistics too, which this formula cannot see from the output alone.
         raise RuntimeError("fusedbn: double backward through inplace=True is not supported; "
@@ -149,8 +152,8 @@ def _backward_backward(ctx, *cotangents):
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None
                   for i, t in enumerate(saved[:5])]
-        outs = backward_reference(*leaves, saved[5], saved[6], *ctx.config[:4],
-                                  order=ctx.config[5])
+        outs = backward_reference(*leaves, saved[5], saved[6], training, activation,
+                                  order=order, **params)
         # An output that does not depend on the wanted inputs (grad_bias of a
         # relu without grad_out among them: where() passes no gradient through
         # its condition) has no graph to differentiate.

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import fusedbn
 from fusedbn._reference import activation as activation_reference
+from fusedbn._reference import params_of
 
 # The checkout's root (the directory holding fusedbn/), e.g. for subprocesses.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,15 +62,14 @@ class EagerBNAct(nn.Module):
     """Reference: eager nn.BatchNormNd followed by the activation. Its
     state_dict has the keys of the bare BatchNorm (``bn.`` stripped)."""
 
-    def __init__(self, bn, activation, negative_slope=0.01, alpha=1.0):
+    def __init__(self, bn, activation, **params):
         super().__init__()
         self.bn = bn
         self.activation = activation
-        self.negative_slope = negative_slope
-        self.alpha = alpha
+        self.params = params
 
     def forward(self, x):
-        return apply_activation(self.bn(x), self.activation, self.negative_slope, self.alpha)
+        return apply_activation(self.bn(x), self.activation, **self.params)
 
 
 class EagerActBN(EagerBNAct):
@@ -77,7 +77,7 @@ class EagerActBN(EagerBNAct):
     nn.BatchNormNd (``.bn``, so bn_of / sync_buffers apply)."""
 
     def forward(self, x):
-        return self.bn(apply_activation(x, self.activation, self.negative_slope, self.alpha))
+        return self.bn(apply_activation(x, self.activation, **self.params))
 
 
 class Stats:
@@ -106,7 +106,7 @@ def eager_like(mod, dtype=None):
         bn = bn.to(tensors[0].device)
     bn.train(mod.training)
     cls = EagerActBN if getattr(mod, "order", "bn_act") == "act_bn" else EagerBNAct
-    return cls(bn, mod.activation, mod.negative_slope, mod.alpha)
+    return cls(bn, mod.activation, **params_of(mod))
 
 
 def make_fused(rank, C, activation, act_kwargs, dtype=torch.float32, param_dtype=None,
@@ -433,15 +433,15 @@ class EagerCompileNet(nn.Module):
         self.bn = nn.BatchNorm2d(4)
         self.bn.load_state_dict(net.bn.state_dict())
         self.conv2 = copy.deepcopy(net.conv2)
-        self.act = (net.bn.activation, net.bn.negative_slope, net.bn.alpha)
+        self.act = (net.bn.activation, params_of(net.bn))
         self.act_first = net.bn.order == "act_bn"
         self.to(net.bn.running_mean.device)
 
     def forward(self, x):
         h = self.conv1(x)
         if self.act_first:
-            return self.conv2(self.bn(apply_activation(h, *self.act)))
-        return self.conv2(apply_activation(self.bn(h), *self.act))
+            return self.conv2(self.bn(apply_activation(h, self.act[0], **self.act[1])))
+        return self.conv2(apply_activation(self.bn(h), self.act[0], **self.act[1]))
 
 
 def run_step(model, x, g):

@@ -35,7 +35,8 @@ from .machine import cache_bytes
 
 
 def eager_module(C, activation, inplace=True):
-    act = _reference.activation_module(activation, NEGATIVE_SLOPE, ALPHA, inplace=inplace)
+    act = _reference.activation_module(activation, inplace=inplace, negative_slope=NEGATIVE_SLOPE,
+                                       alpha=ALPHA)
     return nn.Sequential(nn.BatchNorm2d(C), act)
 
 

@@ -59,15 +59,15 @@ def _residual_call(bn, x, z, add, bn_first):
     a, b = (y, z) if bn_first else (z, y)
     op, target = _ADDS[add]
     s = target(a, b) if op == "call_function" else getattr(a, target)(b)
-    fn, args = _functional_for(bn, s)
-    return fn(*args)
+    fn, args, kwargs = _functional_for(bn, s)
+    return fn(*args, **kwargs)
 
 
 def _functional_for(fused, node):
-    """``(fn, args)``: ``fn(*args)`` is the fused module's activation applied to ``node``
-    (a value, or a graph node to call it on)."""
-    fn, rest = _reference.functional(fused.activation, fused.negative_slope, fused.alpha)
-    return fn, (node,) + rest
+    """``(fn, args, kwargs)``: ``fn(*args, **kwargs)`` is the fused module's activation
+    applied to ``node`` (a value, or a graph node to call it on)."""
+    fn, rest, kwargs = _reference.functional(fused.activation, **_reference.params_of(fused))
+    return fn, (node,) + rest, kwargs
 
 
 def _warn(msg):

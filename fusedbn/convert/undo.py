@@ -133,7 +133,8 @@ def _act_node(gm, graph, fused, spec, inp):
     if op == "call_function":
         return graph.call_function(_FUNCTIONS[target][0], (inp,) + tuple(rest), dict(kwargs))
     # the activation module was deleted from the GraphModule since
-    return graph.call_function(*_functional_for(fused, inp))
+    fn, args, kwargs = _functional_for(fused, inp)
+    return graph.call_function(fn, args, kwargs)
 
 
 def _has_plain_act(gm, target):
