@@ -26,12 +26,15 @@ import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import _reference
+from ..modules import _BatchNormAct
 from .generated import _Code, _converted_class, _original_class
-from .patterns import (_ADDS, Fusion, _container_path, _graph_candidates, _is_container,
-                       _is_plain_act, _is_plain_bn, _is_sequential, _module_act_config, _qual,
-                       _set_submodule, _subtree_has_bn)
+from .patterns import (_ADDS, _BN_TO_FUSED, Fusion, _bn_at, _container_path, _graph_candidates,
+                       _has_hooks, _is_container, _is_plain_act, _is_plain_bn, _is_sequential,
+                       _module_act_config, _qual, _set_submodule, _subtree_has_bn)
+from .report import Left, Report
 from .swap import _CONSTANTS, _OWNED, _to_fused
-from .tracing import _no_rewrite_reason, _Owner, _trace_variants, _Untraceable
+from .tracing import (_graph_module_variants, _no_rewrite_reason, _Owner, _trace_variants,
+                      _type_tests, _Untraceable)
 
 
 def _residual_call(bn, x, z, add, bn_first):
@@ -59,8 +62,27 @@ def _residual_call(bn, x, z, add, bn_first):
     a, b = (y, z) if bn_first else (z, y)
     op, target = _ADDS[add]
     s = target(a, b) if op == "call_function" else getattr(a, target)(b)
+    if bn.activation == "identity":
+        return s
     fn, args, kwargs = _functional_for(bn, s)
     return fn(*args, **kwargs)
+
+
+def _tail_residual_call(seq, x, z, add, bn_first):
+    """``_residual_call`` for a BatchNorm at the end of a plain Sequential (``x
+    + self.conv(x)``): the Sequential's elements in order, the last one (the
+    fused module, or a Sequential ending in it) with the residual. Hooks
+    registered on the Sequential after the conversion are not called."""
+    for a in (x, z):
+        if isinstance(a, torch.fx.Proxy):
+            return a.tracer.create_proxy("call_function", _tail_residual_call,
+                                         (seq, x, z, add, bn_first), {})
+    *head, last = [m for m in seq._modules.values() if m is not None]
+    for m in head:
+        x = m(x)
+    if isinstance(last, nn.Sequential):
+        return _tail_residual_call(last, x, z, add, bn_first)
+    return _residual_call(last, x, z, add, bn_first)
 
 
 def _functional_for(fused, node):
@@ -70,17 +92,62 @@ def _functional_for(fused, node):
     return fn, (node,) + rest, kwargs
 
 
-def _warn(msg):
-    warnings.warn(msg, UserWarning, stacklevel=4)
-
-
 def _describe(name, module):
     where = f"submodule {name!r}" if name else "the model"
     return f"{where} ({_original_class(module).__name__})"
 
 
+def _warn_skipped(skipped):
+    """One warning for all the forwards left as they are: a line per class and
+    reason (densenet121(memory_efficient=True) has 58 such layers)."""
+    groups = {}
+    for name, m, reason in skipped:
+        groups.setdefault((_original_class(m).__name__, reason), []).append((name, m))
+    lines = []
+    for (cls, reason), members in groups.items():
+        more = (f" (and {len(members) - 1} more {cls} modules, same reason)"
+                if len(members) > 1 else "")
+        lines.append(f"{_describe(*members[0])}: {reason}{more}")
+    warnings.warn("fusedbn.convert: forwards left as they are (their children were converted "
+                  "on their own where possible; convert(..., report=True) lists every module "
+                  "and BatchNorm left, and why):\n  " + "\n  ".join(lines),
+                  UserWarning, stacklevel=4)
+
+
+def _users(owner, node):
+    """What a graph node's value feeds, in words."""
+    if not node.users:
+        return "nothing"
+    out = []
+    for u in node.users:
+        if u.op == "call_module":
+            try:
+                cls = type(owner.module.get_submodule(u.target)).__name__
+            except AttributeError:
+                cls = "?"
+            out.append(f"{_qual(owner.name, u.target)} ({cls})")
+        elif u.op == "call_function":
+            out.append(getattr(u.target, "__name__", str(u.target)))
+        elif u.op == "call_method":
+            out.append(f"Tensor.{u.target}")
+        elif u.op == "output":
+            out.append(f"the output of {owner.name or 'the model'}'s forward")
+        else:
+            out.append(u.op)
+    return ", ".join(out)
+
+
+def _not_plain_reason(m):
+    if type(m) not in _BN_TO_FUSED:
+        return (f"a {type(m).__name__}, not exactly nn.BatchNorm1d/2d/3d (a subclass or "
+                "SyncBatchNorm may compute something else)")
+    if _has_hooks(m):
+        return "has hooks, which a fused module would not call with the BatchNorm's output"
+    return "has parameters, buffers, submodules or a forward of its own beyond nn.BatchNorm's"
+
+
 def _convert(model, trace, exclude):
-    """Find and fuse the pairs below ``model``; returns the Fusion records.
+    """Find and fuse the pairs below ``model``; returns the :class:`Report`.
 
     A pair is left alone when the BatchNorm's output has another user besides
     the activation (or the add, in the residual form; this includes an in-place
@@ -99,6 +166,8 @@ def _convert(model, trace, exclude):
     sites = defaultdict(list)   # id(module) -> ["seq" | (owner, variant index, node)]
     seq_pairs = []              # (seq name, seq, bn slot, act slot, bn, act)
     owners = []
+    skipped = []                # (name, module, reason): forwards holding BNs left as they are
+    reasons = {}                # id(BN) -> why it is left
     for name, m in model.named_modules():
         if id(m) in excluded or not m._modules:
             continue
@@ -109,21 +178,30 @@ def _convert(model, trace, exclude):
             for (kb, b), (ka, a) in zip(slots, slots[1:]):
                 if _is_plain_bn(b) and _is_plain_act(a):
                     seq_pairs.append((name, m, kb, ka, b, a))
+                else:
+                    reasons.setdefault(id(b), f"followed by {type(a).__name__} in the "
+                                              f"Sequential {name or '(the model)'}")
+            if slots:
+                reasons.setdefault(id(slots[-1][1]), "the last element of the Sequential "
+                                                     f"{name or '(the model)'}")
             continue
         if _is_container(m) or not trace or not _subtree_has_bn(m):
             continue
         if isinstance(m, torch.fx.GraphModule):
-            owner = _Owner(name, m, [("any", m.graph)], {}, True)
+            variants, refusal = _graph_module_variants(m)
+            if refusal:
+                skipped.append((name, m, refusal))
+                continue
+            owner = _Owner(name, m, variants, {}, True)
         else:
             try:
                 variants, constants = _trace_variants(m)
             except _Untraceable as e:
-                _warn(f"fusedbn.convert: {_describe(name, m)} left as is: torch.fx could not "
-                      f"trace its forward ({e}); its children were converted on their own "
-                      "where possible")
+                skipped.append((name, m, f"torch.fx could not trace its forward ({e})"))
                 continue
             owner = _Owner(name, m, variants, constants, False)
             owner.no_rewrite = _no_rewrite_reason(m)
+            owner.type_tests = _type_tests(m)
         owners.append(owner)
         for index, (_, graph) in enumerate(owner.variants):
             for node in graph.nodes:
@@ -137,51 +215,116 @@ def _convert(model, trace, exclude):
     fusions = []
     # Sequential neighbours.
     for seq_name, seq, kb, ka, bn, act in seq_pairs:
-        if (id(bn) in excluded or id(act) in excluded or in_tree[id(bn)] != 1
-                or sites[id(bn)] != ["seq"] or any(s != "seq" for s in sites[id(act)])):
+        if id(bn) in excluded or id(act) in excluded:
             continue
-        activation, slope, alpha = _module_act_config(act)
-        fused = _to_fused(bn, activation, slope, alpha, {"kind": "sequential", "act": act})
+        if in_tree[id(bn)] != 1 or sites[id(bn)] != ["seq"]:
+            reasons[id(bn)] = "the BatchNorm is registered or called at more than one place"
+            continue
+        if any(s != "seq" for s in sites[id(act)]):
+            reasons[id(bn)] = f"its activation {_qual(seq_name, ka)} is also called elsewhere"
+            continue
+        activation, params = _module_act_config(act)
+        fused = _to_fused(bn, activation, params, {"kind": "sequential", "act": act})
         setattr(seq, kb, fused)
         identity = nn.Identity()
         identity.train(act.training)
         setattr(seq, ka, identity)
-        fusions.append(Fusion(_qual(seq_name, kb), activation, slope, alpha,
-                              _qual(seq_name, ka), seq_name, "sequential"))
+        fusions.append(Fusion.of(_qual(seq_name, kb), activation, params, _qual(seq_name, ka),
+                                 seq_name, "sequential"))
 
     # Graph pairs.
     for owner in owners:
-        candidates = [_graph_candidates(owner, g) for _, g in owner.variants]
-        chosen = {}  # bn target -> [(variant index, bn node, act node, config, desc, spec)]
-        for target in {n.target for c in candidates for n in c}:
-            bn = owner.module.get_submodule(target)
-            if (not _is_plain_bn(bn) or id(bn) in excluded or in_tree[id(bn)] != 1
-                    or not _container_path(owner.module, target)):
-                continue
-            bn_sites = sites[id(bn)]
-            if any(s == "seq" or s[0] is not owner for s in bn_sites):
-                continue
-            per_variant = Counter(s[1] for s in bn_sites)
-            if any(v != 1 for v in per_variant.values()):
-                continue
-            found = []
-            for _, index, node in bn_sites:
-                if node not in candidates[index]:
-                    break
-                found.append((index, node) + candidates[index][node])
-            else:
-                # One fused module for all variants: same activation and form in each.
-                configs = {(f[3], f[6] and f[6][1:]) for f in found}
-                if len(configs) == 1:
-                    chosen[target] = found
+        chosen = _choose(owner, sites, in_tree, excluded, reasons)
         if not chosen:
             continue
         if owner.no_rewrite:
-            _warn(f"fusedbn.convert: {_describe(owner.name, owner.module)}: "
-                  f"{owner.no_rewrite} (pairs not fused: {', '.join(sorted(chosen))})")
+            pairs = ", ".join(sorted(bn_path for bn_path, _ in chosen.values()))
+            skipped.append((owner.name, owner.module,
+                            f"{owner.no_rewrite} (pairs not fused: {pairs})"))
             continue
         _rewrite(owner, chosen, fusions)
-    return fusions
+
+    # What the forwards left as they are call directly (a Sequential's tail too).
+    for name, m, reason in skipped:
+        for child_name, child in m.named_children():
+            bn = _bn_at(child)
+            if bn is not None:
+                reasons[id(bn[0])] = f"called from the forward of {_describe(name, m)}: {reason}"
+    if skipped:
+        _warn_skipped(skipped)
+
+    left, total, fused = [], 0, 0
+    for name, m in model.named_modules():
+        if not isinstance(m, _BatchNorm):
+            continue
+        total += 1
+        if isinstance(m, _BatchNormAct):
+            fused += 1
+        elif id(m) in excluded:
+            left.append(Left(name, "excluded"))
+        elif not _is_plain_bn(m):
+            left.append(Left(name, _not_plain_reason(m)))
+        else:
+            left.append(Left(name, reasons.get(id(m), "no activation or add after it was found "
+                                                      "where it is called")))
+    modules = [(name, f"{_original_class(m).__name__}: {reason}") for name, m, reason in skipped]
+    return Report(fusions, left, modules, total, fused)
+
+
+def _choose(owner, sites, in_tree, excluded, reasons):
+    """{target of the call: (BN path, [(variant index, bn node, act node, config,
+    desc, spec, add)])}: the pairs of one owner's graph(s) to fuse. Records in
+    ``reasons`` why the others are not."""
+    candidates = [_graph_candidates(owner, g) for _, g in owner.variants]
+    m = owner.module
+    multi = len(owner.variants) > 1
+    chosen = {}
+    for index, (mode, graph) in enumerate(owner.variants):
+        for node in graph.nodes:
+            if node.op != "call_module" or node in candidates[index]:
+                continue
+            try:
+                bn = _bn_at(m.get_submodule(node.target), owner.graph_module)
+            except AttributeError:
+                continue
+            if bn is not None:
+                where = f" (in the {mode} graph)" if multi else ""
+                reasons[id(bn[0])] = f"its output feeds {_users(owner, node)}{where}"
+    for target in {n.target for c in candidates for n in c}:
+        found_bn = _bn_at(m.get_submodule(target), owner.graph_module)
+        if found_bn is None:
+            continue
+        bn, tail, seqs = found_bn
+        if id(bn) in excluded or any(id(s) in excluded for s in seqs):
+            continue
+        why = None
+        if in_tree[id(bn)] != 1 or any(in_tree[id(s)] != 1 for s in seqs):
+            why = "registered at more than one place in the model"
+        elif not _container_path(m, target):
+            why = f"called through {target!r}, which has a forward of its own"
+        elif seqs and (sites[id(bn)] != ["seq"] or any(sites[id(s)] != ["seq"] for s in seqs[1:])):
+            why = "also called elsewhere than at the end of its Sequential"
+        call_sites = sites[id(seqs[0] if seqs else bn)]
+        if why is None and any(s == "seq" or s[0] is not owner for s in call_sites):
+            why = "also called elsewhere (another forward, or as a Sequential element)"
+        if why is None and any(v != 1 for v in Counter(s[1] for s in call_sites).values()):
+            why = "called more than once in one forward"
+        found = []
+        if why is None:
+            for _, index, node in call_sites:
+                if node not in candidates[index]:
+                    why = (f"its output feeds {_users(owner, node)} in the "
+                           f"{owner.variants[index][0]} graph")
+                    break
+                found.append((index, node) + candidates[index][node])
+        # One fused module for all variants: same activation and form in each.
+        if why is None and len({(f[3], f[6] and f[6][1:]) for f in found}) != 1:
+            why = "its activation or form differs between the train and eval graphs"
+        if why is not None:
+            reasons[id(bn)] = why
+            continue
+        chosen[target] = (_qual(target, tail) if tail else target, found)
+    return chosen
 
 
 def _rewrite(owner, chosen, fusions):
@@ -189,71 +332,83 @@ def _rewrite(owner, chosen, fusions):
     modules, and give the owner its new forward: a GraphModule recompiles, any
     other module gets a generated class (``generated.py``)."""
     m = owner.module
-    for target, found in sorted(chosen.items()):
-        bn = m.get_submodule(target)
-        (activation, slope, alpha), desc, spec, add = found[0][3:]
+    for target, (bn_path, found) in sorted(chosen.items()):
+        bn = m.get_submodule(bn_path)
+        (activation, params), desc, spec, add = found[0][3:]
+        params = dict(params)
         for index, bn_node, act_node, *_, add_info in found:
             graph = owner.variants[index][1]
             if add_info is None:
                 act_node.replace_all_uses_with(bn_node)
                 graph.erase_node(act_node)
             else:
-                _fuse_residual(graph, target, bn_node, act_node, *add_info)
+                _fuse_residual(graph, target, bn_path != target, bn_node, act_node, *add_info)
         mark = {"kind": "graph", "act": spec}
         if add is not None:
             mark = {"kind": "residual", "act": spec, "add": add[1:]}
-        fused = _to_fused(bn, activation, slope, alpha, mark)
-        _set_submodule(m, target, fused)
-        fusions.append(Fusion(_qual(owner.name, target), activation, slope, alpha, desc,
-                              owner.name, mark["kind"]))
+        fused = _to_fused(bn, activation, params, mark)
+        _set_submodule(m, bn_path, fused)
+        fusions.append(Fusion.of(_qual(owner.name, bn_path), activation, params, desc or "",
+                                 owner.name, mark["kind"]))
     for _, graph in owner.variants:
         graph.lint()
     if owner.graph_module:
         m.recompile()
         return
-    code = _Code((mode, pc.src, pc.globals) for mode, pc in
-                 ((mode, g.python_code("self")) for mode, g in owner.variants))
+    code = _Code(((mode, pc.src, pc.globals) for mode, pc in
+                  ((mode, g.python_code("self")) for mode, g in owner.variants)),
+                 owner.type_tests)
     for k, v in owner.constants.items():
         m.__dict__[k] = v
-    owned = list(m.__dict__.get(_OWNED, ())) + sorted(chosen)
+    owned = list(m.__dict__.get(_OWNED, ())) + sorted(p for p, _ in chosen.values())
     constants = list(m.__dict__.get(_CONSTANTS, ())) + sorted(owner.constants)
     m.__class__ = _converted_class(_original_class(m), code)
     m.__dict__[_OWNED] = owned
     m.__dict__[_CONSTANTS] = constants
 
 
-def _fuse_residual(graph, target, bn_node, act_node, add_node, add, bn_first):
-    """The BN call, the add and the activation become one node
-    ``_residual_call(self.<bn>, x, z, add, bn_first)`` at the add's place, so
-    that ``z`` is read when eager reads it (torchvision computes the downsample
-    shortcut between bn3 and the add); ``patterns._can_move_to`` said the BN
-    call may move there."""
+def _fuse_residual(graph, target, tail, bn_node, act_node, add_node, add, bn_first):
+    """The BN call, the add and the activation (if any) become one node
+    ``_residual_call(self.<bn>, x, z, add, bn_first)`` at the add's place (or
+    ``_tail_residual_call(self.<seq>, ...)`` when the BN ends the Sequential
+    called there), so that ``z`` is read when eager reads it (torchvision
+    computes the downsample shortcut between bn3 and the add);
+    ``patterns._can_move_to`` said the BN call may move there."""
     # Operands are read now, not at analysis time: rewriting another pair may
     # have replaced one of them (e.g. the residual was that pair's activation).
     x = bn_node.args[0]
     z = add_node.args[1 if bn_first else 0]
     with graph.inserting_before(add_node):
         module = graph.get_attr(target)
-        new = graph.call_function(_residual_call, (module, x, z, add, bn_first))
-    act_node.replace_all_uses_with(new)
+        new = graph.call_function(_tail_residual_call if tail else _residual_call,
+                                  (module, x, z, add, bn_first))
+    last = add_node if act_node is None else act_node
+    last.replace_all_uses_with(new)
     for node in (act_node, add_node, bn_node):
-        graph.erase_node(node)
+        if node is not None:
+            graph.erase_node(node)
 
 
 # ---------------------------------------------------------------- public API
 def convert(model, inplace=True, *, report=False, trace=True, exclude=()):
-    """Replace every BatchNorm -> ReLU/LeakyReLU/ELU pair in ``model`` by a fused
-    ``BatchNormAct{1,2,3}d``. What a pair is: ``fusedbn.convert.patterns``; how
-    Sequential pairs and forwards are rewritten: ``fusedbn.convert.rewrite``.
+    """Replace every BatchNorm -> activation pair in ``model`` by a fused
+    ``BatchNormAct{1,2,3}d``, and every BatchNorm -> add (ResNet's bn3 +
+    shortcut, MobileNetV2's projection + skip) by the fused residual form. What
+    a pair is: ``fusedbn.convert.patterns``; how Sequential pairs and forwards
+    are rewritten: ``fusedbn.convert.rewrite``.
 
     inplace: convert ``model`` itself (default; parameters are shared, so an
         existing optimizer stays valid), or a deep copy of it when False.
-    report: also return the list of :class:`Fusion` records, ``(model, fusions)``.
+    report: also return a :class:`Report`, ``(model, report)``: the list of
+        :class:`Fusion` records of this call, with ``.left`` (every BatchNorm
+        not fused, and why), ``.modules`` (forwards left as they are) and
+        ``str(report)`` as a table.
     trace: False converts Sequential neighbours only, without torch.fx.
     exclude: qualified names of submodules left untouched, with everything below.
 
-    Untraceable modules are left as they are with a ``UserWarning`` (their
-    children are still converted). State_dict keys do not change.
+    Forwards that are left as they are (untraceable, ...) give one
+    ``UserWarning`` per call, a line per class and reason (their children are
+    still converted). State_dict keys do not change.
 
     Limitations (``fusedbn.convert.tracing`` says what a traced forward cannot
     keep; use ``trace=False`` (Sequential pairs only) or ``exclude=`` when in
@@ -261,13 +416,23 @@ def convert(model, inplace=True, *, report=False, trace=True, exclude=()):
 
     * a forward with parameters with default values (or ``**kwargs``), or
       whose source uses ``no_grad`` / ``enable_grad`` / ``set_grad_enabled`` /
-      ``inference_mode`` / ``autocast``, is not rewritten (a warning names it
-      when it holds pairs; its children are still converted);
+      ``inference_mode`` / ``autocast``, is not rewritten (its children are
+      still converted);
+    * a forward that tests an argument's type (``isinstance(input, Tensor)``,
+      as densenet's ``_DenseLayer`` does) runs the rewritten graph only for
+      arguments of the type tracing assumed (none of those tested) and its
+      original forward, unfused, for the others;
     * a pair whose BatchNorm and activation live in different modules'
-      forwards (e.g. a Sequential ending in BN followed by ``F.relu`` in the
-      parent) is not fused;
+      forwards is fused only when the BatchNorm ends a plain Sequential called
+      from the forward that applies the activation or the add;
     * another method than ``forward`` that calls the BatchNorm directly (and
-      is called from outside) would get the fused module;
+      is called from outside) would get the fused module; a forward whose
+      BatchNorm -> activation runs under ``torch.utils.checkpoint`` is not
+      traceable (the report says so);
+    * a GraphModule is rewritten in every graph it holds (torchvision's
+      ``DualGraphModule`` keeps one per mode); a GraphModule subclass that
+      overrides ``train`` or ``forward`` and holds no second graph is left
+      as it is;
     * ``SyncBatchNorm`` is never converted;
     * a converted model pickles (``torch.save(model)``); ``torch.jit.script``
       of a graph-rewritten module is not supported (``unconvert`` first).
@@ -276,7 +441,7 @@ def convert(model, inplace=True, *, report=False, trace=True, exclude=()):
         raise TypeError(f"fusedbn.convert: expected an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    fusions = _convert(model, trace, (exclude,) if isinstance(exclude, str) else tuple(exclude))
-    return (model, fusions) if report else model
+    result = _convert(model, trace, (exclude,) if isinstance(exclude, str) else tuple(exclude))
+    return (model, result) if report else model
 
 

@@ -33,11 +33,13 @@ _BN_ATTRS = frozenset(nn.BatchNorm2d(1, device="meta").__dict__) | _NOT_CARRIED
 _FUSED_ATTRS = frozenset(BatchNormAct2d(1, device="meta").__dict__) | {_MARK} | _NOT_CARRIED
 
 
-def _to_fused(bn, activation, negative_slope, alpha, mark):
+def _to_fused(bn, activation, params, mark):
+    """params: only those the activation reads (the fused module's defaults
+    stand for the others)."""
     cls = _BN_TO_FUSED[type(bn)]
     fused = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                activation=activation, negative_slope=negative_slope, alpha=alpha,
-                device="meta", bias=bn.bias is not None or not bn.affine)
+                activation=activation, device="meta", bias=bn.bias is not None or not bn.affine,
+                **params)
     _share_state(fused, bn)
     for k, v in bn.__dict__.items():
         if k not in _BN_ATTRS:

@@ -22,10 +22,15 @@ also records ``out += z`` on a tensor as ``out + z`` (the traced graph, hence
 the rewritten forward, does not write into ``out``); this holds for every
 rewritten forward, fused or not.
 """
+import ast
+import builtins
 import inspect
+import textwrap
 
 import torch
 import torch.fx
+
+from .generated import _original_class
 
 _GRAD_CONTEXTS = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast")
 
@@ -113,7 +118,7 @@ def _trace_variants(module):
 
 def _no_rewrite_reason(module):
     """Why the traced graph must not replace this module's forward, or None."""
-    fn = inspect.unwrap(type(module).forward)
+    fn = inspect.unwrap(_original_class(module).forward)
     try:
         params = list(inspect.signature(fn).parameters.values())[1:]
     except (TypeError, ValueError):
@@ -128,11 +133,63 @@ def _no_rewrite_reason(module):
         src = inspect.getsource(fn)
     except (OSError, TypeError):
         return None
+    _, reason = _read_type_tests(module)
+    if reason:
+        return reason + "; the forward was not rewritten"
     used = [c for c in _GRAD_CONTEXTS if c in src]
     if used:
         return (f"its forward uses {', '.join(used)}, which torch.fx does not record; "
                 "the forward was not rewritten")
     return None
+
+
+def _type_tests(module):
+    """[(argument, classes)] for each ``isinstance(arg, classes)`` or
+    ``torch.is_tensor(arg)`` on an argument of the forward (its source, read
+    with ast). fx traces every argument as a Proxy, which is an instance of
+    none of them: the graph holds only for arguments that pass no such test
+    (densenet's ``_DenseLayer`` takes a Tensor or a list and was traced as a
+    list), and the rewritten forward guards on it (``generated.py``). Classes
+    must be plain names or attributes (``Tensor``, ``torch.Tensor``, a tuple
+    of them); for anything else ``_no_rewrite_reason`` refuses the rewrite."""
+    tests, _ = _read_type_tests(module)
+    return tests
+
+
+def _read_type_tests(module):
+    """(tests, reason a test cannot be guarded or None)."""
+    fn = inspect.unwrap(_original_class(module).forward)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+        names = list(inspect.signature(fn).parameters)[1:]
+    except (OSError, TypeError, ValueError, SyntaxError):
+        return [], None
+    tests = []
+    scope = {**vars(builtins), **fn.__globals__, **inspect.getclosurevars(fn).nonlocals}
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Name)
+                and node.args[0].id in names):
+            continue
+        arg, func = node.args[0].id, ast.unparse(node.func)
+        if func in ("torch.is_tensor", "is_tensor"):
+            tests.append((arg, torch.Tensor))
+        elif func == "type":
+            return [], f"its forward tests type({arg}), which torch.fx traces as a Proxy"
+        elif func == "isinstance" and len(node.args) == 2:
+            expr = node.args[1]
+            plain = all(isinstance(n, (ast.Name, ast.Attribute, ast.Tuple, ast.Load))
+                        for n in ast.walk(expr))
+            try:
+                classes = eval(compile(ast.Expression(expr), "<isinstance>", "eval"), scope) \
+                    if plain else None
+            except Exception:  # noqa: BLE001 -- any failure: not a guard we can build
+                classes = None
+            if not (isinstance(classes, type) or (isinstance(classes, tuple) and all(
+                    isinstance(c, type) for c in classes))):
+                return [], (f"its forward tests isinstance({arg}, {ast.unparse(expr)}), "
+                            "which convert cannot evaluate to guard the traced graph")
+            tests.append((arg, classes))
+    return tests, None
 
 
 class _Owner:
@@ -145,4 +202,42 @@ class _Owner:
         self.constants = constants
         self.graph_module = graph_module  # True: module is a torch.fx.GraphModule
         self.no_rewrite = None            # reason, when the forward must not be rewritten
+        self.type_tests = ()              # _type_tests: when to run the original forward
+
+
+def _graphs_of(gm):
+    """Every fx.Graph a GraphModule holds: its graph and any other one among its
+    attributes (torchvision's DualGraphModule keeps ``train_graph`` and
+    ``eval_graph`` and sets ``self.graph`` to one of them in ``train()``)."""
+    graphs = [gm.graph]
+    for v in gm.__dict__.values():
+        if isinstance(v, torch.fx.Graph) and all(v is not g for g in graphs):
+            graphs.append(v)
+    return graphs
+
+
+def _graph_module_variants(gm):
+    """([(mode, graph)] to rewrite, None) or ([], why the GraphModule is left as it is).
+
+    Every graph found is rewritten (one fused module serves all). A subclass
+    that overrides ``train``, ``forward`` or ``__call__`` but holds no second
+    graph where we look may switch to a graph we cannot see: rewriting only
+    the current one would give a different model after ``.train()`` /
+    ``.eval()``, so it is refused."""
+    graphs = _graphs_of(gm)
+    if len(graphs) == 1:
+        for cls in type(gm).__mro__:
+            if cls is torch.fx.GraphModule:
+                break
+            if "_wrapped_call" in cls.__dict__:
+                continue  # the per-instance class where recompile() installs the forward
+            own = [k for k in ("train", "forward", "__call__", "_call_impl") if k in cls.__dict__]
+            if own:
+                return [], (f"a GraphModule subclass ({cls.__name__}) that overrides "
+                            f"{', '.join(own)} and holds no second graph convert can see: it "
+                            "may switch to a graph convert would not rewrite")
+    if len(graphs) == 1:
+        return [("any", graphs[0])], None
+    names = {id(g): k for k, g in gm.__dict__.items() if k != "_graph" and g in graphs}
+    return [(names.get(id(g), "graph"), g) for g in graphs], None
 

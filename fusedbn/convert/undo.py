@@ -6,11 +6,14 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from .. import _reference
 from ..modules import _BatchNormAct
 from .patterns import (_ADDS, _FUNCTIONS, Fusion, _is_plain_act, _is_sequential, _qual,
                        _set_submodule)
+from .report import Report
 from .rewrite import _functional_for, _residual_call
 from .swap import _CONSTANTS, _MARK, _OWNED, _to_bn
+from .tracing import _graphs_of
 
 
 def unconvert(model, inplace=True, *, report=False):
@@ -65,7 +68,7 @@ def unconvert(model, inplace=True, *, report=False):
         warnings.warn("fusedbn.unconvert: left fused modules that fusedbn.convert did not "
                       f"create (or that were moved since): {', '.join(left)}", UserWarning,
                       stacklevel=2)
-    return (model, undone) if report else model
+    return (model, Report(undone)) if report else model
 
 
 def _undo_record(fused, name, owner, kind, act=None):
@@ -74,12 +77,27 @@ def _undo_record(fused, name, owner, kind, act=None):
         act = (_qual(owner, spec[1]) if isinstance(spec, tuple) and spec[0] == "call_module"
                else spec[1] if isinstance(spec, tuple) and spec[0] == "call_function"
                else f"Tensor.{spec[1]}" if isinstance(spec, tuple) else "")
-    return Fusion(name, fused.activation, fused.negative_slope, fused.alpha, act, owner, kind)
+    params = _reference.used_params(fused.activation, **_reference.params_of(fused))
+    return Fusion.of(name, fused.activation, params, act, owner, kind)
 
 
 def _unconvert_graph_module(name, gm, undone, handled):
-    graph = gm.graph
-    changed = False
+    """Every graph of ``gm`` (``tracing._graphs_of``) gets its BN calls, adds
+    and activations back; each fused module is recorded and swapped once."""
+    changed = {}
+    for graph in _graphs_of(gm):
+        changed.update(_unconvert_graph(gm, graph, handled))
+    for target, fused in changed.items():
+        undone.append(_undo_record(fused, _qual(name, target), name, fused.__dict__[_MARK]["kind"]))
+        _set_submodule(gm, target, _to_bn(fused))
+        handled.add(id(fused))
+    if changed:
+        gm.recompile()
+
+
+def _unconvert_graph(gm, graph, handled):
+    """{target: fused module} of the fusions undone in one graph."""
+    changed = {}
     for node in list(graph.nodes):
         if node.op == "call_module":
             target = node.target
@@ -114,17 +132,16 @@ def _unconvert_graph_module(name, gm, undone, handled):
                 graph.erase_node(module)
         else:
             continue
-        undone.append(_undo_record(fused, _qual(name, target), name, mark["kind"]))
-        _set_submodule(gm, target, _to_bn(fused))
-        handled.add(id(fused))
-        changed = True
+        changed[target] = fused
     if changed:
         graph.lint()
-        gm.recompile()
+    return changed
 
 
 def _act_node(gm, graph, fused, spec, inp):
     """The activation node that ``convert`` removed, re-created on ``inp``."""
+    if spec is None:     # the residual form with no activation after the add
+        return inp
     op, target, rest, kwargs = spec
     if op == "call_module" and _has_plain_act(gm, target):
         return graph.call_module(target, (inp,))
