@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 import fusedbn
 from fusedbn.convert import Fusion, convert, unconvert
@@ -943,3 +944,418 @@ def test_residual_runtime_fallback(device, kind):
     assert calls == ([True] * 3 if kind in ("same", "expanded") else [])
     if isinstance(ref.z, nn.Parameter):
         assert model.z.grad is not None
+
+
+# ------------------------------------------------- the activations of issue 15
+# (spelling in the forward, activation, params the fused module gets)
+NEW_FORMS = [
+    (lambda y: nn.ReLU6()(y), "relu6", {}),
+    (lambda y: nn.ReLU6(inplace=True)(y), "relu6", {}),
+    (lambda y: nn.Hardtanh(-0.5, 2.0)(y), "hardtanh", {"min_val": -0.5, "max_val": 2.0}),
+    (lambda y: nn.SiLU(inplace=True)(y), "silu", {}),
+    (lambda y: nn.Hardswish()(y), "hardswish", {}),
+    (lambda y: nn.Hardsigmoid()(y), "hardsigmoid", {}),
+    (lambda y: nn.GELU()(y), "gelu", {"approximate": "none"}),
+    (lambda y: nn.GELU(approximate="tanh")(y), "gelu", {"approximate": "tanh"}),
+    (lambda y: nn.Mish()(y), "mish", {}),
+    (lambda y: F.relu6(y), "relu6", {}),
+    (lambda y: F.relu6(y, inplace=True), "relu6", {}),
+    (lambda y: F.hardtanh(y, -2.0, 0.5), "hardtanh", {"min_val": -2.0, "max_val": 0.5}),
+    (lambda y: F.hardtanh(y, max_val=3.0, inplace=True), "hardtanh",
+     {"min_val": -1.0, "max_val": 3.0}),
+    (lambda y: F.hardtanh_(y, 0.0, 6.0), "hardtanh", {"min_val": 0.0, "max_val": 6.0}),
+    (lambda y: F.silu(y), "silu", {}),
+    (lambda y: F.silu(y, inplace=True), "silu", {}),
+    (lambda y: F.hardswish(y, True), "hardswish", {}),
+    (lambda y: F.hardsigmoid(y), "hardsigmoid", {}),
+    (lambda y: F.gelu(y), "gelu", {"approximate": "none"}),
+    (lambda y: F.gelu(y, approximate="tanh"), "gelu", {"approximate": "tanh"}),
+    (lambda y: F.mish(y, inplace=True), "mish", {}),
+]
+NEW_FORM_IDS = [f"{i}-{a}" for i, (_, a, _) in enumerate(NEW_FORMS)]
+
+
+class OneForm(nn.Module):
+    """conv -> BN -> the activation spelled as given (a module made in forward is
+    not a submodule: nn forms are registered as ``act``)."""
+
+    def __init__(self, form):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        probe = []
+        form_module = None
+
+        class Probe(nn.Module):
+            pass
+
+        # An nn form is called on a marker: keep the module it built as a child.
+        orig_call = nn.Module.__call__
+
+        def grab(self_, *a, **k):
+            probe.append(self_)
+            return a[0]
+        nn.Module.__call__ = grab
+        try:
+            form(torch.zeros(1))
+        finally:
+            nn.Module.__call__ = orig_call
+        if probe:
+            form_module = probe[0]
+        self.act = form_module
+        self.form = form
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return self.act(y) if self.act is not None else self.form(y)
+
+
+@pytest.mark.parametrize("i", range(len(NEW_FORMS)), ids=NEW_FORM_IDS)
+def test_new_activation_forms(device, i):
+    form, activation, params = NEW_FORMS[i]
+    ref = make(OneForm, form, device=device)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert [(f.name, f.activation, f.params) for f in fusions] == [("bn", activation, params)]
+    assert model.bn.activation == activation
+    assert fusedbn._reference.used_params(activation, **fusedbn._reference.params_of(model.bn)) \
+        == params
+    assert_same(model, ref, image(c=4, device=device))
+    back = unconvert(model)
+    assert type(back.bn) is nn.BatchNorm2d
+    assert_same(back, ref, image(c=4, device=device), steps=1)
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-2.0, 2.5), nn.SiLU(), nn.Hardswish(),
+                                 nn.Hardsigmoid(), nn.GELU(approximate="tanh"), nn.Mish()],
+                         ids=["relu6", "hardtanh", "silu", "hardswish", "hardsigmoid", "gelu",
+                              "mish"])
+def test_new_activations_sequential(device, act):
+    ref = make(lambda: nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), copy.deepcopy(act)),
+               device=device)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert [(f.name, f.kind) for f in fusions] == [("1", "sequential")]
+    assert type(model[2]) is nn.Identity
+    assert_same(model, ref, image(c=3, device=device))
+    back = unconvert(model)
+    assert repr(back) == repr(ref)
+
+
+def test_activation_with_non_constant_parameter_not_fused():
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x, hi):
+            return F.hardtanh(self.bn(x), 0.0, hi)
+
+    model, fusions = convert(make(Dynamic), report=True)
+    assert fusions == [] and type(model.bn) is nn.BatchNorm2d
+    assert "hardtanh" in dict(fusions.left)["bn"]
+
+
+# ------------------------------------------------ BN -> add, no activation after
+class AddOnly(nn.Module):
+    """MobileNetV2's projection + skip, in the forms a block writes it."""
+    FORMS = ["add", "iadd", "swapped", "seq_tail", "seq_nested_tail"]
+
+    def __init__(self, form):
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        # torchvision: self.conv = Sequential(Conv2dNormActivation..., conv, bn)
+        inner = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        self.proj = (nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                                   inner) if form == "seq_nested_tail"
+                     else nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)))
+
+    def forward(self, x):
+        if self.form == "add":
+            return self.bn(self.conv(x)) + x
+        if self.form == "iadd":
+            out = self.bn(self.conv(x))
+            out += x
+            return out
+        if self.form == "swapped":
+            return x + self.bn(self.conv(x))
+        return x + self.proj(x)
+
+
+ADD_ONLY_FUSED = {"add": "bn", "iadd": "bn", "swapped": "bn", "seq_tail": "proj.1",
+                  "seq_nested_tail": "proj.3.1"}
+
+
+@pytest.mark.parametrize("form", AddOnly.FORMS)
+def test_add_without_activation_is_identity_residual(device, form):
+    ref = make(AddOnly, form, device=device)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    res = [f for f in fusions if f.kind == "residual"]
+    assert [(f.name, f.activation, f.act) for f in res] == [(ADD_ONLY_FUSED[form], "identity", "")]
+    fused = model.get_submodule(ADD_ONLY_FUSED[form])
+    assert isinstance(fused, fusedbn.BatchNormAct2d) and fused.activation == "identity"
+    calls, _ = residual_calls(fused)
+    assert_same(model, ref, small_image(c=4, device=device))
+    assert calls == [True] * 3                    # the fused kernel, with the residual
+    back, undone = unconvert(model, report=True)
+    assert sorted(undone) == sorted(fusions)
+    assert repr(back) == repr(ref) and not fused_names(back)
+    assert_same(back, ref, small_image(c=4, device=device), steps=1)
+
+
+def test_sequential_tail_with_activation_in_parent(device):
+    """A Sequential ending in a BN, the activation applied by the parent."""
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+            self.other = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            y = self.other(x)            # its output used twice: not fused
+            return F.leaky_relu(self.block(x), 0.2) + y * y
+
+    ref = make(Parent, device=device)
+    model, report = convert(copy.deepcopy(ref), report=True)
+    assert [(f.name, f.activation, f.kind) for f in report] == [("block.1", "leaky_relu", "graph")]
+    assert "other.1" in dict(report.left)
+    assert "mul" in dict(report.left)["other.1"]
+    assert_same(model, ref, small_image(c=4, device=device))
+    assert repr(unconvert(model)) == repr(ref)
+
+
+def test_sequential_tail_called_twice_not_fused(device):
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            return F.relu(self.block(x)) + self.block(x)
+
+    ref = make(Twice, device=device)
+    model, report = convert(copy.deepcopy(ref), report=True)
+    assert list(report) == [] and "more than once" in dict(report.left)["block.1"]
+    assert_same(model, ref, small_image(c=4, device=device))
+
+
+# ------------------------------------------ GraphModules with a graph per mode
+class ModeGraphs(nn.Module):
+    """Traced differently in train and eval (dropout only in training)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv(x)))
+        if self.training:
+            y = y * 0.5
+        return F.relu(self.bn2(y) + x)
+
+
+class DualGraph(torch.fx.GraphModule):
+    """Shaped like torchvision's DualGraphModule (create_feature_extractor):
+    train_graph / eval_graph, train() sets self.graph to one of them."""
+
+    def __init__(self, root, train_graph, eval_graph):
+        super(torch.fx.GraphModule, self).__init__()
+        self.train_graph = train_graph
+        self.eval_graph = eval_graph
+        for node in list(train_graph.nodes) + list(eval_graph.nodes):
+            if node.op in ("get_attr", "call_module"):
+                torch.fx.graph_module._copy_attr(root, self, node.target)
+        self.train()
+        self.graph = train_graph
+
+    def train(self, mode=True):
+        if mode and not self.training:
+            self.graph = self.train_graph
+        elif not mode and self.training:
+            self.graph = self.eval_graph
+        return super().train(mode=mode)
+
+
+def dual_graph(model):
+    was = model.training
+    train_graph = torch.fx.Tracer().trace(model.train())
+    eval_graph = torch.fx.Tracer().trace(model.eval())
+    model.train(was)
+    return DualGraph(model, train_graph, eval_graph).train(was)
+
+
+@pytest.mark.parametrize("start", ["train", "eval"])
+def test_dual_graph_module_rewritten_in_both_graphs(device, start):
+    ref = make(ModeGraphs, device=device)
+    dual = dual_graph(copy.deepcopy(ref)).train(start == "train")
+    dual, fusions = convert(dual, report=True)
+    assert {(f.name, f.kind) for f in fusions} == {("bn1", "graph"), ("bn2", "residual")}
+    for graph in (dual.train_graph, dual.eval_graph):
+        assert not any(n.op == "call_function" and n.target is F.relu for n in graph.nodes)
+    # train -> eval -> train: each mode runs its own (rewritten) graph.
+    assert_same(dual, ref, small_image(c=4, device=device))
+    dual.train()
+    assert_same(dual, ref, small_image(c=4, device=device), steps=1)
+    back, undone = unconvert(dual, report=True)
+    assert sorted(undone) == sorted(fusions) and not fused_names(back)
+    for graph in (back.train_graph, back.eval_graph):
+        assert sum(n.target is F.relu for n in graph.nodes) == 2
+    assert_same(back, ref, small_image(c=4, device=device))
+
+
+def test_graph_module_with_hidden_graphs_refused(device):
+    """A GraphModule subclass that switches graphs convert cannot see is left as
+    it is, with a warning and a report line (never a different model after
+    .train() / .eval())."""
+    class Hidden(DualGraph):
+        def __init__(self, root, train_graph, eval_graph):
+            super().__init__(root, train_graph, eval_graph)
+            self.graphs = {True: self.__dict__.pop("train_graph"),
+                           False: self.__dict__.pop("eval_graph")}
+
+        def train(self, mode=True):
+            if hasattr(self, "graphs") and mode != self.training:
+                self.graph = self.graphs[mode]
+            return nn.Module.train(self, mode)
+
+    ref = make(ModeGraphs, device=device)
+    model = copy.deepcopy(ref)
+    hidden = Hidden(model, torch.fx.Tracer().trace(model.train()),
+                    torch.fx.Tracer().trace(model.eval())).train()
+    with pytest.warns(UserWarning, match=r"GraphModule subclass \(Hidden\) that overrides train"):
+        hidden, report = convert(hidden, report=True)
+    assert list(report) == [] and not fused_names(hidden)
+    assert [n for n, _ in report.modules] == [""]
+    assert_same(hidden, ref, small_image(c=4, device=device))
+
+
+# ------------------------------------- forwards that accept several input types
+class DenseLayer(nn.Module):
+    """torchvision densenet's _DenseLayer: a Tensor or a list of Tensors."""
+
+    def __init__(self, cin, growth=4, memory_efficient=False):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+        self.memory_efficient = memory_efficient
+
+    def bn_function(self, inputs):
+        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+
+    def any_requires_grad(self, inputs):
+        for t in inputs:
+            if t.requires_grad:
+                return True
+        return False
+
+    def call_checkpoint_bottleneck(self, inputs):
+        def closure(*inputs):
+            return self.bn_function(inputs)
+        return torch.utils.checkpoint.checkpoint(closure, *inputs, use_reentrant=False)
+
+    def forward(self, input):
+        if isinstance(input, Tensor):
+            prev_features = [input]
+        else:
+            prev_features = input
+        if self.memory_efficient and self.any_requires_grad(prev_features):
+            bottleneck = self.call_checkpoint_bottleneck(prev_features)
+        else:
+            bottleneck = self.bn_function(prev_features)
+        return self.conv2(self.relu2(self.norm2(bottleneck)))
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, layers=3, cin=4, growth=4, memory_efficient=False):
+        super().__init__()
+        for i in range(layers):
+            self[f"denselayer{i + 1}"] = DenseLayer(cin + i * growth, growth, memory_efficient)
+
+    def forward(self, init_features):
+        features = [init_features]
+        for _, layer in self.items():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def test_dense_layer_keeps_accepting_a_tensor_and_a_list(device):
+    """Traced as a list (fx's Proxy is no Tensor): a list runs the fused graph,
+    a Tensor the original forward with the fused modules as plain BatchNorms."""
+    class AsList(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer([x[:, :2], x[:, 2:]])
+
+    ref = make(DenseLayer, 4, device=device)
+    model, fusions = convert(copy.deepcopy(ref), report=True)
+    assert {f.name for f in fusions} == {"norm1", "norm2"}
+    unfused = []       # relu1 runs only where the BN is not fused
+    model.relu1.register_forward_hook(lambda *a: unfused.append(True))
+    x = small_image(c=4, device=device)
+    assert_same(model, ref, x, steps=1)                   # a Tensor
+    assert unfused == [True, True]
+    assert_same(AsList(model), AsList(ref), x, steps=1)   # a list
+    assert unfused == [True, True]
+    assert_same(model, ref, x, steps=1)                   # a Tensor again: fused modules back
+    assert "forward" not in model.norm1.__dict__
+    back = unconvert(model)
+    assert type(back) is DenseLayer and not fused_names(back)
+
+
+def test_dense_block_fused_and_pickles(device):
+    ref = make(DenseBlock, device=device)
+    model, report = convert(copy.deepcopy(ref), report=True)
+    assert report.fused == report.total == 6 and report.left == []
+    assert_same(model, ref, small_image(c=4, device=device))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = small_image(c=4, device=device)
+    loaded.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.denselayer1(x), ref.denselayer1(x), **TOL)
+
+
+def test_checkpointed_layers_reported_once(device):
+    """densenet(memory_efficient=True): the checkpointed layers stay unfused,
+    with one warning for all of them and a reason per BatchNorm in the report."""
+    ref = make(DenseBlock, memory_efficient=True, device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, report = convert(copy.deepcopy(ref), report=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1
+    assert "'denselayer1' (DenseLayer)" in messages[0]
+    assert "and 2 more DenseLayer modules, same reason" in messages[0]
+    assert "torch.utils.checkpoint" in messages[0]
+    assert list(report) == [] and report.total == 6 and len(report.left) == 6
+    assert all("left as it is" in reason for _, reason in report.left)
+    assert len(report.modules) == 3
+    assert all("torch.utils.checkpoint" in reason for _, reason in report.modules)
+    assert "0 of 6 BatchNorms fused" in str(report)
+    assert_same(model, ref, small_image(c=4, device=device))
+
+
+def test_report_lists_fused_and_left():
+    model, report = convert(make(ResNetish), report=True)
+    assert report.total == 12 and report.fused == 11 and len(report) == 11
+    assert [name for name, _ in report.left] == ["layer2.0.downsample.1"]
+    text = str(report)
+    assert text.splitlines()[0] == ("fusedbn.convert: 11 of 12 BatchNorms fused (11 in this "
+                                    "call), 1 left")
+    assert "  fused  stem.1: relu, sequential after stem.2" in text
+    assert "  fused  bn_head: leaky_relu(negative_slope=0.2), graph after " \
+           "torch.nn.functional.leaky_relu" in text
+    assert "  left   layer2.0.downsample.1: " in text
+    _, again = convert(model, report=True)
+    assert list(again) == [] and again.fused == 11

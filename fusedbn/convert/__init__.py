@@ -1,16 +1,18 @@
 """Model conversion: replace ``BatchNorm -> activation`` pairs by fusedbn modules.
 
     model = fusedbn.convert(model)                       # in place, returns model
-    model, fused = fusedbn.convert(model, report=True)   # + list of Fusion records
+    model, report = fusedbn.convert(model, report=True)  # + Report: Fusion records, .left
+    print(report)                                        # what was fused, what was left and why
     model = fusedbn.unconvert(model)                     # back to plain nn modules
 
 Where to look: ``patterns.py`` (what is recognized), ``tracing.py`` (torch.fx,
 and what tracing cannot see), ``rewrite.py`` (``convert``: Sequential pairs,
 rewritten forwards, the residual form), ``swap.py`` (BatchNorm <-> fused
 module), ``generated.py`` (the class a rewritten module gets, its pickling),
-``undo.py`` (``unconvert``). The README's "Model conversion" gives the overview.
+``undo.py`` (``unconvert``), ``report.py`` (what ``report=True`` returns). The README's "Model conversion" gives the overview.
 """
 from .patterns import Fusion
+from .report import Left, Report
 from .rewrite import convert
 from .undo import unconvert
 
@@ -19,4 +21,4 @@ from .undo import unconvert
 from .generated import _decode_code, _new_converted  # noqa: F401,E402
 from .rewrite import _residual_call  # noqa: F401,E402
 
-__all__ = ["convert", "unconvert", "Fusion"]
+__all__ = ["convert", "unconvert", "Fusion", "Report", "Left"]

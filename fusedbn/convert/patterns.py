@@ -72,7 +72,8 @@ class Fusion(NamedTuple):
     @property
     def params(self):
         """The parameters the activation reads, by name."""
-        return _reference.used_params(self.activation, **self._asdict())
+        return _reference.used_params(
+            self.activation, **{k: getattr(self, k) for k in _reference.PARAMS})
 
     def __str__(self):
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())

@@ -17,6 +17,7 @@ Pairs are found in two ways:
   (``recompile()``), not retraced.
 """
 import copy
+import inspect
 import warnings
 from collections import Counter, defaultdict
 
@@ -137,6 +138,20 @@ def _users(owner, node):
     return ", ".join(out)
 
 
+def _checkpoint_hint(m):
+    """Why an untraceable forward's pairs stay unfused when it uses activation
+    checkpointing (densenet's memory_efficient layers): say so, once, there."""
+    try:
+        src = inspect.getsource(_original_class(m))
+    except (OSError, TypeError):
+        return ""
+    if "checkpoint" not in src:
+        return ""
+    return ("; it runs part of its forward under torch.utils.checkpoint, which convert does "
+            "not trace through: its BatchNorms there stay unfused (fused in the same model "
+            "built without checkpointing, e.g. memory_efficient=False)")
+
+
 def _not_plain_reason(m):
     if type(m) not in _BN_TO_FUSED:
         return (f"a {type(m).__name__}, not exactly nn.BatchNorm1d/2d/3d (a subclass or "
@@ -197,7 +212,8 @@ def _convert(model, trace, exclude):
             try:
                 variants, constants = _trace_variants(m)
             except _Untraceable as e:
-                skipped.append((name, m, f"torch.fx could not trace its forward ({e})"))
+                skipped.append((name, m, f"torch.fx could not trace its forward ({e})"
+                                          f"{_checkpoint_hint(m)}"))
                 continue
             owner = _Owner(name, m, variants, constants, False)
             owner.no_rewrite = _no_rewrite_reason(m)
@@ -249,7 +265,8 @@ def _convert(model, trace, exclude):
         for child_name, child in m.named_children():
             bn = _bn_at(child)
             if bn is not None:
-                reasons[id(bn[0])] = f"called from the forward of {_describe(name, m)}: {reason}"
+                reasons[id(bn[0])] = (f"called from the forward of {_describe(name, m)}, "
+                                      "which was left as it is (see its line)")
     if skipped:
         _warn_skipped(skipped)
 

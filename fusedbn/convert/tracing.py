@@ -90,8 +90,10 @@ def _trace_variants(module):
             try:
                 graph = _ShallowTracer().trace(module)
             except Exception as e:  # noqa: BLE001 -- any failure means "not traceable"
+                # (the first sentence: fx's messages go on with advice over several)
                 msg = str(e).strip().splitlines()
-                raise _Untraceable(f"{type(e).__name__}: {msg[0] if msg else ''}") from None
+                msg = msg[0].split(". ")[0] if msg else ""
+                raise _Untraceable(f"{type(e).__name__}: {msg}") from None
             finally:
                 constants, changed = _restore(module, snap)
             if changed:
