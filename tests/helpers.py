@@ -8,6 +8,7 @@ import zlib
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 import fusedbn
 from fusedbn._reference import activation as activation_reference
@@ -452,3 +453,74 @@ def run_step(model, x, g):
     out.backward(g)
     grads = {n.replace("_orig_mod.", ""): p.grad.clone() for n, p in model.named_parameters()}
     return out.detach(), xi.grad, grads
+
+
+# ------------------------------------------------------- models for convert
+def randomize_bn(model):
+    """Non-trivial affine parameters and running statistics in every BatchNorm
+    of ``model`` (in place; returns it), so that eval is not the identity and
+    a lost running-stat update shows."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.uniform_(0.5, 1.5)
+                if m.bias is not None:
+                    m.bias.uniform_(-0.3, 0.3)
+                if m.running_mean is not None:
+                    m.running_mean.uniform_(-0.3, 0.3)
+                    m.running_var.uniform_(0.5, 1.5)
+                    m.num_batches_tracked.fill_(5)
+    return model
+
+
+class DenseLayer(nn.Module):
+    """torchvision densenet's _DenseLayer: a Tensor or a list of Tensors."""
+
+    def __init__(self, cin, growth=4, memory_efficient=False):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+        self.memory_efficient = memory_efficient
+
+    def bn_function(self, inputs):
+        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
+
+    def any_requires_grad(self, inputs):
+        for t in inputs:
+            if t.requires_grad:
+                return True
+        return False
+
+    def call_checkpoint_bottleneck(self, inputs):
+        def closure(*inputs):
+            return self.bn_function(inputs)
+        return torch.utils.checkpoint.checkpoint(closure, *inputs, use_reentrant=False)
+
+    def forward(self, input):
+        if isinstance(input, Tensor):   # (torchvision: from torch import Tensor)
+            prev_features = [input]
+        else:
+            prev_features = input
+        if self.memory_efficient and self.any_requires_grad(prev_features):
+            bottleneck = self.call_checkpoint_bottleneck(prev_features)
+        else:
+            bottleneck = self.bn_function(prev_features)
+        return self.conv2(self.relu2(self.norm2(bottleneck)))
+
+
+class DenseBlock(nn.ModuleDict):
+    def __init__(self, layers=3, cin=4, growth=4, memory_efficient=False):
+        super().__init__()
+        for i in range(layers):
+            self[f"denselayer{i + 1}"] = DenseLayer(cin + i * growth, growth, memory_efficient)
+
+    def forward(self, init_features):
+        features = [init_features]
+        for _, layer in self.items():
+            features.append(layer(features))
+        return torch.cat(features, 1)

@@ -15,12 +15,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
 
 import fusedbn
 from fusedbn.convert import Fusion, convert, unconvert
 from fusedbn.modules import _BatchNormAct
-from helpers import assert_close
+from helpers import DenseBlock, DenseLayer, assert_close, randomize_bn
 
 DTYPE = torch.float64
 # Whole models (convolutions, several BatchNorms, residual adds) in float64:
@@ -252,19 +251,7 @@ def make(cls, *args, seed=0, device="cpu", **kwargs):
     """A model with non-trivial BN affine parameters and running stats, on
     ``device`` (initialized on the CPU: the same values on every device)."""
     torch.manual_seed(seed)
-    model = cls(*args, **kwargs).to(DTYPE)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                if m.weight is not None:
-                    m.weight.uniform_(0.5, 1.5)
-                if m.bias is not None:
-                    m.bias.uniform_(-0.3, 0.3)
-                if m.running_mean is not None:
-                    m.running_mean.uniform_(-0.3, 0.3)
-                    m.running_var.uniform_(0.5, 1.5)
-                    m.num_batches_tracked.fill_(5)
-    return model.to(device)
+    return randomize_bn(cls(*args, **kwargs).to(DTYPE)).to(device)
 
 
 def fused_names(model):
@@ -1232,58 +1219,6 @@ def test_graph_module_with_hidden_graphs_refused(device):
 
 
 # ------------------------------------- forwards that accept several input types
-class DenseLayer(nn.Module):
-    """torchvision densenet's _DenseLayer: a Tensor or a list of Tensors."""
-
-    def __init__(self, cin, growth=4, memory_efficient=False):
-        super().__init__()
-        self.norm1 = nn.BatchNorm2d(cin)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
-        self.norm2 = nn.BatchNorm2d(2 * growth)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
-        self.memory_efficient = memory_efficient
-
-    def bn_function(self, inputs):
-        return self.conv1(self.relu1(self.norm1(torch.cat(inputs, 1))))
-
-    def any_requires_grad(self, inputs):
-        for t in inputs:
-            if t.requires_grad:
-                return True
-        return False
-
-    def call_checkpoint_bottleneck(self, inputs):
-        def closure(*inputs):
-            return self.bn_function(inputs)
-        return torch.utils.checkpoint.checkpoint(closure, *inputs, use_reentrant=False)
-
-    def forward(self, input):
-        if isinstance(input, Tensor):
-            prev_features = [input]
-        else:
-            prev_features = input
-        if self.memory_efficient and self.any_requires_grad(prev_features):
-            bottleneck = self.call_checkpoint_bottleneck(prev_features)
-        else:
-            bottleneck = self.bn_function(prev_features)
-        return self.conv2(self.relu2(self.norm2(bottleneck)))
-
-
-class DenseBlock(nn.ModuleDict):
-    def __init__(self, layers=3, cin=4, growth=4, memory_efficient=False):
-        super().__init__()
-        for i in range(layers):
-            self[f"denselayer{i + 1}"] = DenseLayer(cin + i * growth, growth, memory_efficient)
-
-    def forward(self, init_features):
-        features = [init_features]
-        for _, layer in self.items():
-            features.append(layer(features))
-        return torch.cat(features, 1)
-
-
 def test_dense_layer_keeps_accepting_a_tensor_and_a_list(device):
     """Traced as a list (fx's Proxy is no Tensor): a list runs the fused graph,
     a Tensor the original forward with the fused modules as plain BatchNorms."""
