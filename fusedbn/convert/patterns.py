@@ -18,7 +18,7 @@ form ``act(bn(x) + z)`` (:func:`_match_residual`), or ``bn(x) + z`` with no
 activation after the add (MobileNetV2's projection + skip), fused as the
 residual form with ``identity``. The BatchNorm may also be the last element of
 a plain Sequential called there (torchvision's ``x + self.conv(x)``, with
-``conv`` ending in its projection BN; :func:`_tail_bn`). A Sequential pair is
+``conv`` ending in its projection BN; :func:`_bn_at`). A Sequential pair is
 two neighbouring elements (``rewrite._convert``).
 """
 import inspect
