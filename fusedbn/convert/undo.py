@@ -10,7 +10,6 @@ from .. import _reference
 from ..modules import _BatchNormAct
 from .patterns import (_ADDS, _FUNCTIONS, Fusion, _is_plain_act, _is_sequential, _qual,
                        _set_submodule)
-from .report import Report
 from .rewrite import _functional_for, _residual_call
 from .swap import _CONSTANTS, _MARK, _OWNED, _to_bn
 from .tracing import _graphs_of
@@ -68,7 +67,7 @@ def unconvert(model, inplace=True, *, report=False):
         warnings.warn("fusedbn.unconvert: left fused modules that fusedbn.convert did not "
                       f"create (or that were moved since): {', '.join(left)}", UserWarning,
                       stacklevel=2)
-    return (model, Report(undone)) if report else model
+    return (model, undone) if report else model
 
 
 def _undo_record(fused, name, owner, kind, act=None):
