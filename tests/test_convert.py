@@ -480,10 +480,13 @@ def test_untraceable_submodule_warns_and_children_converted(device):
     model = copy.deepcopy(ref)
     with pytest.warns(UserWarning, match=r"'gated' \(Gated\).*could not trace"):
         model, fusions = convert(model, report=True)
-    assert {f.name for f in fusions} == {"pre.1", "gated.pos.1", "gated.neg.1", "bn"}
-    assert type(model.gated) is Gated                      # left as is
-    assert type(model.gated.bn) is nn.BatchNorm2d          # its own pair not fused
-    assert type(model.gated.relu) is nn.ReLU
+    assert {f.name for f in fusions} == {"pre.1", "gated.pos.1", "gated.neg.1", "bn", "gated.bn"}
+    assert type(model.gated) is Gated                      # its forward left as is
+    # its own pair, self.relu(self.bn(y)) in the source: the modules swapped
+    assert next(f for f in fusions if f.name == "gated.bn")[4:7] == ("gated.relu", "gated",
+                                                                       "swap")
+    assert type(model.gated.bn) is fusedbn.BatchNormAct2d
+    assert type(model.gated.relu) is nn.Identity
     assert isinstance(model.gated.neg[1], fusedbn.BatchNormAct2d)
     assert model.gated.neg[1].negative_slope == 0.1
     assert model.pre[1].activation == "elu" and model.pre[1].alpha == 0.7
@@ -497,7 +500,7 @@ def test_untraceable_model_root(device):
     ref = make(Gated, device=device)
     with pytest.warns(UserWarning, match="the model"):
         model = convert(copy.deepcopy(ref))
-    assert fused_names(model) == {"pos.1", "neg.1"}
+    assert fused_names(model) == {"pos.1", "neg.1", "bn"}
     assert_same(model, ref, image(c=4, device=device))
 
 
@@ -1259,9 +1262,11 @@ def test_dense_block_fused_and_pickles(device):
         torch.testing.assert_close(loaded.denselayer1(x), ref.denselayer1(x), **TOL)
 
 
-def test_checkpointed_layers_reported_once(device):
-    """densenet(memory_efficient=True): the checkpointed layers stay unfused,
-    with one warning for all of them and a reason per BatchNorm in the report."""
+def test_checkpointed_layers_fused_by_swapping(device):
+    """densenet(memory_efficient=True): the layers cannot be traced
+    (torch.utils.checkpoint, a test on requires_grad), but their source calls
+    self.relu1(self.norm1(...)) and self.relu2(self.norm2(...)) with each name
+    used once: fused by swapping the modules. One warning for all the layers."""
     ref = make(DenseBlock, memory_efficient=True, device=device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1271,11 +1276,39 @@ def test_checkpointed_layers_reported_once(device):
     assert "'denselayer1' (DenseLayer)" in messages[0]
     assert "and 2 more DenseLayer modules, same reason" in messages[0]
     assert "torch.utils.checkpoint" in messages[0]
-    assert list(report) == [] and report.total == 6 and len(report.left) == 6
-    assert all("left as it is" in reason for _, reason in report.left)
-    assert len(report.modules) == 3
-    assert all("torch.utils.checkpoint" in reason for _, reason in report.modules)
-    assert "0 of 6 BatchNorms fused" in str(report)
+    assert report.fused == report.total == 6 and report.left == []
+    assert {f.kind for f in report} == {"swap"}
+    assert all("fused without tracing" in reason for _, reason in report.modules)
+    assert type(model.denselayer1.relu1) is nn.Identity
+    assert_same(model, ref, small_image(c=4, device=device))   # backward recomputes
+    back, undone = unconvert(model, report=True)
+    assert sorted(undone) == sorted(report)
+    assert repr(back) == repr(ref) and not fused_names(back)
+
+
+class UntraceableShared(nn.Module):
+    """Not traceable; the BN outputs are used beyond the activation: no swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(4)
+        self.relu1 = nn.ReLU()
+        self.bn2 = nn.BatchNorm2d(4)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        y = self.bn1(x)
+        return self.relu1(y) + y + self.relu2(self.bn2(x)) * self.bn2(x)
+
+
+def test_untraceable_shared_outputs_not_swapped(device):
+    ref = make(UntraceableShared, device=device)
+    with pytest.warns(UserWarning, match="could not trace"):
+        model, report = convert(copy.deepcopy(ref), report=True)
+    assert list(report) == [] and not fused_names(model)
+    assert [n for n, _ in report.left] == ["bn1", "bn2"]
     assert_same(model, ref, small_image(c=4, device=device))
 
 

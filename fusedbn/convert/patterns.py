@@ -21,9 +21,12 @@ a plain Sequential called there (torchvision's ``x + self.conv(x)``, with
 ``conv`` ending in its projection BN; :func:`_bn_at`). A Sequential pair is
 two neighbouring elements (``rewrite._convert``).
 """
+import ast
 import inspect
 import numbers
 import operator
+import textwrap
+from collections import Counter
 from typing import NamedTuple
 
 import torch
@@ -47,9 +50,11 @@ class Fusion(NamedTuple):
            ``""`` for an add with no activation after it (``identity``)
     owner: qualified name of the Sequential or of the module whose forward changed
            (``""`` is the model itself)
-    kind:  ``"sequential"``, ``"graph"`` (direct pair in a traced forward) or
+    kind:  ``"sequential"``, ``"graph"`` (direct pair in a traced forward),
            ``"residual"`` (``act(bn(x) + z)`` in a traced forward; ``act`` is the
-           activation after the add)
+           activation after the add) or ``"swap"`` (``self.act(self.bn(x))`` in
+           the source of a forward that is not rewritten: the modules were
+           swapped, as in a Sequential; see ``_source_pairs``)
     """
     name: str
     activation: str
@@ -407,3 +412,47 @@ def _can_move_to(bn, add):
 
 def _subtree_has_bn(m):
     return any(_is_plain_bn(x) for x in m.modules() if x is not m)
+
+
+def _source_pairs(cls):
+    """[(bn attribute, act attribute)] for each ``self.<act>(self.<bn>(...))`` in the
+    source of ``cls`` (and its bases up to nn.Module) where both attribute names
+    occur nowhere else in that source: the BatchNorm's output then goes to that
+    activation and nowhere else, whatever the forward does around it (control
+    flow on tensors, torch.utils.checkpoint: densenet's memory_efficient
+    ``self.conv1(self.relu1(self.norm1(x)))``), so the pair can be fused by
+    swapping modules (``rewrite._convert``), without tracing. Empty when some
+    source cannot be read."""
+    trees = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or not issubclass(klass, nn.Module):
+            break
+        try:
+            trees.append(ast.parse(textwrap.dedent(inspect.getsource(klass))))
+        except (OSError, TypeError, SyntaxError):
+            return []
+    uses = Counter()   # every mention of a name: attribute loads and string constants
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                uses[node.attr] += 1
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+                uses[node.value] += 1
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("add_module", "register_module") and node.args
+                  and isinstance(node.args[0], ast.Constant)):
+                uses[node.args[0].value] -= 1   # registering it is not a use
+
+    def self_call(node):
+        return (isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
+                and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "self")
+
+    pairs = []
+    for tree in trees:
+        for node in ast.walk(tree):
+            if self_call(node) and self_call(node.args[0]):
+                act, bn = node.func.attr, node.args[0].func.attr
+                if act != bn and uses[act] == 1 and uses[bn] == 1:
+                    pairs.append((bn, act))
+    return pairs

@@ -31,7 +31,8 @@ from ..modules import _BatchNormAct
 from .generated import _Code, _converted_class, _original_class
 from .patterns import (_ADDS, _BN_TO_FUSED, Fusion, _bn_at, _container_path, _graph_candidates,
                        _has_hooks, _is_container, _is_plain_act, _is_plain_bn, _is_sequential,
-                       _module_act_config, _qual, _set_submodule, _subtree_has_bn)
+                       _module_act_config, _qual, _set_submodule, _source_pairs,
+                       _subtree_has_bn)
 from .report import Left, Report
 from .swap import _CONSTANTS, _OWNED, _to_fused
 from .tracing import (_graph_module_variants, _no_rewrite_reason, _Owner, _trace_variants,
@@ -139,8 +140,8 @@ def _users(owner, node):
 
 
 def _checkpoint_hint(m):
-    """Why an untraceable forward's pairs stay unfused when it uses activation
-    checkpointing (densenet's memory_efficient layers): say so, once, there."""
+    """Say that an untraceable forward uses activation checkpointing
+    (densenet's memory_efficient layers): the usual reason it is not traced."""
     try:
         src = inspect.getsource(_original_class(m))
     except (OSError, TypeError):
@@ -148,8 +149,8 @@ def _checkpoint_hint(m):
     if "checkpoint" not in src:
         return ""
     return ("; it runs part of its forward under torch.utils.checkpoint, which convert does "
-            "not trace through: its BatchNorms there stay unfused (fused in the same model "
-            "built without checkpointing, e.g. memory_efficient=False)")
+            "not trace through (only pairs its source calls as self.act(self.bn(x)) can be "
+            "fused there)")
 
 
 def _not_plain_reason(m):
@@ -260,8 +261,13 @@ def _convert(model, trace, exclude):
             continue
         _rewrite(owner, chosen, fusions)
 
-    # What the forwards left as they are call directly (a Sequential's tail too).
-    for name, m, reason in skipped:
+    # Forwards left as they are: the pairs their source shows to be direct are
+    # fused by swapping modules; what else they call directly is reported.
+    for i, (name, m, reason) in enumerate(skipped):
+        swapped = _swap_source_pairs(name, m, sites, in_tree, excluded, fusions)
+        if swapped:
+            skipped[i] = (name, m, f"{reason}; fused without tracing, as its source calls "
+                                   f"them: {', '.join(swapped)}")
         for child_name, child in m.named_children():
             bn = _bn_at(child)
             if bn is not None:
@@ -286,6 +292,33 @@ def _convert(model, trace, exclude):
                                                       "where it is called")))
     modules = [(name, f"{_original_class(m).__name__}: {reason}") for name, m, reason in skipped]
     return Report(fusions, left, modules, total, fused)
+
+
+def _swap_source_pairs(name, m, sites, in_tree, excluded, fusions):
+    """Fuse the pairs ``self.<act>(self.<bn>(...))`` of ``patterns._source_pairs`` in
+    a module whose forward is not rewritten: the BatchNorm becomes the fused
+    module and the activation slot an ``nn.Identity`` (as in a Sequential).
+    Both must be plain, registered once, and called by no traced forward but
+    this module's own. Returns the BatchNorms' names."""
+    def only_here(x):
+        return (in_tree[id(x)] == 1 and id(x) not in excluded
+                and all(s != "seq" and s[0].module is m for s in sites[id(x)]))
+
+    done = []
+    for bn_attr, act_attr in _source_pairs(_original_class(m)):
+        bn, act = m._modules.get(bn_attr), m._modules.get(act_attr)
+        if not (_is_plain_bn(bn) and _is_plain_act(act) and only_here(bn) and only_here(act)):
+            continue
+        activation, params = _module_act_config(act)
+        fused = _to_fused(bn, activation, params, {"kind": "swap", "act": act, "slot": act_attr})
+        identity = nn.Identity()
+        identity.train(act.training)
+        setattr(m, bn_attr, fused)
+        setattr(m, act_attr, identity)
+        fusions.append(Fusion.of(_qual(name, bn_attr), activation, params,
+                                 _qual(name, act_attr), name, "swap"))
+        done.append(bn_attr)
+    return done
 
 
 def _choose(owner, sites, in_tree, excluded, reasons):
@@ -443,9 +476,14 @@ def convert(model, inplace=True, *, report=False, trace=True, exclude=()):
       forwards is fused only when the BatchNorm ends a plain Sequential called
       from the forward that applies the activation or the add;
     * another method than ``forward`` that calls the BatchNorm directly (and
-      is called from outside) would get the fused module; a forward whose
-      BatchNorm -> activation runs under ``torch.utils.checkpoint`` is not
-      traceable (the report says so);
+      is called from outside) would get the fused module;
+    * a forward that is not rewritten (untraceable, e.g. under
+      ``torch.utils.checkpoint`` as densenet's ``memory_efficient`` layers,
+      or with optional arguments) still gets the pairs its class's source
+      calls as ``self.act(self.bn(x))``, each name used nowhere else there,
+      fused by swapping the two modules (``patterns._source_pairs``); an
+      attribute reached from outside that source (``getattr(self, name)``, a
+      parent's ``self.block.bn``) is not seen;
     * a GraphModule is rewritten in every graph it holds (torchvision's
       ``DualGraphModule`` keeps one per mode); a GraphModule subclass that
       overrides ``train`` or ``forward`` and holds no second graph is left

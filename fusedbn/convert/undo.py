@@ -50,6 +50,17 @@ def unconvert(model, inplace=True, *, report=False):
         elif isinstance(m, torch.fx.GraphModule):
             _unconvert_graph_module(name, m, undone, handled)
     for name, m in list(model.named_modules()):
+        if isinstance(m, _BatchNormAct) and m.__dict__.get(_MARK, {}).get("kind") == "swap":
+            # a pair fused by swapping modules (rewrite._swap_source_pairs)
+            parent_name, _, bn_attr = name.rpartition(".")
+            parent, mark = model.get_submodule(parent_name), m.__dict__[_MARK]
+            if type(parent._modules.get(mark["slot"])) is nn.Identity:
+                undone.append(_undo_record(m, name, parent_name, "swap",
+                                           _qual(parent_name, mark["slot"])))
+                setattr(parent, bn_attr, _to_bn(m))
+                setattr(parent, mark["slot"], mark["act"])
+                handled.add(id(m))
+    for name, m in list(model.named_modules()):
         if not _is_sequential(m):
             continue
         slots = [(k, c) for k, c in m._modules.items() if c is not None]
