@@ -475,11 +475,14 @@ def test_inplace_activation_on_shared_tensor_not_fused(device):
     assert_same(model, ref, image(c=4, device=device))
 
 
-def test_untraceable_submodule_warns_and_children_converted(device):
+def test_untraceable_submodule_reported_and_children_converted(device):
     ref = make(WithGated, device=device)
     model = copy.deepcopy(ref)
-    with pytest.warns(UserWarning, match=r"'gated' \(Gated\).*could not trace"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")    # nothing left unfused: no warning
         model, fusions = convert(model, report=True)
+    assert [(n, r.split(":")[0]) for n, r in fusions.modules] == [("gated", "Gated")]
+    assert "could not trace" in fusions.modules[0][1]
     assert {f.name for f in fusions} == {"pre.1", "gated.pos.1", "gated.neg.1", "bn", "gated.bn"}
     assert type(model.gated) is Gated                      # its forward left as is
     # its own pair, self.relu(self.bn(y)) in the source: the modules swapped
@@ -497,9 +500,16 @@ def test_untraceable_submodule_warns_and_children_converted(device):
 
 
 def test_untraceable_model_root(device):
-    ref = make(Gated, device=device)
+    class GatedShared(Gated):
+        def forward(self, x):
+            y = self.pos(x) if x.sum() > 0 else self.neg(x)
+            z = self.bn(y)
+            return self.relu(z) + z           # bn's output used twice: not fused
+
     with pytest.warns(UserWarning, match="the model"):
-        model = convert(copy.deepcopy(ref))
+        convert(make(GatedShared, device=device))
+    ref = make(Gated, device=device)
+    model = convert(copy.deepcopy(ref))
     assert fused_names(model) == {"pos.1", "neg.1", "bn"}
     assert_same(model, ref, image(c=4, device=device))
 
@@ -1266,19 +1276,17 @@ def test_checkpointed_layers_fused_by_swapping(device):
     """densenet(memory_efficient=True): the layers cannot be traced
     (torch.utils.checkpoint, a test on requires_grad), but their source calls
     self.relu1(self.norm1(...)) and self.relu2(self.norm2(...)) with each name
-    used once: fused by swapping the modules. One warning for all the layers."""
+    used once: fused by swapping the modules. Nothing is left: no warning, a
+    line per layer in the report."""
     ref = make(DenseBlock, memory_efficient=True, device=device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model, report = convert(copy.deepcopy(ref), report=True)
-    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
-    assert len(messages) == 1
-    assert "'denselayer1' (DenseLayer)" in messages[0]
-    assert "and 2 more DenseLayer modules, same reason" in messages[0]
-    assert "torch.utils.checkpoint" in messages[0]
     assert report.fused == report.total == 6 and report.left == []
     assert {f.kind for f in report} == {"swap"}
-    assert all("fused without tracing" in reason for _, reason in report.modules)
+    assert [n for n, _ in report.modules] == [f"denselayer{i}" for i in (1, 2, 3)]
+    assert all("torch.utils.checkpoint" in reason and "fused without tracing" in reason
+               for _, reason in report.modules)
     assert type(model.denselayer1.relu1) is nn.Identity
     assert_same(model, ref, small_image(c=4, device=device))   # backward recomputes
     back, undone = unconvert(model, report=True)
@@ -1303,12 +1311,18 @@ class UntraceableShared(nn.Module):
         return self.relu1(y) + y + self.relu2(self.bn2(x)) * self.bn2(x)
 
 
-def test_untraceable_shared_outputs_not_swapped(device):
-    ref = make(UntraceableShared, device=device)
-    with pytest.warns(UserWarning, match="could not trace"):
+def test_untraceable_shared_outputs_not_swapped_one_warning(device):
+    ref = make(lambda: nn.Sequential(*(UntraceableShared() for _ in range(3))), device=device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model, report = convert(copy.deepcopy(ref), report=True)
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1
+    assert "submodule '0' (UntraceableShared): torch.fx could not trace" in messages[0]
+    assert "(and 2 more UntraceableShared modules, same reason)" in messages[0]
     assert list(report) == [] and not fused_names(model)
-    assert [n for n, _ in report.left] == ["bn1", "bn2"]
+    assert [n for n, _ in report.left] == [f"{i}.bn{j}" for i in range(3) for j in (1, 2)]
+    assert all("left as it is" in r for _, r in report.left)
     assert_same(model, ref, small_image(c=4, device=device))
 
 

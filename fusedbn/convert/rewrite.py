@@ -273,8 +273,11 @@ def _convert(model, trace, exclude):
             if bn is not None:
                 reasons[id(bn[0])] = (f"called from the forward of {_describe(name, m)}, "
                                       "which was left as it is (see its line)")
-    if skipped:
-        _warn_skipped(skipped)
+    # Warn only where BatchNorms stay unfused below such a forward (the report
+    # lists all of them).
+    unfused = [(name, m, reason) for name, m, reason in skipped if _subtree_has_bn(m)]
+    if unfused:
+        _warn_skipped(unfused)
 
     left, total, fused = [], 0, 0
     for name, m in model.named_modules():
@@ -456,9 +459,9 @@ def convert(model, inplace=True, *, report=False, trace=True, exclude=()):
     trace: False converts Sequential neighbours only, without torch.fx.
     exclude: qualified names of submodules left untouched, with everything below.
 
-    Forwards that are left as they are (untraceable, ...) give one
-    ``UserWarning`` per call, a line per class and reason (their children are
-    still converted). State_dict keys do not change.
+    Forwards that are left as they are (untraceable, ...) with BatchNorms still
+    unfused below them give one ``UserWarning`` per call, a line per class and
+    reason (their children are still converted). State_dict keys do not change.
 
     Limitations (``fusedbn.convert.tracing`` says what a traced forward cannot
     keep; use ``trace=False`` (Sequential pairs only) or ``exclude=`` when in
