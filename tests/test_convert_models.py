@@ -11,6 +11,7 @@ suite's rule against a float64 reference (``helpers.assert_close``, vs64),
 contiguous and channels_last.
 """
 import copy
+import functools
 
 import pytest
 import torch
@@ -234,14 +235,14 @@ class DenseNetish(nn.Module):
     """torchvision DenseNet: features (stem, dense block, transition, dense
     block, norm5) then ``F.relu(features)`` in the parent forward."""
 
-    def __init__(self):
+    def __init__(self, memory_efficient=False):
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(3, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
-            DenseBlock(2, 4, 4),
+            DenseBlock(2, 4, 4, memory_efficient),
             nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(inplace=True),      # _Transition
                           nn.Conv2d(12, 4, 1, bias=False), nn.AvgPool2d(2)),
-            DenseBlock(2, 4, 4),
+            DenseBlock(2, 4, 4, memory_efficient),
             nn.BatchNorm2d(12))                                            # norm5
         self.classifier = nn.Linear(12, 3)
 
@@ -260,6 +261,8 @@ MODELS = {
     # the downsample BN feeds the add whose other operand, bn3, is fused with it
     "resnet": (ResNetish, {"layer1.0.downsample.1": "add"}),
     "densenet": (DenseNetish, {}),
+    # layers under torch.utils.checkpoint: not traced, fused by swapping modules
+    "densenet_memory_efficient": (functools.partial(DenseNetish, memory_efficient=True), {}),
 }
 NEW_ACTIVATIONS = {"mobilenet_v2", "efficientnet", "mobilenet_v3"}
 
