@@ -284,10 +284,11 @@ def sgd_step(model, lr=0.1):
                 p.sub_(lr * p.grad)
 
 
-def assert_same(model, ref, x, steps=2):
+def assert_same(model, ref, x, steps=2, same_order=True):
     """Converted vs reference: train steps (each followed by an SGD update) then eval;
     outputs, input/parameter gradients, and the whole state_dict (running stats,
-    num_batches_tracked) after each step."""
+    num_batches_tracked) after each step; its keys in the same order unless
+    ``same_order`` is False (a GraphModule registers modules in graph order)."""
     for training in [True] * steps + [False]:
         out_m, gx_m, g_m = run_step(model, x, training)
         out_r, gx_r, g_r = run_step(ref, x, training)
@@ -301,7 +302,7 @@ def assert_same(model, ref, x, steps=2):
         sgd_step(model)
         sgd_step(ref)
         sd_m, sd_r = model.state_dict(), ref.state_dict()
-        assert list(sd_m) == list(sd_r)
+        assert list(sd_m) == list(sd_r) if same_order else sorted(sd_m) == sorted(sd_r)
         for k in sd_r:
             torch.testing.assert_close(sd_m[k], sd_r[k], **TOL, msg=lambda s, k=k: f"{k}: {s}")
 
@@ -1060,13 +1061,15 @@ class AddOnly(nn.Module):
     def __init__(self, form):
         super().__init__()
         self.form = form
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        # torchvision: self.conv = Sequential(Conv2dNormActivation..., conv, bn)
-        inner = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
-        self.proj = (nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                                   inner) if form == "seq_nested_tail"
-                     else nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)))
+        if not form.startswith("seq"):
+            self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
+            self.bn = nn.BatchNorm2d(4)
+        elif form == "seq_tail":
+            self.proj = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+        else:   # torchvision: Sequential(Conv2dNormActivation..., Conv2dNormActivation(act=None))
+            inner = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+            self.proj = nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4),
+                                      nn.ReLU(), inner)
 
     def forward(self, x):
         if self.form == "add":
@@ -1339,3 +1342,15 @@ def test_report_lists_fused_and_left():
     assert "  left   layer2.0.downsample.1: " in text
     _, again = convert(model, report=True)
     assert list(again) == [] and again.fused == 11
+
+
+@pytest.mark.parametrize("case", ["resnet", "seq_tail", "dense"])
+def test_converted_model_traces_with_fx(device, case):
+    """torch.fx.symbolic_trace of a converted model (what create_feature_extractor,
+    FX quantization and fx passes do) computes what the converted model does,
+    in training and then in eval (a mode frozen into the graph would not)."""
+    cls, args, c = {"resnet": (ResNetish, (), 3), "seq_tail": (AddOnly, ("seq_nested_tail",), 4),
+                    "dense": (DenseBlock, (), 4)}[case]
+    ref = make(cls, *args, device=device)
+    gm = torch.fx.symbolic_trace(convert(copy.deepcopy(ref)))
+    assert_same(gm, ref, image(c=c, device=device), same_order=False)
