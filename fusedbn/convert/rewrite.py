@@ -307,6 +307,8 @@ def _swap_source_pairs(name, m, sites, in_tree, excluded, fusions):
         return (in_tree[id(x)] == 1 and id(x) not in excluded
                 and all(s != "seq" and s[0].module is m for s in sites[id(x)]))
 
+    if isinstance(m, torch.fx.GraphModule):
+        return []   # its forward is generated code: its class's source says nothing of it
     done = []
     for bn_attr, act_attr in _source_pairs(_original_class(m)):
         bn, act = m._modules.get(bn_attr), m._modules.get(act_attr)
