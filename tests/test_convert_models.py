@@ -254,10 +254,11 @@ class DenseNetish(nn.Module):
 # (model, {BatchNorm left: what its output feeds}); every other BatchNorm feeds
 # only an activation or an add and must be fused.
 MODELS = {
-    "mobilenet_v2": (MobileNetV2ish, {"features.2.conv.3": "features.3"}),
+    # (a block without skip: its projection is the block's output)
+    "mobilenet_v2": (MobileNetV2ish, {"features.2.conv.3": "the output of features.2"}),
     "efficientnet": (EfficientNetish, {"features.1.block.2.1": "stochastic_depth",
-                                       "features.2.block.3.1": "features.3"}),
-    "mobilenet_v3": (MobileNetV3ish, {"features.2.block.2.1": "features.3"}),
+                                       "features.2.block.3.1": "the output of features.2"}),
+    "mobilenet_v3": (MobileNetV3ish, {"features.2.block.2.1": "the output of features.2"}),
     # the downsample BN feeds the add whose other operand, bn3, is fused with it
     "resnet": (ResNetish, {"layer1.0.downsample.1": "add"}),
     "densenet": (DenseNetish, {}),
