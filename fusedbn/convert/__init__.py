@@ -9,7 +9,8 @@ Where to look: ``patterns.py`` (what is recognized), ``tracing.py`` (torch.fx,
 and what tracing cannot see), ``rewrite.py`` (``convert``: Sequential pairs,
 rewritten forwards, the residual form), ``swap.py`` (BatchNorm <-> fused
 module), ``generated.py`` (the class a rewritten module gets, its pickling),
-``undo.py`` (``unconvert``), ``report.py`` (what ``report=True`` returns). The README's "Model conversion" gives the overview.
+``undo.py`` (``unconvert``), ``report.py`` (what ``report=True`` returns).
+The README's "Model conversion" gives the overview.
 """
 from .patterns import Fusion
 from .report import Left, Report
