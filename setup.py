@@ -85,16 +85,34 @@ WITH_CUDA = want_cuda()
 from torch.utils import cpp_extension  # noqa: E402  (after CUDA_HOME is settled)
 
 sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp") + rel("csrc/kernels/*.cpp")
-cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
 define_macros = []
+# FUSEDBN_CPU_ISAS (e.g. "baseline"): which copies of the CPU kernels to
+# build besides the baseline one (default all: baseline, avx2, avx512); the
+# others are left out and never chosen at run time. CI's CUDA build check
+# uses it: it builds the CPU copies its test stage builds again.
+_isas = os.environ.get("FUSEDBN_CPU_ISAS", "baseline,avx2,avx512").replace(" ", "").split(",")
+for _isa in ("avx2", "avx512"):
+    if _isa not in _isas:
+        sources.remove(f"csrc/kernels/cpu_isa_{_isa}.cpp")
+        define_macros.append((f"FUSEDBN_NO_{_isa.upper()}", None))
+# -fno-trapping-math: no code here reads the floating-point exception flags,
+# and without it GCC keeps `y > 0 ? y : y * slope` (any select whose arm does
+# float arithmetic) as a branch, so such loops stay scalar.
+# -g0: Python's default flags ask for debug info, which for the kernel
+# templates' thousands of instantiations costs compile time and 150 MB of
+# objects per instruction set.
+cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-g0"]
 Extension = cpp_extension.CppExtension
 extra_compile_args = {"cxx": cxx_flags}
 if WITH_CUDA:
     Extension = cpp_extension.CUDAExtension
     # Torch-free kernels (csrc/kernels/*.cu) and their ATen glue (csrc/cuda/).
     sources += rel("csrc/kernels/*.cu") + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
-    # --threads: the one .cu holds every kernel; compile its GPU targets in parallel.
-    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--threads", "4"]
+    # The one .cu holds every kernel: --threads compiles its GPU targets in
+    # parallel, --split-compile optimizes its kernels in parallel (0: one
+    # thread per CPU).
+    extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--threads", "4",
+                                  "--split-compile", "0"]
     define_macros.append(("FUSEDBN_WITH_CUDA", None))
 
 setup(

@@ -3,7 +3,7 @@
 // signature; every C++ entry point (the device kernels in glue.h, the
 // autograd kernel in autograd.cpp) is a boxed kernel that reads its
 // arguments here. Adding an argument: the schema, a field below and its
-// line in read().
+// line in read() (an activation parameter: ActivationArgs).
 #pragma once
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -39,6 +39,20 @@ class ArgList {
   std::vector<c10::IValue> values_;
 };
 
+// The activation's arguments, the same in every op (ops.cpp): its name,
+// its parameters and the order. kNames lists them for code that passes them
+// on by name (autograd.cpp).
+struct ActivationArgs {
+  std::string activation;
+  double negative_slope = 0.01, alpha = 1.0, min_val = -1.0, max_val = 1.0;
+  std::string approximate = "none";
+  std::string order = "bn_act";
+
+  static constexpr const char* kNames[] = {"activation", "negative_slope", "alpha", "min_val",
+                                           "max_val", "approximate", "order"};
+  static ActivationArgs read(const ArgList& a);
+};
+
 // fusedbn::forward and fusedbn::forward_ (ops.cpp).
 struct ForwardArgs {
   Tensor input;
@@ -46,9 +60,7 @@ struct ForwardArgs {
   bool training = false;
   std::optional<double> momentum;
   double eps = 1e-5;
-  std::string activation;
-  double negative_slope = 0.01, alpha = 1.0;
-  std::string order;
+  ActivationArgs act;
   OptTensor activity;
   double activity_momentum = 0.1;
 
@@ -61,11 +73,9 @@ struct BackwardArgs {
   OptTensor residual, weight, bias;
   Tensor save_mean, save_invstd;
   bool training = false;
-  std::string activation;
-  double negative_slope = 0.01, alpha = 1.0;
+  ActivationArgs act;
   std::array<bool, 4> output_mask = {false, false, false, false};
   bool from_output = false;
-  std::string order;
   OptTensor kept_input, kept_channels;
 
   static BackwardArgs read(const ArgList& a);

@@ -33,7 +33,7 @@ const c10::OperatorHandle& find_op(Op which) {
 // A call's stack built by argument name, in the schema's order; arguments
 // not named take their schema default.
 Stack named_stack(const c10::OperatorHandle& op,
-                  std::initializer_list<std::pair<const char*, c10::IValue>> named) {
+                  const std::vector<std::pair<std::string, c10::IValue>>& named) {
   Stack stack;
   for (const c10::Argument& arg : op.schema().arguments()) {
     auto it = std::find_if(named.begin(), named.end(),
@@ -93,10 +93,7 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
                             or_undefined(bias), side->mean, side->invstd, side->kept_input,
                             side->kept_channels});
     ctx->saved_data["training"] = a->training;
-    ctx->saved_data["activation"] = a->activation;
-    ctx->saved_data["negative_slope"] = a->negative_slope;
-    ctx->saved_data["alpha"] = a->alpha;
-    ctx->saved_data["order"] = a->order;
+    for (const char* name : ActivationArgs::kNames) ctx->saved_data[name] = (*args)[name];
     return out;
   }
 
@@ -112,23 +109,21 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
     const bool gb_wanted = needs(saved[3].defined());
     const auto& d = ctx->saved_data;
     const c10::OperatorHandle& op = find_op(Op::Backward);
-    Stack stack = named_stack(
-        op, {{"grad_out", grads[0]},
-             {"input", saved[0]},
-             {"residual", or_none(saved[1])},
-             {"weight", or_none(saved[2])},
-             {"bias", or_none(saved[3])},
-             {"save_mean", saved[4]},
-             {"save_invstd", saved[5]},
-             {"training", d.at("training")},
-             {"activation", d.at("activation")},
-             {"negative_slope", d.at("negative_slope")},
-             {"alpha", d.at("alpha")},
-             {"output_mask", c10::List<bool>({gi_wanted, gw_wanted, gb_wanted, gz_wanted})},
-             {"from_output", Inplace},
-             {"order", d.at("order")},
-             {"kept_input", or_none(saved[6])},
-             {"kept_channels", or_none(saved[7])}});
+    std::vector<std::pair<std::string, c10::IValue>> named = {
+        {"grad_out", grads[0]},
+        {"input", saved[0]},
+        {"residual", or_none(saved[1])},
+        {"weight", or_none(saved[2])},
+        {"bias", or_none(saved[3])},
+        {"save_mean", saved[4]},
+        {"save_invstd", saved[5]},
+        {"training", d.at("training")},
+        {"output_mask", c10::List<bool>({gi_wanted, gw_wanted, gb_wanted, gz_wanted})},
+        {"from_output", Inplace},
+        {"kept_input", or_none(saved[6])},
+        {"kept_channels", or_none(saved[7])}};
+    for (const char* name : ActivationArgs::kNames) named.emplace_back(name, d.at(name));
+    Stack stack = named_stack(op, named);
     op.callBoxed(stack);
     // One gradient per argument of forward (after ctx), the first four
     // differentiable; the op returns (input, weight, bias, residual).

@@ -24,20 +24,43 @@ DType to_dtype(at::ScalarType s) {
 
 at::ScalarType acc_dtype(at::ScalarType s) { return s == at::kDouble ? at::kDouble : at::kFloat; }
 
-ActParams parse_activation(const std::string& name, double negative_slope, double alpha,
-                           const std::string& order) {
+ActParams parse_activation(const ActivationArgs& args) {
+  const std::string& name = args.activation;
+  const std::string& order = args.order;
   ActParams a;
   TORCH_CHECK_VALUE(order == "bn_act" || order == "act_bn", "fusedbn: unknown order '", order,
                     "'; expected 'bn_act' (act(bn(x))) or 'act_bn' (bn(act(x)))");
-  a.negative_slope = negative_slope;
-  a.alpha = alpha;
+  a.negative_slope = args.negative_slope;
+  a.alpha = args.alpha;
+  a.min_val = args.min_val;
+  a.max_val = args.max_val;
   if (name == "identity") a.kind = Activation::Identity;
   else if (name == "relu") a.kind = Activation::ReLU;
   else if (name == "leaky_relu") a.kind = Activation::LeakyReLU;
   else if (name == "elu") a.kind = Activation::ELU;
+  else if (name == "hardtanh") a.kind = Activation::Hardtanh;
+  else if (name == "relu6") {
+    a.kind = Activation::Hardtanh;
+    a.min_val = 0.0;
+    a.max_val = 6.0;
+  } else if (name == "silu") a.kind = Activation::SiLU;
+  else if (name == "hardswish") a.kind = Activation::Hardswish;
+  else if (name == "hardsigmoid") a.kind = Activation::Hardsigmoid;
+  else if (name == "gelu") {
+    TORCH_CHECK_VALUE(args.approximate == "none" || args.approximate == "tanh",
+                      "fusedbn: gelu's approximate must be 'none' or 'tanh', got '",
+                      args.approximate, "'");
+    a.kind = args.approximate == "tanh" ? Activation::GELUTanh : Activation::GELU;
+  } else if (name == "mish") a.kind = Activation::Mish;
   else
     TORCH_CHECK_VALUE(false, "fusedbn: unknown activation '", name,
-                      "'; expected one of 'identity', 'relu', 'leaky_relu', 'elu'");
+                      "'; expected one of 'identity', 'relu', 'leaky_relu', 'elu', 'relu6', "
+                      "'hardtanh', 'silu', 'hardswish', 'hardsigmoid', 'gelu', 'mish'");
+  if (a.kind == Activation::Hardtanh)
+    TORCH_CHECK_VALUE(std::isfinite(a.min_val) && std::isfinite(a.max_val) &&
+                          a.min_val <= a.max_val,
+                      "fusedbn: hardtanh needs finite min_val <= max_val, got min_val=",
+                      a.min_val, ", max_val=", a.max_val);
   // (With the identity both orders compute the same; they differ in what
   // activity tracking counts: bn(x) > 0 or x > 0.)
   if (order == "act_bn") a.order = Order::ActBn;
@@ -51,7 +74,8 @@ void check_invertible(const ActParams& a) {
                     "fusedbn: inplace=True needs an invertible activation: 'identity', "
                     "'leaky_relu' with negative_slope > 0 or 'elu' with alpha > 0. In-place mode "
                     "keeps only the output and recovers the input from it in the backward; ReLU "
-                    "(or a non-positive slope/alpha) maps many inputs to the same output, so the "
+                    "(or a non-positive slope/alpha), and relu6, hardtanh, silu, hardswish, "
+                    "hardsigmoid, gelu and mish, map several inputs to the same output, so the "
                     "input cannot be recovered. Use inplace=False, or leaky_relu.");
 }
 
@@ -281,7 +305,11 @@ Tensor kept_channels(const Tensor& input, const OptTensor& weight, const OptTens
 
 
 bool is_invertible(const std::string& activation, double negative_slope, double alpha) {
-  return is_invertible(parse_activation(activation, negative_slope, alpha, "bn_act"));
+  ActivationArgs a;
+  a.activation = activation;
+  a.negative_slope = negative_slope;
+  a.alpha = alpha;
+  return is_invertible(parse_activation(a));
 }
 
 // ------------------------------------------------------------- arguments
@@ -315,6 +343,18 @@ void ArgList::check_devices(const Tensor& input) const {
   }
 }
 
+ActivationArgs ActivationArgs::read(const ArgList& a) {
+  ActivationArgs r;
+  r.activation = a["activation"].toStringRef();
+  r.negative_slope = a["negative_slope"].toDouble();
+  r.alpha = a["alpha"].toDouble();
+  r.min_val = a["min_val"].toDouble();
+  r.max_val = a["max_val"].toDouble();
+  r.approximate = a["approximate"].toStringRef();
+  r.order = a["order"].toStringRef();
+  return r;
+}
+
 ForwardArgs ForwardArgs::read(const ArgList& a) {
   ForwardArgs f;
   f.input = a["input"].toTensor();
@@ -327,10 +367,7 @@ ForwardArgs ForwardArgs::read(const ArgList& a) {
   f.training = a["training"].toBool();
   f.momentum = a["momentum"].toOptional<double>();
   f.eps = a["eps"].toDouble();
-  f.activation = a["activation"].toStringRef();
-  f.negative_slope = a["negative_slope"].toDouble();
-  f.alpha = a["alpha"].toDouble();
-  f.order = a["order"].toStringRef();
+  f.act = ActivationArgs::read(a);
   f.activity = a["activity"].toOptional<Tensor>();
   f.activity_momentum = a["activity_momentum"].toDouble();
   return f;
@@ -346,13 +383,10 @@ BackwardArgs BackwardArgs::read(const ArgList& a) {
   b.save_mean = a["save_mean"].toTensor();
   b.save_invstd = a["save_invstd"].toTensor();
   b.training = a["training"].toBool();
-  b.activation = a["activation"].toStringRef();
-  b.negative_slope = a["negative_slope"].toDouble();
-  b.alpha = a["alpha"].toDouble();
+  b.act = ActivationArgs::read(a);
   const c10::List<bool> mask = a["output_mask"].toBoolList();
   for (size_t i = 0; i < 4; ++i) b.output_mask[i] = mask.get(i);
   b.from_output = a["from_output"].toBool();
-  b.order = a["order"].toStringRef();
   b.kept_input = a["kept_input"].toOptional<Tensor>();
   b.kept_channels = a["kept_channels"].toOptional<Tensor>();
   return b;
@@ -365,7 +399,7 @@ ForwardResult forward_impl(const ForwardArgs& a, bool inplace, ForwardKernel ker
   const OptTensor residual =
       defined(a.residual) ? OptTensor(with_channel_dim(*a.residual)) : a.residual;
   // Every check comes before any buffer is touched.
-  const ActParams act = parse_activation(a.activation, a.negative_slope, a.alpha, a.order);
+  const ActParams act = parse_activation(a.act);
   check_mode(act, residual, inplace);
   if (inplace) check_invertible(act);
   check_forward(input, residual, a.weight, a.bias, a.running_mean, a.running_var,
@@ -470,7 +504,7 @@ using Grads = std::tuple<OptTensor, OptTensor, OptTensor, OptTensor>;
 
 // The backward of every channel, from a.input (or from the output).
 Grads backward_channels(const BackwardArgs& a, BackwardKernel kernel) {
-  const ActParams act = parse_activation(a.activation, a.negative_slope, a.alpha, a.order);
+  const ActParams act = parse_activation(a.act);
   check_mode(act, a.residual, a.from_output);
   if (a.from_output) check_invertible(act);
   check_input(a.input);

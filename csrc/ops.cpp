@@ -10,8 +10,11 @@ TORCH_LIBRARY(fusedbn, m) {
   // Returns (output, save_mean, save_invstd), the statistics in float32
   // (float64 for float64 input).
   // order="act_bn": y = batchnorm(act(input)) instead (no residual).
+  // The activation: its name, then the parameters of the ones that have
+  // them (negative_slope: leaky_relu, alpha: elu, min_val/max_val: hardtanh,
+  // approximate: gelu); relu6 is hardtanh(0, 6).
   // activity: when given (float32, [C] or [3, C]), row 0 is set to the
-  // fraction of each channel's values whose activation input is positive
+  // fraction of each channel's values that are active (activations.h)
   // (counted in the same pass); with 3 rows, row 1 is its running average
   // (factor activity_momentum; NaN = no batch yet) and row 2 counts the calls
   // in a row in which the channel had no active value.
@@ -20,7 +23,8 @@ TORCH_LIBRARY(fusedbn, m) {
       "Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, "
       "float? momentum, float eps, str activation, float negative_slope, float alpha, "
-      "str order=\"bn_act\", Tensor(d!)? activity=None, float activity_momentum=0.1) "
+      "str order=\"bn_act\", Tensor(d!)? activity=None, float activity_momentum=0.1, "
+      "float min_val=-1., float max_val=1., str approximate=\"none\") "
       "-> (Tensor, Tensor, Tensor)");
   // forward writing its output over `input` (returned). Only for invertible
   // activations (identity, leaky_relu, elu): the backward then takes the
@@ -34,7 +38,8 @@ TORCH_LIBRARY(fusedbn, m) {
       "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
       "bool training, float? momentum, float eps, str activation, float negative_slope, "
       "float alpha, str order=\"bn_act\", Tensor(e!)? activity=None, "
-      "float activity_momentum=0.1) "
+      "float activity_momentum=0.1, float min_val=-1., float max_val=1., "
+      "str approximate=\"none\") "
       "-> (Tensor(a!), Tensor, Tensor, Tensor, Tensor)");
   // Gradients of forward for input, weight, bias and residual, each only
   // when its output_mask entry is set (and the tensor exists); the
@@ -46,6 +51,7 @@ TORCH_LIBRARY(fusedbn, m) {
       "backward(Tensor grad_out, Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, "
       "Tensor save_mean, Tensor save_invstd, bool training, str activation, "
       "float negative_slope, float alpha, bool[4] output_mask, bool from_output=False, "
-      "str order=\"bn_act\", Tensor? kept_input=None, Tensor? kept_channels=None) "
+      "str order=\"bn_act\", Tensor? kept_input=None, Tensor? kept_channels=None, "
+      "float min_val=-1., float max_val=1., str approximate=\"none\") "
       "-> (Tensor?, Tensor?, Tensor?, Tensor?)");
 }

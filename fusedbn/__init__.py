@@ -21,6 +21,9 @@ from .modules import (
     BatchNormReLU1d,
     BatchNormReLU2d,
     BatchNormReLU3d,
+    BatchNormSiLU1d,
+    BatchNormSiLU2d,
+    BatchNormSiLU3d,
 )
 
 
@@ -68,6 +71,9 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "BatchNormSiLU1d",
+    "BatchNormSiLU2d",
+    "BatchNormSiLU3d",
     "SyncBatchNormAct",
     "Fusion",
     "convert",

@@ -13,8 +13,8 @@ An activation is a name and its parameters, passed by keyword everywhere
 
 Derivatives at the kinks follow PyTorch: relu'(0) = 0, leaky_relu'(0) =
 negative_slope, elu'(0) = alpha; hardtanh's is 0 at min_val and max_val;
-hardswish's is 0 below -3, x / 3 + 1/2 on [-3, 3], 1 above; hardsigmoid's 1/6
-strictly inside (-3, 3), 0 elsewhere.
+hardswish's is 0 at or below -3, x / 3 + 1/2 strictly inside (-3, 3), 1 at or
+above 3; hardsigmoid's 1/6 strictly inside (-3, 3), 0 elsewhere.
 """
 import math
 
@@ -110,9 +110,10 @@ def activation_grad(dy, y, name, **params):
         s = torch.sigmoid(y)
         return dy * s * (1 + y * (1 - s))
     if name == "hardswish":
-        return torch.where(y < -3, zero, torch.where(y <= 3, dy * (y / 3 + 0.5), dy))
+        return torch.where(y <= -3, zero, torch.where(y < 3, dy * (y / 3 + 0.5), dy))
     if name == "hardsigmoid":
-        return torch.where((y > -3) & (y < 3), dy / 6, zero)
+        # ATen's constant: 1/6 rounded to float32, in every dtype.
+        return torch.where((y > -3) & (y < 3), dy * 0.1666666716337204, zero)
     if name == "gelu" and p["approximate"] == "tanh":
         beta, kappa = math.sqrt(2 / math.pi), 0.044715
         t = torch.tanh(beta * (y + kappa * y * y * y))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ._reference import acc_dtype as _acc_dtype
+from ._reference import params_of
 from .functional import _check_number, check_activation
 from .modules import _BatchNormAct
 
@@ -69,7 +70,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, activation, negative_slope, alpha, process_group, world_size,
+                momentum, eps, activation, params, process_group, world_size,
                 activity, activity_momentum):
         count, mean64, var64, unbiased64 = _gather_stats(x, process_group, world_size)
         # Every rank sees the same total, so every rank raises (no rank is
@@ -84,8 +85,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         # statistics) is positive, counted in the same pass.
         out, save_mean, save_invstd = torch.ops.fusedbn.forward.default(
             x, residual, weight, bias, mean64.to(acc), var64.to(acc), None, False, None,
-            float(eps), activation, float(negative_slope), float(alpha), activity=activity,
-            activity_momentum=float(activity_momentum))
+            float(eps), activation, activity=activity,
+            activity_momentum=float(activity_momentum), **params)
 
         # Buffers change only once the collective and the kernel succeeded.
         # An all-empty group leaves the running statistics alone, as an empty
@@ -100,14 +101,14 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
                 running_var.copy_(running_var.double() * (1 - factor) + unbiased64 * factor)
 
         ctx.save_for_backward(x, residual, weight, bias, save_mean, save_invstd)
-        ctx.config = (activation, float(negative_slope), float(alpha), count, process_group)
+        ctx.config = (activation, params, count, process_group)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, residual, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-        activation, negative_slope, alpha, count, process_group = ctx.config
+        activation, params, count, process_group = ctx.config
         need_x, need_res, need_w, need_b = (ctx.needs_input_grad[0], ctx.needs_input_grad[1],
                                             ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         need_w = need_w and weight is not None
@@ -128,7 +129,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             # and the LOCAL sums of g * xhat and g; the group's terms follow.
             gi, sum_gxhat, sum_g, grad_res = torch.ops.fusedbn.backward.default(
                 grad_out, x, residual, w, b, save_mean, save_invstd, False, activation,
-                negative_slope, alpha, [need_x, need_x or need_w, need_x or need_b, need_res])
+                output_mask=[need_x, need_x or need_w, need_x or need_b, need_res], **params)
         else:
             gi = torch.empty_like(x) if need_x else None
             sum_gxhat = sum_g = save_mean.new_zeros(C)
@@ -167,9 +168,9 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
 
 class SyncBatchNormAct(_BatchNormAct):
-    """``nn.SyncBatchNorm`` followed by an activation (``identity``, ``relu``,
-    ``leaky_relu`` with ``negative_slope``, ``elu`` with ``alpha``), over input
-    of any rank >= 2; ``forward(x, residual=None)`` computes
+    """``nn.SyncBatchNorm`` followed by an activation (any of
+    ``fusedbn.ACTIVATIONS``, its parameters by keyword as in
+    ``BatchNormAct*``), over input of any rank >= 2; ``forward(x, residual=None)`` computes
     ``act(bn(x) + residual)``.
 
     Parameters, buffers and state_dict keys are those of ``nn.SyncBatchNorm``.
@@ -188,7 +189,7 @@ class SyncBatchNormAct(_BatchNormAct):
     rank, before the collective); where the module computes exactly
     ``BatchNormAct*`` (eval, no group, a group of one) they work as there.
     Activity tracking works in both: synchronized, each rank counts its own
-    values whose pre-activation, with the group's statistics, is positive.
+    active values (pre-activations with the group's statistics).
 
     Every rank of the group must call it the same number of times (each call
     in training is a collective), with the same number of channels; the
@@ -205,6 +206,10 @@ class SyncBatchNormAct(_BatchNormAct):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, activation,
                          negative_slope, alpha, device, dtype, bias=bias, **options)
         self.process_group = process_group
+
+    def _op_params(self):
+        # The activation's parameters as the op takes them (floats, by name).
+        return {k: (v if isinstance(v, str) else float(v)) for k, v in params_of(self).items()}
 
     def _unsupported_when_synchronized(self):
         """The options the synchronized forward does not implement, by name."""
@@ -270,7 +275,7 @@ class SyncBatchNormAct(_BatchNormAct):
         return _SyncBatchNormActFunction.apply(
             input, residual, self.weight, self.bias, running_mean, running_var,
             self.num_batches_tracked if counts else None, self.momentum, self.eps,
-            self.activation, self.negative_slope, self.alpha, process_group, world_size,
+            self.activation, self._op_params(), process_group, world_size,
             self.activity if self.track_activity else None, self.activity_momentum)
 
     @classmethod
@@ -296,7 +301,8 @@ class SyncBatchNormAct(_BatchNormAct):
                 module.num_features, module.eps, module.momentum, module.affine,
                 module.track_running_stats, module.activation, module.negative_slope,
                 module.alpha, process_group, bias=module.bias is not None, order=module.order,
-                bias_init=module.bias_init, activity_momentum=module.activity_momentum)
+                bias_init=module.bias_init, activity_momentum=module.activity_momentum,
+                min_val=module.min_val, max_val=module.max_val, approximate=module.approximate)
             if module.affine:
                 with torch.no_grad():
                     module_output.weight = module.weight

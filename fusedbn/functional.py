@@ -6,8 +6,8 @@ from typing import Optional
 import torch
 
 from . import _C
+from ._reference import ACTIVATIONS, GELU_APPROXIMATIONS
 
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu")
 ORDERS = ("bn_act", "act_bn")
 
 
@@ -19,6 +19,19 @@ def check_activation(activation: str) -> None:
             f"got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusedbn: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+
+
+def check_params(activation: str, negative_slope: float = 0.01, alpha: float = 1.0,
+                 min_val: float = -1.0, max_val: float = 1.0, approximate: str = "none") -> None:
+    """Raise TypeError/ValueError unless the activation's parameters are valid."""
+    for name, value in (("negative_slope", negative_slope), ("alpha", alpha),
+                        ("min_val", min_val), ("max_val", max_val)):
+        _check_number(name, value)
+    if activation == "hardtanh" and not min_val <= max_val:
+        raise ValueError(f"fusedbn: hardtanh needs min_val <= max_val, got min_val={min_val}, "
+                         f"max_val={max_val}")
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"fusedbn: approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
 def check_order(order: str) -> None:
@@ -53,7 +66,8 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
                    residual: Optional[torch.Tensor] = None, inplace: bool = False,
                    num_batches_tracked: Optional[torch.Tensor] = None, order: str = "bn_act",
                    activity: Optional[torch.Tensor] = None,
-                   activity_momentum: float = 0.1) -> torch.Tensor:
+                   activity_momentum: float = 0.1, min_val: float = -1.0, max_val: float = 1.0,
+                   approximate: str = "none") -> torch.Tensor:
     """BatchNorm followed by an activation, in one fused kernel.
 
     Same semantics as ``F.batch_norm(...)`` followed by the activation:
@@ -63,8 +77,11 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     training when given, as ``nn.BatchNorm`` does); eval uses the running
     statistics.
 
-    activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (``negative_slope``)
-    or ``"elu"`` (``alpha``).
+    activation: ``"identity"``, ``"relu"``, ``"leaky_relu"`` (``negative_slope``),
+    ``"elu"`` (``alpha``), ``"relu6"``, ``"hardtanh"`` (``min_val``, ``max_val``),
+    ``"silu"``, ``"hardswish"``, ``"hardsigmoid"``, ``"gelu"`` (``approximate``:
+    ``"none"`` or ``"tanh"``) or ``"mish"``, with torch.nn.functional's
+    semantics, derivatives at the kinks included.
 
     residual: optional tensor of the input's shape and dtype added before the
     activation, ``act(bn(input) + residual)`` (ResNet's bn3 -> + identity ->
@@ -74,7 +91,7 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     backward, which recovers the input by inverting the activation and the
     affine transform (weight semantics unchanged, unlike inplace_abn). Needs
     an invertible activation: identity, leaky_relu (negative_slope > 0) or
-    elu (alpha > 0); relu raises. Where a weight is exactly 0 the call keeps a
+    elu (alpha > 0); the others raise. Where a weight is exactly 0 the call keeps a
     copy of the input instead. Precision: in bfloat16/float16, and for ELU
     outputs close to -alpha, the recovered input is less accurate than the
     saved one.
@@ -84,11 +101,12 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     normalization, in the same passes (no residual, no in-place mode).
 
     activity: optional floating tensor (float32 preferably) of shape ``[C]``
-    or ``[3, C]``. Row 0 is set to the fraction of each channel's values whose
-    activation input is positive -- not zeroed by relu, not in the negative
-    branch of leaky_relu / elu; with ``order="act_bn"`` the activation input is
-    ``input`` itself (also with the identity, where both orders give the same
-    output). Counted in the pass that writes the output, so it costs no
+    or ``[3, C]``. Row 0 is set to the fraction of each channel's values that
+    are active: the activation input is positive (identity, relu, leaky_relu,
+    elu, silu, gelu, mish, hardswish), or strictly inside the linear range
+    (hardtanh: ``min_val < v < max_val``; relu6: ``0 < v < 6``; hardsigmoid:
+    ``-3 < v < 3``). With ``order="act_bn"`` the activation input is ``input``
+    itself (also with the identity, where both orders give the same output). Counted in the pass that writes the output, so it costs no
     memory traffic; an empty batch sets row 0 to NaN and leaves the others. With 3 rows, row 1 is updated to the running average
     of row 0 (``avg += activity_momentum * (frac - avg)``; a NaN average takes
     the first fraction as is) and row 2 to the number of calls in a row in
@@ -99,11 +117,11 @@ def batch_norm_act(input: torch.Tensor, running_mean: Optional[torch.Tensor],
     _check_number("activity_momentum", activity_momentum)
     _check_number("momentum", momentum, allow_none=True)
     _check_number("eps", eps)
-    _check_number("negative_slope", negative_slope)
-    _check_number("alpha", alpha)
+    check_params(activation, negative_slope, alpha, min_val, max_val, approximate)
     args = (input, residual, weight, bias, running_mean, running_var, num_batches_tracked,
             bool(training), None if momentum is None else float(momentum), float(eps), activation,
-            float(negative_slope), float(alpha), order, activity, float(activity_momentum))
+            float(negative_slope), float(alpha), order, activity, float(activity_momentum),
+            float(min_val), float(max_val), approximate)
     if inplace and torch.compiler.is_compiling():
         # How many channels the in-place op keeps the input of depends on the
         # weights' values (a data-dependent size, which a graph cannot hold

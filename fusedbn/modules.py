@@ -11,12 +11,17 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.types import Device
 
+from ._reference import params_of, used_params
 from .functional import (_check_number, batch_norm_act, check_activation, check_order,
-                         is_invertible)
+                         check_params, is_invertible)
 
 
 class _BatchNormAct(_BatchNorm):
     """Keyword-only options beyond ``nn.BatchNormNd``'s:
+
+    min_val, max_val: hardtanh's range; approximate: gelu's form (``"none"``
+    or ``"tanh"``). (``negative_slope`` and ``alpha``, of leaky_relu and elu,
+    may also be passed by position after ``activation``.)
 
     inplace: write the output over the input (invertible activations only;
     see ``batch_norm_act``).
@@ -26,9 +31,10 @@ class _BatchNormAct(_BatchNorm):
     common recommendation for units that feed a ReLU: it starts more of them
     in the active branch.
     track_activity: in every forward (training and eval) the kernel also
-    counts, per channel, the values whose activation input is positive (not
-    zeroed by relu, not in the negative branch of leaky_relu / elu). Kept in the buffer ``activity`` (float32 [3, C], not in the
-    state_dict), read through ``active_fraction`` (last batch),
+    counts, per channel, the active values (see ``batch_norm_act``: the
+    activation input is positive, or inside the linear range of hardtanh,
+    relu6 and hardsigmoid). Kept in the buffer ``activity`` (float32 [3, C],
+    not in the state_dict), read through ``active_fraction`` (last batch),
     ``active_fraction_avg`` (exponential average, factor
     ``activity_momentum``, starting from the first batch; NaN before it) and
     ``inactive_steps`` (per channel, how many forwards in a row it had no
@@ -40,8 +46,10 @@ class _BatchNormAct(_BatchNorm):
                  negative_slope: float = 0.01, alpha: float = 1.0, device: Device = None,
                  dtype: Optional[torch.dtype] = None, *, bias: bool = True, inplace: bool = False,
                  order: str = "bn_act", bias_init: float = 0.0, track_activity: bool = False,
-                 activity_momentum: float = 0.1) -> None:
+                 activity_momentum: float = 0.1, min_val: float = -1.0, max_val: float = 1.0,
+                 approximate: str = "none") -> None:
         check_activation(activation)
+        check_params(activation, negative_slope, alpha, min_val, max_val, approximate)
         check_order(order)
         _check_number("activity_momentum", activity_momentum)
         if not 0 <= activity_momentum <= 1:
@@ -52,13 +60,17 @@ class _BatchNormAct(_BatchNorm):
             raise ValueError(
                 "fusedbn: inplace=True needs an invertible activation ('identity', 'leaky_relu' "
                 "with negative_slope > 0, 'elu' with alpha > 0): in-place mode keeps only the "
-                "output and recovers the input from it, and ReLU maps every negative input to 0.")
+                f"output and recovers the input from it, and {activation} maps several inputs "
+                "to the same output.")
         self.bias_init = float(bias_init)  # read by reset_parameters, called below
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device, dtype, bias=bias)
         self.activation = activation
         self.negative_slope = negative_slope
         self.alpha = alpha
+        self.min_val = min_val
+        self.max_val = max_val
+        self.approximate = approximate
         self.inplace = inplace
         self.order = order
         self.track_activity = track_activity
@@ -101,7 +113,10 @@ class _BatchNormAct(_BatchNorm):
     def forward(self, input: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
-        self._check_input_dim(input)
+        # A symbolic trace (torch.fx) has no rank to check; the traced graph
+        # calls the op, which checks the rank when it runs.
+        if not isinstance(input, torch.fx.Proxy):
+            self._check_input_dim(input)
         # Exactly nn.BatchNorm's choices: batch statistics in training and
         # when no running statistics exist; buffers passed only when used.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
@@ -116,15 +131,14 @@ class _BatchNormAct(_BatchNorm):
             residual=residual, inplace=self.inplace,
             num_batches_tracked=self.num_batches_tracked if counts else None,
             order=self.order, activity=self.activity if self.track_activity else None,
-            activity_momentum=self.activity_momentum)
+            activity_momentum=self.activity_momentum, min_val=self.min_val,
+            max_val=self.max_val, approximate=self.approximate)
         return out
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", activation={self.activation}"
-        if self.activation == "leaky_relu":
-            s += f", negative_slope={self.negative_slope}"
-        elif self.activation == "elu":
-            s += f", alpha={self.alpha}"
+        for k, v in used_params(self.activation, **params_of(self)).items():
+            s += f", {k}={v}"
         if self.inplace:
             s += ", inplace=True"
         if self.order != "bn_act":
@@ -160,7 +174,7 @@ class BatchNormAct3d(_BatchNormAct):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-def _relu_variant(base, doc):
+def _shorthand(name, base, activation, doc):
     class _Cls(base):
         __doc__ = doc
 
@@ -170,13 +184,21 @@ def _relu_variant(base, doc):
                      dtype: Optional[torch.dtype] = None, *, bias: bool = True,
                      **options: Any) -> None:
             super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                             "relu", device=device, dtype=dtype, bias=bias, **options)
+                             activation, device=device, dtype=dtype, bias=bias, **options)
+    _Cls.__name__ = _Cls.__qualname__ = name
     return _Cls
 
 
-BatchNormReLU1d = _relu_variant(BatchNormAct1d, "``nn.BatchNorm1d`` + ``nn.ReLU``.")
-BatchNormReLU2d = _relu_variant(BatchNormAct2d, "``nn.BatchNorm2d`` + ``nn.ReLU``.")
-BatchNormReLU3d = _relu_variant(BatchNormAct3d, "``nn.BatchNorm3d`` + ``nn.ReLU``.")
-for _cls, _name in ((BatchNormReLU1d, "BatchNormReLU1d"), (BatchNormReLU2d, "BatchNormReLU2d"),
-                    (BatchNormReLU3d, "BatchNormReLU3d")):
-    _cls.__name__ = _cls.__qualname__ = _name
+BatchNormReLU1d = _shorthand("BatchNormReLU1d", BatchNormAct1d, "relu",
+                             "``nn.BatchNorm1d`` + ``nn.ReLU``.")
+BatchNormReLU2d = _shorthand("BatchNormReLU2d", BatchNormAct2d, "relu",
+                             "``nn.BatchNorm2d`` + ``nn.ReLU``.")
+BatchNormReLU3d = _shorthand("BatchNormReLU3d", BatchNormAct3d, "relu",
+                             "``nn.BatchNorm3d`` + ``nn.ReLU``.")
+# Conv -> BatchNorm -> SiLU is the block of EfficientNet and the YOLO family.
+BatchNormSiLU1d = _shorthand("BatchNormSiLU1d", BatchNormAct1d, "silu",
+                             "``nn.BatchNorm1d`` + ``nn.SiLU``.")
+BatchNormSiLU2d = _shorthand("BatchNormSiLU2d", BatchNormAct2d, "silu",
+                             "``nn.BatchNorm2d`` + ``nn.SiLU``.")
+BatchNormSiLU3d = _shorthand("BatchNormSiLU3d", BatchNormAct3d, "silu",
+                             "``nn.BatchNorm3d`` + ``nn.SiLU``.")

@@ -12,19 +12,65 @@ from torch import Tensor
 
 import fusedbn
 from fusedbn._reference import activation as activation_reference
+from fusedbn import _reference
 from fusedbn._reference import params_of
 
 # The checkout's root (the directory holding fusedbn/), e.g. for subprocesses.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (activation, extra kwargs) as used throughout the suite.
+# (activation, extra kwargs) as used throughout the suite. The first four
+# keep their positions (tests index them); hardtanh's range is asymmetric
+# and within BatchNorm's output range, so both bounds are crossed.
 ACTIVATIONS = [
     ("identity", {}),
     ("relu", {}),
     ("leaky_relu", {"negative_slope": 0.1}),
     ("elu", {"alpha": 0.7}),
+    ("relu6", {}),
+    ("hardtanh", {"min_val": -0.5, "max_val": 1.5}),
+    ("silu", {}),
+    ("hardswish", {}),
+    ("hardsigmoid", {}),
+    ("gelu", {}),
+    ("gelu", {"approximate": "tanh"}),
+    ("mish", {}),
 ]
-ACT_IDS = [a for a, _ in ACTIVATIONS]
+ACT_IDS = [a + ("-tanh" if kw.get("approximate") == "tanh" else "") for a, kw in ACTIVATIONS]
+# The ones in-place mode takes (with these parameters).
+INVERTIBLE = [(a, kw) for a, kw in ACTIVATIONS
+              if fusedbn.functional.is_invertible(a, kw.get("negative_slope", 0.01),
+                                                  kw.get("alpha", 1.0))]
+
+
+def kinks(activation, **params):
+    """The pre-activation values where the activation's derivative jumps or
+    where activity counting changes its mind (csrc/kernels/activations.h:
+    active): inputs are kept off them."""
+    if activation in ("relu6", "hardtanh"):
+        return _reference.bounds(activation, **params)
+    if activation == "hardswish":
+        return (-3.0, 0.0, 3.0)
+    if activation == "hardsigmoid":
+        return (-3.0, 3.0)
+    return (0.0,)
+
+
+def is_active(v, activation, **params):
+    """What activity tracking counts as active, for float64 pre-activations v."""
+    if activation in ("relu6", "hardtanh"):
+        lo, hi = _reference.bounds(activation, **params)
+        return (v > lo) & (v < hi)
+    if activation == "hardsigmoid":
+        return (v > -3) & (v < 3)
+    return v > 0
+
+
+def near_kink(v, activation, margin, **params):
+    """Where the float64 tensor v lies within ``margin`` of a kink."""
+    near = torch.zeros_like(v, dtype=torch.bool)
+    for k in kinks(activation, **params):
+        near |= (v - k).abs() < margin
+    return near
 
 FLOAT_DTYPES = [torch.float32, torch.float64]
 LOW_DTYPES = [torch.bfloat16, torch.float16]
@@ -259,16 +305,19 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-def off_kink(x, margin=1e-3):
-    """x with the elements within ``margin`` of 0 moved to +-0.0625, in x's
-    own layout. With order="act_bn" the activation's kink is at the input's
-    0 (not at the BatchNorm output's, as avoid_kink assumes)."""
-    near = x.detach().double().abs() < margin
-    if not near.any():
-        return x
-    x = clone_layout(x)
-    with torch.no_grad():
-        x[near] = torch.where(x.double()[near] < 0, -0.0625, 0.0625).to(x.dtype)
+def off_kink(x, margin=1e-3, activation="relu", **params):
+    """x with the elements within ``margin`` of a kink of ``activation``
+    moved 0.0625 away from it, in x's own layout. With order="act_bn" the
+    activation's kinks are at the input's values (not at the BatchNorm
+    output's, as avoid_kink assumes)."""
+    for k in kinks(activation, **params):
+        xd = x.detach().double()
+        near = (xd - k).abs() < margin
+        if not near.any():
+            continue
+        x = clone_layout(x)
+        with torch.no_grad():
+            x[near] = torch.where(xd[near] < k, k - 0.0625, k + 0.0625).to(x.dtype)
     return x
 
 
@@ -303,7 +352,7 @@ def compare_steps(fused, ref, ref64, x, training,
     sync_buffers(fused, ref, ref64)
     act_bn = fused.order == "act_bn"
     if act_bn:
-        x = off_kink(both_branches(x))
+        x = off_kink(both_branches(x), activation=fused.activation, **params_of(fused))
     elif fused.activation != "identity":
         x = avoid_kink(x, fused, training)
     g = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
@@ -338,12 +387,13 @@ def pre_activation64(mod, x, training):
 
 def avoid_kink(x, mod, training, margin=1e-3):
     """x, with the few elements whose pre-activation is within ``margin`` of
-    the activation's kink at 0 moved off it (in x's own layout). In bf16 and
+    one of the activation's kinks moved off it (in x's own layout). In bf16 and
     fp16 an input value can equal the running mean exactly, and then eager's
     folded x * scale + shift lands a rounding on either side of 0 while the
     exact (x - mean) * scale is 0: a kink artifact, not an error."""
     for _ in range(5):
-        near = pre_activation64(mod, x, training).abs() < margin
+        near = near_kink(pre_activation64(mod, x, training), getattr(mod, "activation", "relu"),
+                         margin, **params_of(mod))
         if not near.any():
             return x
         x = clone_layout(x)

@@ -26,7 +26,8 @@ def test_functional_matches_eager(device, act):
     running statistics (updated in place), num_batches_tracked, no stats."""
     activation, kwargs = act
     seed("act_bn-functional", activation)
-    x = off_kink(both_branches(make_input((3, 4, 5), device=device)))
+    x = off_kink(both_branches(make_input((3, 4, 5), device=device)), activation=activation,
+                 **kwargs)
     w, b = (torch.rand(4) + 0.5).to(device), torch.randn(4).to(device)
     rm, rv = torch.randn(4).to(device), (torch.rand(4) + 0.5).to(device)
     nbt = torch.tensor(4, device=device)

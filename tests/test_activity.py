@@ -15,10 +15,10 @@ import torch.nn as nn
 
 import fusedbn
 from fusedbn import diagnostics
-from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, SHAPES, Stats, avoid_kink, clone_layout,
+from fusedbn._reference import params_of
+from helpers import (ACT_IDS, ACTIVATIONS, INVERTIBLE, is_active, near_kink, ALL_DTYPES, SHAPES, Stats, avoid_kink, clone_layout,
                      dead_channel_module, make_fused, make_input, off_kink, pre_activation64, seed)
 
-INVERTIBLE = [a for a in ACTIVATIONS if a[0] != "relu"]
 INVERTIBLE_IDS = [a for a, _ in INVERTIBLE]
 DTYPE_IDS = [str(d).replace("torch.", "") for d in ALL_DTYPES]
 RANK_LAYOUTS = [(2, "contiguous"), (3, "nlc"), (4, "contiguous"), (4, "channels_last"),
@@ -39,23 +39,27 @@ def _dims(x):
     return [0] + list(range(2, x.dim()))
 
 
-def fraction(pre):
-    """Per channel: how many values of the float64 ``pre`` are > 0, over how many."""
+def fraction(pre, activation="relu", **params):
+    """Per channel: how many values of the float64 ``pre`` are active, over how many."""
     n = pre[:, 0].numel()
-    return ((pre > 0).sum(_dims(pre)).double() / n).float()
+    return (is_active(pre, activation, **params).sum(_dims(pre)).double() / n).float()
 
 
-def reference(x, st, training, order, residual=None):
-    """(x, residual, float64 activation input), the tensors moved off the kink."""
+def reference(x, st, training, order, residual=None, activation="relu", params=None):
+    """(x, residual, float64 activation input), the tensors moved off the
+    edges of what counts as active."""
+    params = params or {}
     if order == "act_bn":
-        x = off_kink(x, MARGIN)
+        x = off_kink(x, MARGIN, activation=activation, **params)
         return x, residual, x.double()
+    st.activation = activation
+    st.__dict__.update(params)  # as a module carries them
     if residual is None:
         x = avoid_kink(x, st, training, margin=MARGIN)
         return x, None, pre_activation64(st, x, training)
     pre = pre_activation64(st, x, training)
     for _ in range(5):
-        near = (pre + residual.double()).abs() < MARGIN
+        near = near_kink(pre + residual.double(), activation, MARGIN, **params)
         if not near.any():
             break
         residual = clone_layout(residual)
@@ -105,11 +109,11 @@ def test_activity_matches_reference(device, act, dtype, rank, layout, mode):
         st = _params(C, dtype, device)
         x = make_input(SHAPES[rank], dtype, layout, device=device)
         z = _residual_like(x) if with_residual else None
-        x, z, pre = reference(x, st, training, order, z)
+        x, z, pre = reference(x, st, training, order, z, activation, kwargs)
         activity = torch.full((C,), -1.0, device=device)  # overwritten, not accumulated into
         out = _call(x, st, training, activation, kwargs, residual=z, order=order,
                     activity=activity)
-        expected = fraction(pre)
+        expected = fraction(pre, activation, **kwargs)
         assert torch.equal(activity, expected), (
             f"{order}{' + residual' if z is not None else ''}: {activity} vs {expected}")
         if activation == "relu" and order == "bn_act":
@@ -342,14 +346,15 @@ def test_activity_is_counted_by_the_op_and_visible_to_autograd(device):
 
 def _module_reference(mod, x, training):
     """The fraction the module must report for x, computed before its forward."""
+    params = params_of(mod)
     if mod.order == "act_bn" and mod.activation != "identity":
-        return fraction(x.double())
-    return fraction(pre_activation64(mod, x, training))
+        return fraction(x.double(), mod.activation, **params)
+    return fraction(pre_activation64(mod, x, training), mod.activation, **params)
 
 
 def _kink_free(mod, x, training):
     if mod.order == "act_bn" and mod.activation != "identity":
-        return off_kink(x, MARGIN)
+        return off_kink(x, MARGIN, activation=mod.activation, **params_of(mod))
     return avoid_kink(x, mod, training, margin=MARGIN)
 
 

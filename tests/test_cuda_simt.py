@@ -159,7 +159,10 @@ def _simt_torch_settings():
 # ---------------------------------------------------------------- reference
 
 ACTS = [("identity", {}), ("relu", {}), ("leaky_relu", {"negative_slope": 0.1}),
-        ("elu", {"alpha": 0.7})]
+        ("elu", {"alpha": 0.7}), ("relu6", {}), ("hardtanh", {"min_val": -0.5, "max_val": 1.5}),
+        ("silu", {}), ("hardswish", {}), ("hardsigmoid", {}), ("gelu", {}),
+        ("gelu", {"approximate": "tanh"}), ("mish", {})]
+ACT_IDS = [a + ("-tanh" if kw.get("approximate") == "tanh" else "") for a, kw in ACTS]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 INVERTIBLE = {"identity", "leaky_relu", "elu"}
 
@@ -167,11 +170,28 @@ INVERTIBLE = {"identity", "leaky_relu", "elu"}
 def act_fn(y, act, kw):
     if act == "identity":
         return y
-    if act == "relu":
-        return F.relu(y)
-    if act == "leaky_relu":
-        return F.leaky_relu(y, kw["negative_slope"])
-    return F.elu(y, kw["alpha"])
+    return getattr(F, act)(y, **kw)
+
+
+def bounds(act, kw):
+    return (0.0, 6.0) if act == "relu6" else (kw["min_val"], kw["max_val"])
+
+
+def edges(act, kw):
+    """Where the derivative jumps or activity counting switches: inputs are
+    kept off these (a branch flip there is not an error)."""
+    if act in ("relu6", "hardtanh"):
+        return bounds(act, kw)
+    return {"hardswish": (-3.0, 0.0, 3.0), "hardsigmoid": (-3.0, 3.0)}.get(act, (0.0,))
+
+
+def is_active(v, act, kw):
+    if act in ("relu6", "hardtanh"):
+        lo, hi = bounds(act, kw)
+        return (v > lo) & (v < hi)
+    if act == "hardsigmoid":
+        return (v > -3) & (v < 3)
+    return v > 0
 
 
 class Case:
@@ -330,11 +350,11 @@ def judge(name, got, eager, ref64, dtype, fails, slack=2.0, rel=0.0):
                      f"+ {floor:.3g}")
 
 
-def avoid_kink(x, z, w, b, rm, rv, training, act, eps=1e-5, margin=1e-3, floor=None):
+def avoid_kink(x, z, w, b, rm, rv, training, act, kw, eps=1e-5, margin=1e-3, floor=None):
     """x with the values whose float64 pre-activation lies within margin of
-    the kink at 0 moved off it (a branch flip there is not an error), and
-    with floor: the values whose pre-activation is below it moved above it."""
-    if act == "identity" or x.numel() == 0:
+    an edge of act moved off it, and with floor: the values whose
+    pre-activation is below it moved above it."""
+    if x.numel() == 0:
         return x, z
     for _ in range(10):
         y = F.batch_norm(x.double(), rm.double().clone(), rv.double().clone(),
@@ -342,7 +362,9 @@ def avoid_kink(x, z, w, b, rm, rv, training, act, eps=1e-5, margin=1e-3, floor=N
                          training, 0.0, eps)
         if z is not None:
             y = y + z.double()
-        near = y.abs() < margin
+        near = torch.zeros_like(y, dtype=torch.bool)
+        for e in edges(act, kw):
+            near |= (y - e).abs() < margin
         low = y < floor if floor is not None else torch.zeros_like(near)
         if not near.any() and not low.any():
             return x, z
@@ -415,9 +437,9 @@ def judge_exact(name, got, ref, dtype, count, fails):
                      f"the same formula (bound {bound.reshape(-1)[i].item():.3g})")
 
 
-def check_activity(activity, x, z, w, b, rm, rv, training, order, fails):
-    """The kernels' activity update against the count of positive float64
-    activation inputs (x kept off 0 by run_case): the fraction exactly, the
+def check_activity(activity, x, z, w, b, rm, rv, training, order, act, kw, fails):
+    """The kernels' activity update against the count of active float64
+    activation inputs (x kept off the edges by run_case): the fraction exactly, the
     first running average equal to it, the streak 5 + 1 or reset to 0; an
     empty batch: fraction NaN, the rest unchanged."""
     C = x.shape[1]
@@ -436,7 +458,7 @@ def check_activity(activity, x, z, w, b, rm, rv, training, order, fails):
                            training, 0.0, 1e-5)
         if z is not None:
             pre = pre + z.double()
-    count = (pre > 0).transpose(0, 1).reshape(C, -1).sum(1)
+    count = is_active(pre, act, kw).transpose(0, 1).reshape(C, -1).sum(1)
     frac = (count.double() / n).float()
     want = torch.stack([frac, frac, torch.where(count == 0, 6.0, 0.0)])
     if not torch.equal(activity, want):
@@ -478,14 +500,13 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     # test_elu_from_output_saturated); keep the pre-activation above -6.
     floor = -6.0 if inplace and act == "elu" else None
     if order == "act_bn":
-        # The kink (and what activity counts) is at x = 0.
+        # The edges are at x's values.
         xd = x.double()
-        xd[xd.abs() < 1e-3] += 0.0625
+        for e in edges(act, kw):
+            xd[(xd - e).abs() < 1e-3] += 0.0625
         x = xd.to(dtype)
     else:
-        # (identity: what activity counts still has its kink at 0)
-        x, z = avoid_kink(x, z, w, b, rm, rv, training, "relu" if act == "identity" else act,
-                          floor=floor)
+        x, z = avoid_kink(x, z, w, b, rm, rv, training, act, kw, floor=floor)
     g = torch.randn(case.shape, dtype=torch.float64, generator=gen).to(dtype)
 
     m.set("sm_count", case.sms)
@@ -499,10 +520,11 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
     # Activity: fraction, running average (NaN: no batch yet), inactive streak.
     activity = torch.stack([torch.zeros(C), torch.full((C,), float("nan")), torch.full((C,), 5.0)])
     slope, alpha = kw.get("negative_slope", 0.01), kw.get("alpha", 1.0)
+    extra = {k: v for k, v in kw.items() if k in ("min_val", "max_val", "approximate")}
     try:
         out, mean, invstd, kept, kept_idx = m.forward(
             xin, zin, w, b, rm_k, rv_k, None, training, 0.1, 1e-5, act, slope, alpha, inplace,
-            order=order, activity=activity)
+            order=order, activity=activity, **extra)
         mask = list(case.mask)
         # In place: the backward of the output (x holds y) with the glue's
         # kept channels (16-bit dtypes keep every input), then the same with
@@ -513,7 +535,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
         grads = []
         for inp, from_out, ki, kc in variants:
             grads.append(m.backward(gin, inp, zin, w, b, mean, invstd, training, act, slope,
-                                    alpha, mask, from_out, ki, kc, order=order))
+                                    alpha, mask, from_out, ki, kc, order=order, **extra))
     except RuntimeError as e:
         return [f"kernel error: {e}"]
     finally:
@@ -527,7 +549,7 @@ def run_case(m, case, dtype, act, kw, mode, seed=0):
                     order=order)
     eag = reference(x, z, w, b, rm, rv, g, training, act, kw, dtype, pdtype, order=order)
     judge("out", out, eag[0], r64[0], dtype, fails)
-    check_activity(activity, x, z, w, b, rm, rv, training, order, fails)
+    check_activity(activity, x, z, w, b, rm, rv, training, order, act, kw, fails)
     if training:
         judge("mean", mean, eag[1], r64[1], dtype, fails)
         judge("invstd", invstd, eag[2], r64[2], dtype, fails)
@@ -582,7 +604,7 @@ def cases_for(mode, act):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("act,kw", ACTS, ids=[a for a, _ in ACTS])
+@pytest.mark.parametrize("act,kw", ACTS, ids=ACT_IDS)
 def test_kernels(simt, act, kw, dtype, mode):
     todo = cases_for(mode, act)
     if not todo:
@@ -779,7 +801,8 @@ def test_paths_covered():
                 want |= {(name, T, "V=1"), (name, T, "V>1"), (name, T, "int"), (name, T, "long")}
                 if fam in ("stats", "sums"):
                     want |= {(name, T, "K=1"), (name, T, "K>1")}
-                for act in ("Identity", "ReLU", "LeakyReLU", "ELU"):
+                for act in ("Identity", "ReLU", "LeakyReLU", "ELU", "Hardtanh", "SiLU", "Hardswish",
+                            "Hardsigmoid", "GELU", "GELUTanh", "Mish"):
                     if fam == "stats":
                         want.add((name, T, "pre=" + act))
                         continue
@@ -789,7 +812,7 @@ def test_paths_covered():
                     if fam == "normalize":
                         want |= {(name, T, act, "Identity", "count=1"),
                                  (name, T, "Identity", act, "count=2")}
-                    elif act != "ReLU":
+                    elif act in ("Identity", "LeakyReLU", "ELU"):  # the invertible ones
                         want |= {(name, T, act, "from_out=true")}
     want |= {(f"{fam}_{lay}_kernel", "K>8") for fam in ("stats", "sums") for lay in ("ncs", "nsc")}
     for A in ("float32", "float64"):

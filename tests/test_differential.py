@@ -38,7 +38,9 @@ grad_residual, running_mean, running_var, num_batches_tracked):
 * the float64 reference is written out (`reference64`): statistics of each
   channel after subtracting one of its values, so a large mean keeps its
   digits; its ELU sends NaN to the positive branch like relu/leaky_relu
-  (eager's vectorized ELU backward gives NaN: either is accepted).
+  (eager's vectorized ELU backward gives NaN: either is accepted), and its
+  hardtanh/relu6/hardswish pass dy at NaN, as eager's scalar tail does (its
+  vectorized body gives 0 / NaN).
 * memory around strided views (the gaps are filled with NaN) is neither read
   nor written; a non-in-place call leaves its input and residual alone.
 
@@ -62,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedbn
+from fusedbn import _reference
 
 # --------------------------------------------------------------------------
 # KNOWN_BROKEN -- delete an entry once its fix lands; an empty dict = strict.
@@ -129,6 +132,7 @@ REL_FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5,
              torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 TIGHT = {torch.float64: 1e-10, torch.float32: 1e-5}
 SLOPES = [0.01, 0.1, 0.2, 1.0, 0.0, -0.3, 3.0, 1e-4, 0.5]
+BOUNDS = [(-1.0, 1.0), (-0.5, 1.5), (0.0, 0.0), (-3.0, -1.0), (0.25, 4.0)]
 ALPHAS = [1.0, 0.7, 0.0, 2.5, 1e-3, -0.5, 0.3]
 KINDS = ["large_mean", "constant", "near_max", "inf", "nan", "denormal", "wide",
          "some_denormal"]
@@ -161,9 +165,12 @@ def draw_config(seed):
     c["dtype"] = r.choice(list(DTYPES))
     low = c["dtype"] in ("bfloat16", "float16")
     c["param_dtype"] = r.choice(["float32", c["dtype"]]) if low else c["dtype"]
-    c["activation"] = r.choice(["identity", "relu", "leaky_relu", "elu"])
+    c["activation"] = r.choice(["identity", "relu", "leaky_relu", "elu", "relu6", "hardtanh",
+                                "silu", "hardswish", "hardsigmoid", "gelu", "mish"])
     c["negative_slope"] = r.choice(SLOPES)
     c["alpha"] = r.choice(ALPHAS)
+    c["min_val"], c["max_val"] = r.choice(BOUNDS)
+    c["approximate"] = r.choice(["none", "tanh"])
     c["training"] = r.random() < 0.6
     c["has_stats"] = r.random() < 0.8 or not c["training"]
     c["momentum"] = r.choice([0.1, 0.1, None, 0.0, 1.0, 0.37])
@@ -439,6 +446,15 @@ def act(y, c, exact=False):
         return F.relu(y)
     if a == "leaky_relu":
         return F.leaky_relu(y, c["negative_slope"])
+    if a in NAN_AMBIGUOUS and exact:
+        # Eager's derivative at NaN depends on the element's place (the
+        # vectorized body gives 0 / NaN, the scalar tail dy); the reference
+        # takes dy, as fusedbn does: the comparison accepts either.
+        nan = torch.isnan(y)
+        return torch.where(nan, y, _reference.activation(torch.where(nan, 0.0, y), a,
+                                                         **act_params(c)))
+    if a != "elu":
+        return _reference.activation(y, a, **act_params(c))
     if exact:
         # ELU written out; NaN takes the positive branch (derivative 1), as
         # relu / leaky_relu and eager's scalar ELU do (eager's vectorized ELU
@@ -494,6 +510,32 @@ def reference64(c, x, z, w, b, rm, rv, nbt):
     return y
 
 
+NAN_AMBIGUOUS = ("relu6", "hardtanh", "hardswish")
+
+
+def act_params(c):
+    return {k: c[k] for k in ("negative_slope", "alpha", "min_val", "max_val", "approximate")}
+
+
+def kinks(c):
+    """Pre-activations where the derivative jumps (either branch may be
+    taken within rounding)."""
+    a = c["activation"]
+    if a in ("relu", "leaky_relu", "elu"):
+        return (0.0,)
+    if a in ("relu6", "hardtanh"):
+        return _reference.bounds(a, min_val=c["min_val"], max_val=c["max_val"])
+    if a in ("hardswish", "hardsigmoid"):
+        return (-3.0, 3.0)
+    return ()
+
+
+def slope_bound(c):
+    """A bound on |act'|: scales the rounding allowances."""
+    extra = {"hardswish": 1.5, "silu": 1.1, "gelu": 1.13, "mish": 1.1}.get(c["activation"], 1.0)
+    return max(1.0, abs(c["negative_slope"]), abs(c["alpha"])) * extra
+
+
 def chan_view(t, rank):
     return t.view([1, -1] + [1] * (rank - 2))
 
@@ -522,9 +564,9 @@ def pre_activation64(c, x64, z64, w64, b64, rm64, rv64):
 
 
 def avoid_kink(c, d):
-    """Move inputs whose pre-activation is within rounding of 0 off the kink
+    """Move inputs whose pre-activation is within rounding of a kink off it
     (returns False when that did not work)."""
-    if c["activation"] == "identity" or c["order"] != "bn_act" or c["rank"] < 2:
+    if not kinks(c) or c["order"] != "bn_act" or c["rank"] < 2:
         return True
     dtype = DTYPES[c["dtype"]]
     layout = d["layout"]
@@ -535,7 +577,14 @@ def avoid_kink(c, d):
             x64 = x64.expand(layout.shape)
         z64 = d["z"].double() if d["z"] is not None else None
         pre, m, s, exact0 = pre_activation64(c, x64, z64, p["w"], p["b"], p["rm"], p["rv"])
-        near = torch.isfinite(pre) & torch.isfinite(m) & (pre.abs() < m) & (pre != 0) & ~exact0
+        # pre becomes the signed distance to the nearest kink.
+        ks = torch.tensor(kinks(c), dtype=torch.float64)
+        rel = pre.unsqueeze(-1) - ks
+        nearest = rel.abs().argmin(-1, keepdim=True)
+        at_zero_kink = (pre == 0) & (ks[nearest.squeeze(-1)] == 0)
+        pre = rel.gather(-1, nearest).squeeze(-1)
+        near = (torch.isfinite(pre) & torch.isfinite(m) & (pre.abs() < m) & ~at_zero_kink
+                & ~exact0)
         if not bool(near.any()):
             return True
         if layout.expand is not None:  # nudge the stored (pre-expand) element
@@ -627,7 +676,8 @@ def run_fused(c, t):
     out = fusedbn.batch_norm_act(
         t["x"], t["rm"], t["rv"], t["w"], t["b"], c["training"], c["momentum"], c["eps"],
         c["activation"], c["negative_slope"], c["alpha"], residual=z, inplace=c["inplace"],
-        num_batches_tracked=t["nbt"], order=c["order"])
+        num_batches_tracked=t["nbt"], order=c["order"], min_val=c["min_val"],
+        max_val=c["max_val"], approximate=c["approximate"])
     return out
 
 
@@ -821,7 +871,7 @@ def allowances(c, x64, z64, w64, b64, rm64, rv64, g64):
     s = w * invstd
     xh = (xin - chan_view(mean, rank)) * chan_view(invstd, rank)
     g = g64.abs()
-    k = max(1.0, abs(c["negative_slope"]), abs(c["alpha"]))
+    k = slope_bound(c)
     mg = g.mean(dims)
     mgx = (g * xh.abs()).mean(dims)
     out = {}

@@ -402,7 +402,7 @@ def test_any_rank_and_errors(device):
     with pytest.raises(ValueError, match="residual"):
         mod(torch.randn(2, C, 4, device=device), torch.randn(2, C, 5, device=device))
     with pytest.raises(ValueError, match="unknown activation"):
-        SyncBatchNormAct(C, activation="gelu")
+        SyncBatchNormAct(C, activation="swish")
     assert "activation=leaky_relu, negative_slope=0.1" in repr(mod)
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fusedbn
 
-from helpers import (ACT_IDS, ACTIVATIONS, ALL_DTYPES, EAGER_MODULES, FUSED_MODULES, LOW_DTYPES,
+from helpers import (ACT_IDS, ACTIVATIONS, INVERTIBLE, ALL_DTYPES, EAGER_MODULES, FUSED_MODULES, LOW_DTYPES,
                      RANK_LAYOUTS, SHAPES,
                      apply_activation, assert_close, clone_layout, compare_buffers, compare_steps,
                      eager_like, make_fused, make_input, max_err, seed, step)
@@ -444,7 +444,6 @@ def test_empty_1d_input_as_f_batch_norm(device, training, inplace):
 
 
 # ------------------------------------------------ residual and in-place mode
-INVERTIBLE = [(a, kw) for a, kw in ACTIVATIONS if a != "relu"]
 # "wide": 83 channels (the channels-last loops' chunks of 64, 16 and 1) and
 # planes of 81 values (the contiguous backward's plane-by-plane sums).
 RES_SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9)}

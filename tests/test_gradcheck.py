@@ -18,7 +18,8 @@ ACT_ORDERS = ([(a, "bn_act") for a in ACTIVATIONS] + [(a, "act_bn") for a in NON
 ACT_ORDER_IDS = [f"{a[0]}-{o}" if o != "bn_act" else a[0] for a, o in ACT_ORDERS]
 
 
-def _inputs(activation, training, channels_last, key, device, order="bn_act"):
+def _inputs(activation, training, channels_last, key, device, order="bn_act", kwargs=None):
+    kwargs = kwargs or {}
     seed("gradcheck" if order == "bn_act" else "act_bn-gradcheck", activation, training,
          channels_last, key)
     C = SHAPE[1]
@@ -34,9 +35,12 @@ def _inputs(activation, training, channels_last, key, device, order="bn_act"):
     # gradcheck's eps=1e-6 perturbation can move them: the normalized values
     # for order="bn_act", the input itself for "act_bn".
     if order == "act_bn":
-        x = off_kink(x, margin=2e-2)
+        x = off_kink(x, margin=2e-2, activation=activation, **kwargs)
     elif activation != "identity":
-        x = avoid_kink(x, Stats(rm, rv, w, b, 1e-5), training, margin=2e-2)
+        stats = Stats(rm, rv, w, b, 1e-5)
+        stats.activation = activation
+        stats.__dict__.update(kwargs)  # the activation's parameters, as a module has them
+        x = avoid_kink(x, stats, training, margin=2e-2)
     if channels_last:
         assert x.is_contiguous(memory_format=torch.channels_last)
     return x, w, b, rm, rv
@@ -55,7 +59,7 @@ def _fn(rm, rv, training, activation, kwargs, order="bn_act"):
 @pytest.mark.parametrize("act,order", ACT_ORDERS, ids=ACT_ORDER_IDS)
 def test_gradcheck(device, act, order, training, channels_last):
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device, order)
+    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gc", device, order, kwargs)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
     assert gradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GC_TOL)
 
@@ -83,7 +87,10 @@ def test_gradcheck_without_affine(device, training):
 
 
 # (activation, order, channels_last, training)
+# (The double backward's formula is _reference.activation_grad: every
+# activation's, in training.)
 GG_CASES = ([(a, "bn_act", False, t) for a in (ACTIVATIONS[1], ACTIVATIONS[3]) for t in (True, False)]
+            + [(a, "bn_act", False, True) for a in ACTIVATIONS[4:]]
             + [(a, "act_bn", cl, t) for a in NONLINEAR
                for cl, t in ((False, True), (True, True), (False, False))])
 
@@ -95,7 +102,7 @@ def test_gradgradcheck(device, act, order, channels_last, training):
     """Double backward (the backward op has its own autograd formula;
     ops.backward_reference with order="act_bn" too)."""
     activation, kwargs = act
-    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gg", device, order)
+    x, w, b, rm, rv = _inputs(activation, training, channels_last, "gg", device, order, kwargs)
     args = (x.requires_grad_(), w.requires_grad_(), b.requires_grad_())
     assert gradgradcheck(_fn(rm, rv, training, activation, kwargs, order), args, **GG_TOL)
 

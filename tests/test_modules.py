@@ -90,12 +90,19 @@ def test_parameter_and_buffer_names_match_nn(fused_cls, nn_cls, shape, kwargs, o
     (("relu", {}), "activation=relu"),
     (("leaky_relu", {"negative_slope": 0.2}), "activation=leaky_relu, negative_slope=0.2"),
     (("elu", {"alpha": 0.7}), "activation=elu, alpha=0.7"),
-], ids=ACT_IDS)
+    (("hardtanh", {"min_val": -2.0, "max_val": 3.0}),
+     "activation=hardtanh, min_val=-2.0, max_val=3.0"),
+    (("relu6", {"min_val": -2.0}), "activation=relu6"),
+    (("gelu", {"approximate": "tanh"}), "activation=gelu, approximate=tanh"),
+    (("silu", {}), "activation=silu"),
+], ids=["identity", "relu", "leaky_relu", "elu", "hardtanh", "relu6", "gelu-tanh", "silu"])
 def test_extra_repr_shows_activation(act, expected):
     activation, kwargs = act
     mod = fusedbn.BatchNormAct2d(8, activation=activation, **kwargs)
     text = repr(mod)
     assert expected in text, text
+    # Only the parameters the activation reads are shown.
+    assert ("min_val" in text) == (activation == "hardtanh"), text
     # The rest is nn.BatchNorm2d's.
     assert nn.BatchNorm2d(8).extra_repr() in mod.extra_repr()
     assert text.startswith("BatchNormAct2d(")

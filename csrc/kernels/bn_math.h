@@ -119,17 +119,18 @@ struct RunningUpdate {
   FUSEDBN_HD A var(A running, A batch_var) const { return keep * running + mom * batch_var * unbias; }
 };
 
-// Activity counting: a value is active when its activation input is
-// positive -- the pre-activation for order BnAct (kCountPre), the input x
-// itself for order ActBn (kCountInput). A template switch of the kernels
-// that write y.
+// Activity counting: whether a value is active is the activation's call
+// (activations.h: active()) on its input -- the pre-activation for order
+// BnAct (kCountPre), x itself for order ActBn (kCountInput). A template
+// switch of the kernels that write y.
 enum Count : int { kCountNone = 0, kCountPre = 1, kCountInput = 2 };
 
-// Whether one value counts as active: x is the input, pre the pre-activation.
-template <int Count, typename A>
-FUSEDBN_HD int is_active(A x, A pre) {
-  if constexpr (Count == kCountPre) return pre > A(0);
-  else if constexpr (Count == kCountInput) return x > A(0);
+// Whether one value counts as active: x is the input, v the pre-activation;
+// act the activation after the normalization, pre the one before it.
+template <int Count, typename Act, typename Pre, typename A>
+FUSEDBN_HD int is_active(const Act& act, const Pre& pre, A x, A v) {
+  if constexpr (Count == kCountPre) return act.active(v);
+  else if constexpr (Count == kCountInput) return pre.active(x);
   else return 0;
 }
 

@@ -31,6 +31,13 @@ Isa detect() {
   if (best == Isa::AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
     best = Isa::AVX512;
+  // Copies left out of the build (setup.py: FUSEDBN_CPU_ISAS).
+#ifdef FUSEDBN_NO_AVX512
+  if (best == Isa::AVX512) best = Isa::AVX2;
+#endif
+#ifdef FUSEDBN_NO_AVX2
+  if (best == Isa::AVX2) best = Isa::Baseline;
+#endif
   if (const char* cap = std::getenv("FUSEDBN_CPU_ISA")) {
     if (std::strcmp(cap, "baseline") == 0) best = Isa::Baseline;
     else if (std::strcmp(cap, "avx2") == 0 && best == Isa::AVX512) best = Isa::AVX2;
@@ -50,8 +57,12 @@ void forward(const ForwardParams& p, bool training) {
   std::vector<int64_t> counts(p.activity ? size_t(p.shape.C) : 0, 0);
   q.active_count = p.activity ? counts.data() : nullptr;
   switch (isa()) {
+#ifndef FUSEDBN_NO_AVX512
     case Isa::AVX512: avx512::forward(q, training); break;
+#endif
+#ifndef FUSEDBN_NO_AVX2
     case Isa::AVX2: avx2::forward(q, training); break;
+#endif
     default: baseline::forward(q, training); break;
   }
   // Here, in the baseline build, not in the FMA copies: the float average is
@@ -64,8 +75,12 @@ void forward(const ForwardParams& p, bool training) {
 
 void backward(const BackwardParams& p) {
   switch (isa()) {
+#ifndef FUSEDBN_NO_AVX512
     case Isa::AVX512: return avx512::backward(p);
+#endif
+#ifndef FUSEDBN_NO_AVX2
     case Isa::AVX2: return avx2::backward(p);
+#endif
     default: return baseline::backward(p);
   }
 }

@@ -337,24 +337,24 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
 // Res: a residual z is added before the activation (z is null otherwise).
 // Activity counting (p.active_count): see bn_math.h, Count.
 
-// How many of x[0..n) are positive (an integer reduction, which the
-// compiler vectorizes freely).
-template <typename T>
-FUSEDBN_INLINE int64_t count_positive(const T* x, int64_t n) {
+// How many of x[0..n) `pre` counts as active (an integer reduction, which
+// the compiler vectorizes freely).
+template <typename T, typename Pre>
+FUSEDBN_INLINE int64_t count_active(const T* x, int64_t n, Pre pre) {
   int32_t active = 0;  // n <= kBlock
-  for (int64_t i = 0; i < n; ++i) active += acc_t<T>(load(x[i])) > acc_t<T>(0);
+  for (int64_t i = 0; i < n; ++i) active += pre.active(acc_t<T>(load(x[i])));
   return active;
 }
 
-// Count == kCountPre: returns how many pre-activations were positive; 0
-// otherwise.
+// Count == kCountPre: returns how many pre-activations `act` counts as
+// active; 0 otherwise.
 template <bool Res, int Count, typename A, typename Act>
 FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale,
                                      A shift, Act act) {
   int32_t active = 0;  // n <= kBlock
   for (int64_t i = 0; i < n; ++i) {
     const A pre = pre_activation<Res>(x[i] - mean, z_at<Res>(z, i), scale, shift);
-    if constexpr (Count == kCountPre) active += pre > A(0);
+    if constexpr (Count == kCountPre) active += act.active(pre);
     y[i] = act.fwd(pre);
   }
   return active;
@@ -529,7 +529,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
           active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
                                               k.mean, k.scale, k.shift, act);
-          if constexpr (Count == kCountInput) active += count_positive(x + o, len);
+          if constexpr (Count == kCountInput) active += count_active(x + o, len, pre);
           narrow_to<T>(out, y + o, len);
         }
       if constexpr (Count != kCountNone) p.active_count[c] = active;
@@ -713,7 +713,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
               out, len, mp[c], sc[c], sh[c], act);
           if constexpr (Track) cnt[c] += a;
-          if constexpr (Count == kCountInput) cnt[c] += count_positive(x + o, len);
+          if constexpr (Count == kCountInput) cnt[c] += count_active(x + o, len, pre);
           narrow_to<T>(out, y + o, len);
         }
       } else {
@@ -727,9 +727,9 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
 #pragma GCC ivdep
           for (int64_t c = 0; c < C; ++c) {
             const A v = pre_activation<Res>(xb[i * C + c] - mp[c], z_at<Res>(zb, i * C + c), sc[c], sh[c]);
-            if constexpr (Count == kCountPre) bc[c] += v > A(0) ? A(1) : A(0);
+            if constexpr (Count == kCountPre) bc[c] += act.active(v) ? A(1) : A(0);
             if constexpr (Count == kCountInput)
-              bc[c] += A(load(x[(r + i) * C + c])) > A(0) ? A(1) : A(0);
+              bc[c] += pre.active(A(load(x[(r + i) * C + c]))) ? A(1) : A(0);
             yb[i * C + c] = act.fwd(v);
           }
         if constexpr (Track)

@@ -547,7 +547,7 @@ normalize_ncs_kernel(const T* x, const T* z, T* y, I total, I C, I Sv, I per_blo
           const A v = pre_activation<Res>(pre.fwd(xv) - k.mean, res_at<Res>(pz[u], j), k.scale,
                                           k.shift);
           out.v[j] = from_acc<T>(act.fwd(v));
-          active += is_active<Count>(xv, v);
+          active += is_active<Count>(act, pre, xv, v);
         }
         store_pack<T, V>(y, off[u], out);
         if constexpr (Count != kCountNone) {
@@ -614,7 +614,7 @@ normalize_nsc_kernel(const T* x, const T* z, T* y, I M, I Cv, I rows,
           const A v = pre_activation<Res>(pre.fwd(xv) - k[j].mean, res_at<Res>(pz[u], j),
                                           k[j].scale, k[j].shift);
           out.v[j] = from_acc<T>(act.fwd(v));
-          active[j] += is_active<Count>(xv, v);
+          active[j] += is_active<Count>(act, pre, xv, v);
         }
         store_pack<T, V>(y, offs[u], out);
       }

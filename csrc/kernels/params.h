@@ -6,7 +6,11 @@
 namespace fusedbn {
 
 enum class DType : int { Float32 = 0, Float64 = 1, BFloat16 = 2, Float16 = 3 };
-enum class Activation : int { Identity = 0, ReLU = 1, LeakyReLU = 2, ELU = 3 };
+// relu6 is Hardtanh(0, 6); gelu's approximate="tanh" is GELUTanh.
+enum class Activation : int {
+  Identity = 0, ReLU = 1, LeakyReLU = 2, ELU = 3, Hardtanh = 4, SiLU = 5, Hardswish = 6,
+  Hardsigmoid = 7, GELU = 8, GELUTanh = 9, Mish = 10
+};
 
 // Where element (n, c, s) lives:
 //   NCS (contiguous):     x[(n * C + c) * S + s]
@@ -26,8 +30,9 @@ enum class Order : int { BnAct = 0, ActBn = 1 };
 struct ActParams {
   Activation kind = Activation::ReLU;
   Order order = Order::BnAct;
-  double negative_slope = 0.01;
-  double alpha = 1.0;
+  double negative_slope = 0.01;  // leaky_relu
+  double alpha = 1.0;            // elu
+  double min_val = -1.0, max_val = 1.0;  // hardtanh
 };
 
 // Per-channel arrays (C elements) are in the accumulation type `acc`
@@ -58,8 +63,9 @@ struct ForwardParams {
   const int64_t* num_batches_tracked = nullptr;
   double eps = 1e-5;
   // Activity tracking: float32 [rows][C] or null, updated from how many of
-  // each channel's values have a positive activation input (BnAct: the
-  // pre-activation; ActBn: x), counted in the pass that writes y (bn_math.h:
+  // each channel's values are active (activations.h: active(); of the
+  // pre-activation for BnAct, of x for ActBn), counted in the pass that
+  // writes y (bn_math.h:
   // update_activity). Only with values to count (N * S > 0).
   float* activity = nullptr;
   int activity_rows = 1;

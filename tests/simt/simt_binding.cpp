@@ -123,7 +123,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const OptTensor& bias, const OptTensor& running_mean, const OptTensor& running_var,
            const OptTensor& nbt, bool training, std::optional<double> momentum, double eps,
            const std::string& activation, double negative_slope, double alpha, bool inplace,
-           const std::string& order, const OptTensor& activity, double activity_momentum) {
+           const std::string& order, const OptTensor& activity, double activity_momentum,
+           double min_val, double max_val, const std::string& approximate) {
           fusedbn::ForwardArgs a;
           a.input = input;
           a.residual = residual;
@@ -135,10 +136,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           a.training = training;
           a.momentum = momentum;
           a.eps = eps;
-          a.activation = activation;
-          a.negative_slope = negative_slope;
-          a.alpha = alpha;
-          a.order = order;
+          a.act = {activation, negative_slope, alpha, min_val, max_val, approximate, order};
           a.activity = activity;
           a.activity_momentum = activity_momentum;
           return fusedbn::forward_impl(a, inplace, &fusedbn::forward_kernel);
@@ -148,14 +146,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("training"), py::arg("momentum"), py::arg("eps"), py::arg("activation"),
         py::arg("negative_slope"), py::arg("alpha"), py::arg("inplace"),
         py::arg("order") = "bn_act", py::arg("activity") = py::none(),
-        py::arg("activity_momentum") = 0.1);
+        py::arg("activity_momentum") = 0.1, py::arg("min_val") = -1.0,
+        py::arg("max_val") = 1.0, py::arg("approximate") = "none");
   m.def("backward",
         [](const Tensor& grad_out, const Tensor& input, const OptTensor& residual,
            const OptTensor& weight, const OptTensor& bias, const Tensor& save_mean,
            const Tensor& save_invstd, bool training, const std::string& activation,
            double negative_slope, double alpha, std::array<bool, 4> output_mask,
            bool from_output, const OptTensor& kept_input, const OptTensor& kept_channels,
-           const std::string& order) {
+           const std::string& order, double min_val, double max_val,
+           const std::string& approximate) {
           fusedbn::BackwardArgs a;
           a.grad_out = grad_out;
           a.input = input;
@@ -165,12 +165,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           a.save_mean = save_mean;
           a.save_invstd = save_invstd;
           a.training = training;
-          a.activation = activation;
-          a.negative_slope = negative_slope;
-          a.alpha = alpha;
+          a.act = {activation, negative_slope, alpha, min_val, max_val, approximate, order};
           a.output_mask = output_mask;
           a.from_output = from_output;
-          a.order = order;
           a.kept_input = kept_input;
           a.kept_channels = kept_channels;
           return fusedbn::backward_impl(a, &fusedbn::backward_kernel);
@@ -179,5 +176,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("bias"), py::arg("save_mean"), py::arg("save_invstd"), py::arg("training"),
         py::arg("activation"), py::arg("negative_slope"), py::arg("alpha"),
         py::arg("output_mask"), py::arg("from_output"), py::arg("kept_input"),
-        py::arg("kept_channels"), py::arg("order") = "bn_act");
+        py::arg("kept_channels"), py::arg("order") = "bn_act", py::arg("min_val") = -1.0,
+        py::arg("max_val") = 1.0, py::arg("approximate") = "none");
 }
