@@ -995,19 +995,6 @@ class OneForm(nn.Module):
         return self.act(y) if hasattr(self, "act") else self.fn(y)
 
 
-def kernels_have_new_activations():
-    try:
-        fusedbn.BatchNormAct2d(1, activation="mish", device="meta")
-    except ValueError:
-        return False
-    return True
-
-
-new_activations = pytest.mark.skipif(not kernels_have_new_activations(),
-                                     reason="the fused kernels do not have them yet")
-
-
-@new_activations
 @pytest.mark.parametrize("i", range(len(NEW_FORMS)), ids=NEW_FORM_IDS)
 def test_new_activation_forms(device, i):
     form, activation, params = NEW_FORMS[i]
@@ -1023,7 +1010,6 @@ def test_new_activation_forms(device, i):
     assert_same(back, ref, image(c=4, device=device), steps=1)
 
 
-@new_activations
 @pytest.mark.parametrize("act", [nn.ReLU6(), nn.Hardtanh(-2.0, 2.5), nn.SiLU(), nn.Hardswish(),
                                  nn.Hardsigmoid(), nn.GELU(approximate="tanh"), nn.Mish()],
                          ids=["relu6", "hardtanh", "silu", "hardswish", "hardsigmoid", "gelu",

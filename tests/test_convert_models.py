@@ -265,22 +265,8 @@ MODELS = {
     # layers under torch.utils.checkpoint: not traced, fused by swapping modules
     "densenet_memory_efficient": (functools.partial(DenseNetish, memory_efficient=True), {}),
 }
-NEW_ACTIVATIONS = {"mobilenet_v2", "efficientnet", "mobilenet_v3"}
-
-
-def kernels_have(*names):
-    try:
-        for name in names:
-            _BatchNormAct(1, activation=name, device="meta")
-    except ValueError:
-        return False
-    return True
-
-
 def build(name, dtype, device, memory_format):
     cls = MODELS[name][0]
-    if name in NEW_ACTIVATIONS and not kernels_have("relu6", "silu", "hardswish"):
-        pytest.skip("the fused kernels do not have the new activations yet")
     torch.manual_seed(0)
     model = randomize_bn(cls()).to(device=device, dtype=dtype)
     return model.to(memory_format=memory_format)
