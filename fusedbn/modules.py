@@ -113,9 +113,12 @@ class _BatchNormAct(_BatchNorm):
     def forward(self, input: torch.Tensor,
                 residual: Optional[torch.Tensor] = None) -> torch.Tensor:
         """act(bn(input) [+ residual]); residual has the input's shape and dtype."""
-        # A symbolic trace (torch.fx) has no rank to check; the traced graph
-        # calls the op, which checks the rank when it runs.
-        if not isinstance(input, torch.fx.Proxy):
+        if isinstance(input, torch.fx.Proxy):
+            leaf = self._fx_leaf(input, residual)
+            if leaf is not None:
+                return leaf
+        else:
+            # (A traced forward has no rank to check: the op checks it.)
             self._check_input_dim(input)
         # Exactly nn.BatchNorm's choices: batch statistics in training and
         # when no running statistics exist; buffers passed only when used.
@@ -134,6 +137,21 @@ class _BatchNormAct(_BatchNorm):
             activity_momentum=self.activity_momentum, min_val=self.min_val,
             max_val=self.max_val, approximate=self.approximate)
         return out
+
+    def _fx_leaf(self, input, residual):
+        """Under torch.fx tracing, one call_module node, as nn.BatchNorm2d gets:
+        the module keeps choosing batch or running statistics by its mode when
+        the graph runs (tracing through forward would fix the mode the trace
+        saw). The traced root itself has no path; its forward is traced."""
+        tracer = input.tracer
+        try:
+            path = tracer.path_of_module(self)
+        except NameError:
+            return None
+        if not path:
+            return None
+        kwargs = {} if residual is None else {"residual": residual}
+        return tracer.create_proxy("call_module", path, (input,), kwargs)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", activation={self.activation}"

@@ -182,9 +182,10 @@ def test_shorthands(device, cls, act, eager):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fx_symbolic_trace(device, training):
-    """A fused module traces with torch.fx (as nn.BatchNorm2d does); the
-    graph computes what the module computes, in the mode it was traced in.
-    The rank check stays for eager calls."""
+    """A fused module traces with torch.fx as nn.BatchNorm2d does, as one
+    call_module node: the graph computes what the model computes, and keeps
+    following the modules' train/eval mode afterwards. The rank check stays
+    for eager calls."""
     seed("fx", training)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), fusedbn.BatchNormAct2d(4, activation="hardswish"),
                           nn.Conv2d(4, 4, 1), fusedbn.BatchNormReLU2d(4)).to(device)
@@ -199,6 +200,18 @@ def test_fx_symbolic_trace(device, training):
     assert_close(got, expected, name="traced out")
     for k, v in traced.state_dict().items():
         assert torch.equal(v, after[k]), k
-    assert torch.fx.symbolic_trace(fusedbn.BatchNormReLU2d(8))
+    calls = [n.target for n in traced.graph.nodes if n.op == "call_module"]
+    assert calls == ["0", "1", "2", "3"], calls
+    # The other mode, without tracing again.
+    traced.train(not training)
+    model.train(not training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model(x)
+    model.load_state_dict(before)
+    assert_close(traced(x), expected, name="traced out, other mode")
+    # A fused module as the traced root: its forward is traced (in its mode).
+    root = fusedbn.BatchNormReLU2d(4).to(device).eval()
+    h = torch.randn(2, 4, 3, 3, device=device)
+    assert_close(torch.fx.symbolic_trace(root)(h), root(h), name="traced root")
     with pytest.raises(ValueError, match="expected 4D input"):
         fusedbn.BatchNormReLU2d(3).to(device)(torch.randn(2, 3, device=device))
