@@ -302,7 +302,7 @@ BAD_OPTIONS = (
                                    ("leaky_relu", {"negative_slope": 0.1}),
                                    ("elu", {"alpha": 0.7}))]
     + [(fusedbn.BatchNormReLU2d, dict(order="act_bn", inplace=True), ValueError, ORDER_ERROR),
-       (fusedbn.BatchNormAct2d, dict(inplace=True), ValueError, r"ReLU"),
+       (fusedbn.BatchNormAct2d, dict(inplace=True), ValueError, r"relu maps several inputs"),
        (fusedbn.BatchNormAct2d, dict(activation="leaky_relu", negative_slope=0.0, inplace=True),
         ValueError, r"invertible")])
 
