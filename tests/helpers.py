@@ -93,6 +93,19 @@ LAYOUTS = {
 RANK_LAYOUTS = [(r, lay) for r in (2, 3, 4, 5) for lay in LAYOUTS[r]]
 
 
+def cpu_flags():
+    """The CPU's feature flags from /proc/cpuinfo (empty when unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
 def seed(*key):
     """Seed torch's RNG from any printable key, the same in every process
     (FUSEDBN_TEST_SEED, when set, salts every key: other data, same tests)."""

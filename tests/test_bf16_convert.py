@@ -7,22 +7,13 @@ import subprocess
 
 import pytest
 
+from helpers import cpu_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _cpu_flags():
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= _cpu_flags(),
+@pytest.mark.skipif(not {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags(),
                     reason="needs an AVX-512 CPU")
 def test_bf16_conversions_bit_exact(tmp_path):
     exe = tmp_path / "bf16_convert_check"

@@ -10,6 +10,8 @@ import subprocess
 
 import pytest
 
+from helpers import cpu_flags
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cpp" / "vec_math_check.cpp"
 # The extension's flags (setup.py), so the code checked is the code shipped.
@@ -25,21 +27,10 @@ ISAS = {
 needs_gxx = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 
 
-def _cpu_flags():
-    try:
-        text = pathlib.Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @needs_gxx
 @pytest.mark.parametrize("isa", ["baseline", "avx2"])
 def test_vec_math_accuracy(isa, tmp_path):
-    if isa == "avx2" and not {"avx2", "fma"} <= _cpu_flags():
+    if isa == "avx2" and not {"avx2", "fma"} <= cpu_flags():
         pytest.skip("needs an AVX2+FMA CPU")
     exe = tmp_path / "vec_math_check"
     subprocess.run(["g++", *CXXFLAGS, *ISAS[isa], str(SOURCE), "-o", str(exe)], check=True)
