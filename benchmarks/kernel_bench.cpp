@@ -3,7 +3,8 @@
 // percentage of the copy bandwidth under the pass model (forward-train 3
 // passes, eval 2, backward 5; see fusedbn/bench/passes.py).
 //
-//   g++ -O3 -std=c++17 -fopenmp -Icsrc/kernels benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
+//   g++ -O3 -std=c++17 -fopenmp -fno-math-errno -fno-trapping-math -Icsrc/kernels \
+//       -DFUSEDBN_ONLY_ACT=ReLUAct benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter]
 //
 // filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
@@ -24,7 +25,11 @@
 #include <cstring>
 #include <vector>
 
-// The AVX-512 copy of the kernels, compiled exactly as the extension does.
+// The AVX-512 copy of the kernels, compiled as the extension does (its flags
+// above), for the one activation FUSEDBN_ONLY_ACT (the default parameters).
+#ifndef FUSEDBN_ONLY_ACT
+#define FUSEDBN_ONLY_ACT ReLUAct
+#endif
 #include "cpu_isa_avx512.cpp"
 
 using namespace fusedbn;
@@ -136,5 +141,6 @@ int main(int argc, char** argv) {
     run<float>(8, 512, 49, L, DType::Float32, "float32", nt);
     run<bf16_t>(32, 64, 3136, L, DType::BFloat16, "bfloat16", nt);
     run<bf16_t>(64, 256, 196, L, DType::BFloat16, "bfloat16", nt);
+    run<bf16_t>(8, 512, 49, L, DType::BFloat16, "bfloat16", nt);
   }
 }

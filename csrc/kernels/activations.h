@@ -236,6 +236,9 @@ inline bool is_invertible(const ActParams& a) {
 // Runtime activation -> functor type, once per call, outside the hot loops.
 template <typename A, typename F>
 auto dispatch_activation(const ActParams& a, F&& f) {
+#ifdef FUSEDBN_ONLY_ACT  // benchmarks/kernel_bench.cpp: one activation compiles in a minute
+  return f(FUSEDBN_ONLY_ACT<A>{});
+#else
   switch (a.kind) {
     case Activation::Identity: return f(IdentityAct<A>{});
     case Activation::ReLU: return f(ReLUAct<A>{});
@@ -250,6 +253,7 @@ auto dispatch_activation(const ActParams& a, F&& f) {
     case Activation::GELUTanh: return f(GELUTanhAct<A>{});
     case Activation::Mish: default: return f(MishAct<A>{});
   }
+#endif
 }
 
 }  // namespace fusedbn

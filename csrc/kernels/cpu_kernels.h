@@ -155,12 +155,14 @@ FUSEDBN_INLINE void prefetch_next_block(const Shape& s, const T* chan, int64_t n
   for (int64_t pl = n1; pl < end; ++pl) prefetch_values(chan + pl * stride, len);
 }
 
-// ------------------------------------------------- 16-bit <-> float blocks
+// ------------------------------------------------- 16-bit <-> float
 //
-// bfloat16/float16 data is widened to float in L1-sized buffers and narrowed
-// back on store: the compiler vectorizes these plain conversion loops (F16C
-// intrinsics for float16, which GCC does not vectorize from _Float16), and the
-// arithmetic then runs on the float path. Float and double skip the copies.
+// bfloat16 is read and written where the loops use it: load() widens in
+// registers (a shift), store<bf16_t>() rounds in a few integer operations,
+// and both vectorize with the arithmetic around them, so a 16-bit tensor
+// costs the loops no extra pass over L1. float16 is widened into L1-sized
+// float buffers and narrowed back (F16C; GCC converts _Float16 one value at
+// a time). Float and double are read and written as they are.
 
 template <typename T>
 constexpr bool is_16bit = std::is_same<T, bf16_t>::value || std::is_same<T, fp16_t>::value;
@@ -201,14 +203,19 @@ FUSEDBN_INLINE void narrow(const float* src, bf16_t* dst, int64_t n) {
 }
 #endif
 
-// The values x[0..n) as acc_t<T>: x itself, or widened into buf.
+// Storage types the loops read and write themselves (load / store<T>).
 template <typename T>
-FUSEDBN_INLINE const acc_t<T>* as_acc(const T* x, int64_t n, acc_t<T>* buf) {
-  if constexpr (is_16bit<T>) {
-    widen(x, buf, n);
-    return buf;
-  } else {
+constexpr bool in_registers = !std::is_same<T, fp16_t>::value;
+
+// The values x[0..n) as the loops read them, with load(): x itself, or for
+// float16 widened into buf.
+template <typename T>
+FUSEDBN_INLINE auto as_acc(const T* x, int64_t n, acc_t<T>* buf) {
+  if constexpr (in_registers<T>) {
     return x;
+  } else {
+    widen(x, buf, n);
+    return static_cast<const acc_t<T>*>(buf);
   }
 }
 template <typename F>
@@ -218,52 +225,64 @@ struct IsIdentity<IdentityAct<A>> : std::true_type {};
 
 // The kernels' input a = pre(x): with order ActBn the activation `pre` is
 // applied as x is loaded (BnAct passes IdentityAct), so everything after the
-// load is the plain BatchNorm of a. The values go through an L1 buffer when
-// they are 16-bit or transformed.
+// load is the plain BatchNorm of a. Transformed values (and float16) go
+// through an L1 buffer.
 template <typename T, typename Pre>
-constexpr bool buffered = is_16bit<T> || !IsIdentity<Pre>::value;
+constexpr bool buffered = !in_registers<T> || !IsIdentity<Pre>::value;
 
 template <typename T, typename Pre>
-FUSEDBN_INLINE const acc_t<T>* load_input(const T* x, int64_t n, acc_t<T>* buf, const Pre& pre) {
-  const acc_t<T>* v = as_acc(x, n, buf);
+FUSEDBN_INLINE auto load_input(const T* x, int64_t n, acc_t<T>* buf, const Pre& pre) {
   if constexpr (IsIdentity<Pre>::value) {
-    return v;
+    return as_acc(x, n, buf);
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = pre.fwd(v[i]);
-    return buf;
+    for (int64_t i = 0; i < n; ++i) buf[i] = pre.fwd(acc_t<T>(load(x[i])));
+    return static_cast<const acc_t<T>*>(buf);
   }
 }
 
-// With order ActBn, turns the n gradients d(bn)/da in g into dL/dx = g * pre'(x).
+// Outputs computed in a float buffer and narrowed afterwards (narrow_to):
+// float16, and 16-bit dx with order ActBn, whose chain rule through pre
+// comes before the rounding. Everything else is stored where it belongs.
 template <typename T, typename Pre>
-FUSEDBN_INLINE void chain_input_grad(acc_t<T>* g, const T* x, int64_t n, const Pre& pre) {
+constexpr bool out_buffered =
+    !in_registers<T> || (is_16bit<T> && !IsIdentity<Pre>::value);
+
+template <bool Buf, typename T>
+FUSEDBN_INLINE auto out_view(T* y, acc_t<T>* buf) {
+  if constexpr (Buf) return buf;
+  else return y;
+}
+template <bool Buf, typename S, typename T>
+FUSEDBN_INLINE void narrow_to(const S* src, T* y, int64_t n) {
+  if constexpr (Buf) narrow(src, y, n);
+}
+
+// With order ActBn, turns the n gradients d(bn)/da in g into dL/dx = g * pre'(x).
+template <typename T, typename G, typename Pre>
+FUSEDBN_INLINE void chain_input_grad(G* g, const T* x, int64_t n, const Pre& pre) {
   if constexpr (!IsIdentity<Pre>::value)
     for (int64_t i = 0; i < n; ++i) g[i] = pre.grad(g[i], acc_t<T>(load(x[i])));
 }
 
-// Where to compute n outputs destined for y: y itself, or buf (then narrow_to).
-template <typename T>
-FUSEDBN_INLINE acc_t<T>* out_acc(T* y, acc_t<T>* buf) {
-  if constexpr (is_16bit<T>) return buf;
-  else return y;
-}
-template <typename T>
-FUSEDBN_INLINE void narrow_to(const acc_t<T>* src, T* y, int64_t n) {
-  if constexpr (is_16bit<T>) narrow(src, y, n);
+// v stored as Y.
+template <typename Y, typename A>
+FUSEDBN_INLINE void put(Y* y, int64_t i, A v) {
+  y[i] = store<Y>(v);
 }
 
-// z[i], or 0 without a residual (z is then null and never read).
-template <bool Res, typename A>
-FUSEDBN_INLINE A z_at(const A* z, int64_t i) {
-  if constexpr (Res) return z[i];
-  else return A(0);
+// z[i] as its accumulation type, or 0 without a residual (z is then null and
+// never read).
+template <bool Res, typename Z>
+FUSEDBN_INLINE auto z_at(const Z* z, int64_t i) {
+  if constexpr (Res) return load(z[i]);
+  else return decltype(load(*z))(0);
 }
 
-// The residual values z[off..off+n) as acc_t<T>, or null without a residual.
+// The residual values z[off..off+n) (as_acc), or null without a residual.
 template <bool Res, typename T>
-FUSEDBN_INLINE const acc_t<T>* residual_acc(const T* z, int64_t off, int64_t n, acc_t<T>* buf) {
+FUSEDBN_INLINE auto residual_acc(const T* z, int64_t off, int64_t n, acc_t<T>* buf) {
   if constexpr (Res) return as_acc(z + off, n, buf);
-  else return nullptr;
+  else return static_cast<const T*>(nullptr);
 }
 
 // ---------------------------------------------------------- contiguous runs
@@ -290,30 +309,30 @@ struct Lanes {
 // An inf or NaN anywhere in the lanes (an inf/NaN input, or sums that
 // overflowed) reaches mean or M2, and one check per block sends those
 // blocks to exact_moments.
-template <typename A>
-FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, int64_t len,
+template <typename X, typename A = acc_t<X>>
+FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, int64_t len,
                                   double& mean, double& m2) {
   const int64_t body = len - len % kLanes;
   const A n = A(planes * len);
   Lanes<A> acc;
   for (int64_t k = 0; k < planes; ++k) {
-    const A* r = x + k * stride;
+    const X* r = x + k * stride;
     for (int64_t i = 0; i < body; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) acc.v[j] += r[i + j];
-    for (int64_t i = body; i < len; ++i) acc.t[i - body] += r[i];
+      for (int j = 0; j < kLanes; ++j) acc.v[j] += A(load(r[i + j]));
+    for (int64_t i = body; i < len; ++i) acc.t[i - body] += A(load(r[i]));
   }
   const A m = acc.sum() / n;
   Lanes<A> s1, sq;
   for (int64_t k = 0; k < planes; ++k) {
-    const A* r = x + k * stride;
+    const X* r = x + k * stride;
     for (int64_t i = 0; i < body; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
-        const A d = r[i + j] - m;
+        const A d = A(load(r[i + j])) - m;
         s1.v[j] += d;
         sq.v[j] += d * d;
       }
     for (int64_t i = body; i < len; ++i) {
-      const A d = r[i] - m;
+      const A d = A(load(r[i])) - m;
       s1.t[i - body] += d;
       sq.t[i - body] += d * d;
     }
@@ -325,7 +344,7 @@ FUSEDBN_INLINE void block_moments(const A* x, int64_t stride, int64_t planes, in
   exact_moments<A>(
       [&](auto f) {
         for (int64_t k = 0; k < planes; ++k)
-          for (int64_t i = 0; i < len; ++i) f(x[k * stride + i]);
+          for (int64_t i = 0; i < len; ++i) f(A(load(x[k * stride + i])));
       },
       double(n), mean, m2);
 }
@@ -348,35 +367,36 @@ FUSEDBN_INLINE int64_t count_active(const T* x, int64_t n, Pre pre) {
 
 // Count == kCountPre: returns how many pre-activations `act` counts as
 // active; 0 otherwise.
-template <bool Res, int Count, typename A, typename Act>
-FUSEDBN_INLINE int64_t run_normalize(const A* x, const A* z, A* y, int64_t n, A mean, A scale,
+template <bool Res, int Count, typename X, typename Z, typename Y, typename A, typename Act>
+FUSEDBN_INLINE int64_t run_normalize(const X* x, const Z* z, Y* y, int64_t n, A mean, A scale,
                                      A shift, Act act) {
   int32_t active = 0;  // n <= kBlock
   for (int64_t i = 0; i < n; ++i) {
-    const A pre = pre_activation<Res>(x[i] - mean, z_at<Res>(z, i), scale, shift);
+    const A pre = pre_activation<Res>(A(load(x[i])) - mean, A(z_at<Res>(z, i)), scale, shift);
     if constexpr (Count == kCountPre) active += act.active(pre);
-    y[i] = act.fwd(pre);
+    put(y, i, act.fwd(pre));
   }
   return active;
 }
 
 // Adds the run's sum(g) and sum(g * xh) to the lanes sg, sgx.
-template <bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, ChannelCoef<A> k,
+template <bool Res, bool FromOut, typename X, typename Z, typename D, typename A, typename Act>
+FUSEDBN_INLINE void run_reduce(const X* x, const Z* z, const D* dy, int64_t n, ChannelCoef<A> k,
                                Act act, Lanes<A>& sg, Lanes<A>& sgx) {
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes)
     for (int j = 0; j < kLanes; ++j) {
       A xh;
-      const A g = grad_pre<Res, FromOut>(x[i + j], z_at<Res>(z, i + j), dy[i + j], k.mean, k.scale,
-                                         k.shift, k.hat, act, xh);
+      const A g = grad_pre<Res, FromOut>(A(load(x[i + j])), A(z_at<Res>(z, i + j)),
+                                         A(load(dy[i + j])), k.mean, k.scale, k.shift, k.hat, act,
+                                         xh);
       sg.v[j] += g;
       sgx.v[j] += g * xh;
     }
   for (int64_t i = body; i < n; ++i) {
     A xh;
-    const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
-                                       k.hat, act, xh);
+    const A g = grad_pre<Res, FromOut>(A(load(x[i])), A(z_at<Res>(z, i)), A(load(dy[i])), k.mean,
+                                       k.scale, k.shift, k.hat, act, xh);
     sg.t[i - body] += g;
     sgx.t[i - body] += g * xh;
   }
@@ -384,14 +404,14 @@ FUSEDBN_INLINE void run_reduce(const A* x, const A* z, const A* dy, int64_t n, C
 
 // run_reduce's sums in double, for runs whose float lanes came out
 // non-finite (|dy| near float's maximum): adds them to sg, sgx.
-template <bool Res, bool FromOut, typename A, typename Act>
-void reduce_exact(const A* x, const A* z, const A* dy, int64_t n, int64_t stride,
+template <bool Res, bool FromOut, typename X, typename Z, typename D, typename A, typename Act>
+void reduce_exact(const X* x, const Z* z, const D* dy, int64_t n, int64_t stride,
                   ChannelCoef<A> k, Act act, double& sg, double& sgx) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
-    const A v = x[i * stride], zi = z_at<Res>(z, i * stride);
-    const A g = grad_pre<Res, FromOut>(v, zi, dy[i * stride], k.mean, k.scale, k.shift, k.hat,
-                                       act, xh);
+    const A v = A(load(x[i * stride])), zi = A(z_at<Res>(z, i * stride));
+    const A g = grad_pre<Res, FromOut>(v, zi, A(load(dy[i * stride])), k.mean, k.scale, k.shift,
+                                       k.hat, act, xh);
     // xh again in double: in float it overflows (then g * xh is inf, or NaN
     // at g = 0) where eager's double sum is finite.
     double xd;
@@ -412,9 +432,9 @@ FUSEDBN_INLINE bool sums_overflowed(A sg, A sgx) {
 // Channels-last: adds a chunk's W channel sums g1, g2 over rr rows to sg,
 // sgx, those that overflowed again in double (reduce_exact). Out of line,
 // so the chunk loop keeps its accumulators in registers.
-template <bool Res, bool FromOut, typename A, typename Act>
+template <bool Res, bool FromOut, typename A, typename X, typename Z, typename D, typename Act>
 __attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, int64_t c0,
-                                               const A* xb, const A* zb, const A* dyb, int64_t rr,
+                                               const X* xb, const Z* zb, const D* dyb, int64_t rr,
                                                int64_t C, const ChannelCoef<A>* coef, Act act,
                                                double* sg, double* sgx) {
   for (int j = 0; j < W; ++j) {
@@ -457,15 +477,16 @@ FUSEDBN_INLINE void with_dx_switches(bool training, const void* dx, const void* 
 // dx (Out & kDx) and, with a residual, dz = g (Out & kDz).
 // Train: dx = g * scale + xh * k_xh + k_const (the batch statistics' terms);
 // eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
-template <bool Train, int Out, bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE void run_dx(const A* x, const A* z, const A* dy, A* dx, A* dz, int64_t n,
+template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
+          typename O, typename OZ, typename A, typename Act>
+FUSEDBN_INLINE void run_dx(const X* x, const Z* z, const D* dy, O* dx, OZ* dz, int64_t n,
                            ChannelCoef<A> k, A k_xh, A k_const, Act act) {
   for (int64_t i = 0; i < n; ++i) {
     A xh;
-    const A g = grad_pre<Res, FromOut>(x[i], z_at<Res>(z, i), dy[i], k.mean, k.scale, k.shift,
-                                       k.hat, act, xh);
-    if constexpr ((Out & kDx) != 0) dx[i] = dx_value<Train>(g, xh, k.scale, k_xh, k_const);
-    if constexpr (Res && (Out & kDz) != 0) dz[i] = g;
+    const A g = grad_pre<Res, FromOut>(A(load(x[i])), A(z_at<Res>(z, i)), A(load(dy[i])), k.mean,
+                                       k.scale, k.shift, k.hat, act, xh);
+    if constexpr ((Out & kDx) != 0) put(dx, i, dx_value<Train>(g, xh, k.scale, k_xh, k_const));
+    if constexpr (Res && (Out & kDz) != 0) put(dz, i, g);
   }
 }
 
@@ -490,8 +511,8 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
-    const size_t nb = buffered<T, Pre> ? kBlock : 0;
-    std::vector<A> buf(nb), zbuf(is_16bit<T> ? kBlock : 0), obuf(is_16bit<T> ? kBlock : 0);
+    const size_t nb = buffered<T, Pre> ? kBlock : 0, n16 = in_registers<T> ? 0 : kBlock;
+    std::vector<A> buf(nb), zbuf(n16), obuf(n16);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
       const int64_t base = c * s.S, stride = s.C * s.S;
@@ -499,18 +520,14 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
       for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
         prefetch_next_block(s, x + base, n0, n1, len);
         // Buffered planes are loaded side by side into one buffer first.
-        const A* run;
-        int64_t rstride = stride;
+        double bm, bm2;
         if constexpr (buffered<T, Pre>) {
           for (int64_t pl = n0; pl < n1; ++pl)
             load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
-          run = buf.data();
-          rstride = len;
+          block_moments(buf.data(), len, n1 - n0, len, bm, bm2);
         } else {
-          run = x + n0 * stride + base + off;
+          block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
         }
-        double bm, bm2;
-        block_moments(run, rstride, n1 - n0, len, bm, bm2);
         mo.merge(double((n1 - n0) * len), bm, bm2);
       });
       const A mean = A(mo.mean);
@@ -525,12 +542,12 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
-          A* out = out_acc(y + o, obuf.data());
+          auto out = out_view<!in_registers<T>>(y + o, obuf.data());
           active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
                                               k.mean, k.scale, k.shift, act);
           if constexpr (Count == kCountInput) active += count_active(x + o, len, pre);
-          narrow_to<T>(out, y + o, len);
+          narrow_to<!in_registers<T>>(out, y + o, len);
         }
       if constexpr (Count != kCountNone) p.active_count[c] = active;
     }
@@ -597,7 +614,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
       prefetch_values(x + (r + rr) * C, std::min(R, r1 - r - rr) * C);
-      const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
+      const auto* xb = load_input(x + r * C, rr * C, buf.data(), pre);
       // Corrected two-pass per channel, as in block_moments.
       const A inv = A(1) / A(rr);
       const double nb = double(rr), inb = 1.0 / nb;
@@ -605,11 +622,11 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
         constexpr int W = decltype(width)::value;
         A m[W] = {}, s1[W] = {}, s2[W] = {};
         for (int64_t i = 0; i < rr; ++i)
-          for (int j = 0; j < W; ++j) m[j] += xb[i * C + c0 + j];
+          for (int j = 0; j < W; ++j) m[j] += A(load(xb[i * C + c0 + j]));
         for (int j = 0; j < W; ++j) m[j] *= inv;
         for (int64_t i = 0; i < rr; ++i)
           for (int j = 0; j < W; ++j) {
-            const A d = xb[i * C + c0 + j] - m[j];
+            const A d = A(load(xb[i * C + c0 + j])) - m[j];
             s1[j] += d;
             s2[j] += d * d;
           }
@@ -627,7 +644,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
             if (!std::isfinite(bmean[c0 + j]) || !std::isfinite(bm2[c0 + j]))
               exact_moments<A>(
                   [&](auto f) {
-                    for (int64_t i = 0; i < rr; ++i) f(xb[i * C + c0 + j]);
+                    for (int64_t i = 0; i < rr; ++i) f(A(load(xb[i * C + c0 + j])));
                   },
                   nb, bmean[c0 + j], bm2[c0 + j]);
       });
@@ -700,41 +717,42 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     // the float loop instead of mixing in integer lanes.
     std::vector<A> bcnt(Track && !ncs ? C : 0);
     const int64_t len_max = ncs ? kBlock : R * C;
-    std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(is_16bit<T> ? len_max : 0),
-        obuf(is_16bit<T> ? len_max : 0);
+    std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(in_registers<T> ? 0 : len_max),
+        obuf(in_registers<T> ? 0 : len_max);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       if (ncs) {
         const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
-          A* out = out_acc(y + o, obuf.data());
+          auto out = out_view<!in_registers<T>>(y + o, obuf.data());
           const int64_t a = run_normalize<Res, Count>(
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
               out, len, mp[c], sc[c], sh[c], act);
           if constexpr (Track) cnt[c] += a;
           if constexpr (Count == kCountInput) cnt[c] += count_active(x + o, len, pre);
-          narrow_to<T>(out, y + o, len);
+          narrow_to<!in_registers<T>>(out, y + o, len);
         }
       } else {
         const int64_t r = it * R, rr = std::min(R, M - r);
-        const A* xb = load_input(x + r * C, rr * C, buf.data(), pre);
-        const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
-        A* yb = out_acc(y + r * C, obuf.data());
+        const auto* xb = load_input(x + r * C, rr * C, buf.data(), pre);
+        const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
+        auto* yb = out_view<!in_registers<T>>(y + r * C, obuf.data());
         A* bc = bcnt.data();
         if constexpr (Track) std::fill(bcnt.begin(), bcnt.end(), A(0));
         for (int64_t i = 0; i < rr; ++i)
 #pragma GCC ivdep
           for (int64_t c = 0; c < C; ++c) {
-            const A v = pre_activation<Res>(xb[i * C + c] - mp[c], z_at<Res>(zb, i * C + c), sc[c], sh[c]);
+            const A v = pre_activation<Res>(A(load(xb[i * C + c])) - mp[c], A(z_at<Res>(zb, i * C + c)),
+                                            sc[c], sh[c]);
             if constexpr (Count == kCountPre) bc[c] += act.active(v) ? A(1) : A(0);
             if constexpr (Count == kCountInput)
               bc[c] += pre.active(A(load(x[(r + i) * C + c]))) ? A(1) : A(0);
-            yb[i * C + c] = act.fwd(v);
+            put(yb, i * C + c, act.fwd(v));
           }
         if constexpr (Track)
           for (int64_t c = 0; c < C; ++c) cnt[c] += int64_t(bc[c]);
-        narrow_to<T>(yb, y + r * C, rr * C);
+        narrow_to<!in_registers<T>>(yb, y + r * C, rr * C);
       }
     }
   }
@@ -838,24 +856,26 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
-    const size_t nb = is_16bit<T> ? kBlock : 0;
-    std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
+    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = !in_registers<T>;
+    const size_t nb = in_registers<T> ? 0 : kBlock;
+    std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
+        obuf(OutBuf ? kBlock : 0), dzbuf(nb);
     // dx (and dz) of the len values at offset o, which belong to one channel.
     auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
-      const A* xa = load_input(x + o, len, xbuf.data(), pre);
-      const A* za = residual_acc<Res>(z, o, len, zbuf.data());
-      const A* dya = as_acc(dy + o, len, dybuf.data());
-      A* out = dx ? out_acc(dx + o, obuf.data()) : nullptr;
-      A* dzo = dz ? out_acc(dz + o, dzbuf.data()) : nullptr;
+      const auto* xa = load_input(x + o, len, xbuf.data(), pre);
+      const auto* za = residual_acc<Res>(z, o, len, zbuf.data());
+      const auto* dya = as_acc(dy + o, len, dybuf.data());
+      auto* out = dx ? out_view<OutBuf>(dx + o, obuf.data()) : nullptr;
+      auto* dzo = dz ? out_view<DzBuf>(dz + o, dzbuf.data()) : nullptr;
       with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
         run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
             xa, za, dya, out, dzo, len, k, kx, kc, act);
       });
       if (dx) {
         chain_input_grad(out, x + o, len, pre);
-        narrow_to<T>(out, dx + o, len);
+        narrow_to<OutBuf>(out, dx + o, len);
       }
-      if (dz) narrow_to<T>(dzo, dz + o, len);
+      if (dz) narrow_to<DzBuf>(dzo, dz + o, len);
     };
     if (stream) {
       // Sums per plane in memory order, per thread, then per channel.
@@ -865,9 +885,9 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
         const int64_t c = pl % s.C, o = pl * s.S;
         Lanes<A> bg, bgx;
-        const A* xa = load_input(x + o, s.S, xbuf.data(), pre);
-        const A* za = residual_acc<Res>(z, o, s.S, zbuf.data());
-        const A* dya = as_acc(dy + o, s.S, dybuf.data());
+        const auto* xa = load_input(x + o, s.S, xbuf.data(), pre);
+        const auto* za = residual_acc<Res>(z, o, s.S, zbuf.data());
+        const auto* dya = as_acc(dy + o, s.S, dybuf.data());
         run_reduce<Res, FromOut>(xa, za, dya, s.S, coef[c], act, bg, bgx);
         const A bs = bg.sum(), bsx = bgx.sum();
         if (!sums_overflowed(bs, bsx)) {
@@ -931,17 +951,19 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
 }
 
 // dx (and dz) of rr channels-last rows, as run_dx.
-template <bool Train, int Out, bool Res, bool FromOut, typename A, typename Act>
-FUSEDBN_INLINE void rows_dx(const A* xb, const A* zb, const A* dyb, A* out, A* dzo, int64_t rr,
+template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
+          typename O, typename OZ, typename A, typename Act>
+FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t rr,
                             int64_t C, const A* mp, const A* sc, const A* sh, const A* ht,
                             const A* kx, const A* kc, Act act) {
   for (int64_t i = 0; i < rr; ++i)
     for (int64_t c = 0; c < C; ++c) {
       A xh;
-      const A g = grad_pre<Res, FromOut>(xb[i * C + c], z_at<Res>(zb, i * C + c), dyb[i * C + c],
+      const int64_t e = i * C + c;
+      const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
                                          mp[c], sc[c], sh[c], ht[c], act, xh);
-      if constexpr ((Out & kDx) != 0) out[i * C + c] = dx_value<Train>(g, xh, sc[c], kx[c], kc[c]);
-      if constexpr (Res && (Out & kDz) != 0) dzo[i * C + c] = g;
+      if constexpr ((Out & kDx) != 0) put(out, e, dx_value<Train>(g, xh, sc[c], kx[c], kc[c]));
+      if constexpr (Res && (Out & kDz) != 0) put(dzo, e, g);
     }
 }
 
@@ -979,8 +1001,10 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const int t = omp_get_thread_num();
-    const size_t len_max = size_t(std::max(R, RR) * C), nb = is_16bit<T> ? len_max : 0;
-    std::vector<A> xbuf(buffered<T, Pre> ? len_max : 0), zbuf(nb), dybuf(nb), obuf(nb), dzbuf(nb);
+    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = !in_registers<T>;
+    const size_t len_max = size_t(std::max(R, RR) * C), nb = in_registers<T> ? 0 : len_max;
+    std::vector<A> xbuf(buffered<T, Pre> ? len_max : 0), zbuf(nb), dybuf(nb),
+        obuf(OutBuf ? len_max : 0), dzbuf(nb);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
 #pragma omp for schedule(static)
@@ -989,9 +1013,9 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
       prefetch_values(x + (r + rr) * C, next);
       prefetch_values(dy + (r + rr) * C, next);
       if constexpr (Res) prefetch_values(z + (r + rr) * C, next);
-      const A* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
-      const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
-      const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
+      const auto* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
+      const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
+      const auto* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
       for_each_chunk(C, [&](int64_t c0, auto width) {
         constexpr int W = decltype(width)::value;
         A m[W], k[W], h[W], ik[W], g1[W] = {}, g2[W] = {};
@@ -1005,8 +1029,8 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
           for (int j = 0; j < W; ++j) {
             const int64_t e = i * C + c0 + j;
             A xh;
-            const A g = grad_pre<Res, FromOut>(xb[e], z_at<Res>(zb, e), dyb[e], m[j], k[j], h[j],
-                                               ik[j], act, xh);
+            const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
+                                               m[j], k[j], h[j], ik[j], act, xh);
             g1[j] += g;
             g2[j] += g * xh;
           }
@@ -1034,20 +1058,20 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp for schedule(static)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t r = blk * R, rr = std::min(R, M - r);
-        const A* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
-        const A* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
-        const A* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
-        A* out = dx ? out_acc(dx + r * C, obuf.data()) : nullptr;
-        A* dzo = dz ? out_acc(dz + r * C, dzbuf.data()) : nullptr;
+        const auto* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
+        const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
+        const auto* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
+        auto* out = dx ? out_view<OutBuf>(dx + r * C, obuf.data()) : nullptr;
+        auto* dzo = dz ? out_view<DzBuf>(dz + r * C, dzbuf.data()) : nullptr;
         with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
           rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
               xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
         });
         if (dx) {
           chain_input_grad(out, x + r * C, rr * C, pre);
-          narrow_to<T>(out, dx + r * C, rr * C);
+          narrow_to<OutBuf>(out, dx + r * C, rr * C);
         }
-        if (dz) narrow_to<T>(dzo, dz + r * C, rr * C);
+        if (dz) narrow_to<DzBuf>(dzo, dz + r * C, rr * C);
       }
     }
   }
