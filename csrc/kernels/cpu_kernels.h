@@ -241,11 +241,17 @@ FUSEDBN_INLINE auto load_input(const T* x, int64_t n, acc_t<T>* buf, const Pre& 
 }
 
 // Outputs computed in a float buffer and narrowed afterwards (narrow_to):
-// float16, and 16-bit dx with order ActBn, whose chain rule through pre
-// comes before the rounding. Everything else is stored where it belongs.
+// float16; bfloat16 in the AVX-512 copy, whose narrowing of a whole buffer
+// (cpu_bf16_avx512.h, vcvtneps2bf16 where present) costs less than the
+// rounding GCC vectorizes from store<bf16_t> (streaming eval of 14x14 planes:
+// 1.3x faster, measured); and 16-bit dx with order ActBn, whose chain rule
+// through pre comes before the rounding. Everything else is stored where it
+// belongs.
+template <typename T>
+constexpr bool y_buffered =
+    !in_registers<T> || (FUSEDBN_CPU_AVX512 && std::is_same<T, bf16_t>::value);
 template <typename T, typename Pre>
-constexpr bool out_buffered =
-    !in_registers<T> || (is_16bit<T> && !IsIdentity<Pre>::value);
+constexpr bool out_buffered = y_buffered<T> || (is_16bit<T> && !IsIdentity<Pre>::value);
 
 template <bool Buf, typename T>
 FUSEDBN_INLINE auto out_view(T* y, acc_t<T>* buf) {
@@ -511,8 +517,8 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
-    const size_t nb = buffered<T, Pre> ? kBlock : 0, n16 = in_registers<T> ? 0 : kBlock;
-    std::vector<A> buf(nb), zbuf(n16), obuf(n16);
+    const size_t nb = buffered<T, Pre> ? kBlock : 0;
+    std::vector<A> buf(nb), zbuf(in_registers<T> ? 0 : kBlock), obuf(y_buffered<T> ? kBlock : 0);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < s.C; ++c) {
       const int64_t base = c * s.S, stride = s.C * s.S;
@@ -542,12 +548,12 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
       for (int64_t n = 0; n < s.N; ++n)
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
-          auto out = out_view<!in_registers<T>>(y + o, obuf.data());
+          auto out = out_view<y_buffered<T>>(y + o, obuf.data());
           active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
                                               residual_acc<Res>(z, o, len, zbuf.data()), out, len,
                                               k.mean, k.scale, k.shift, act);
           if constexpr (Count == kCountInput) active += count_active(x + o, len, pre);
-          narrow_to<!in_registers<T>>(out, y + o, len);
+          narrow_to<y_buffered<T>>(out, y + o, len);
         }
       if constexpr (Count != kCountNone) p.active_count[c] = active;
     }
@@ -555,21 +561,20 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
 }
 
 // Rows of the channels-last layout are processed in blocks of R rows (about
-// kBlock values), widened as a whole for 16-bit types.
-// 16-bit types take a quarter of that: their rows are widened into float
-// buffers (x, dy, the output) that must fit in L1 together (backward at
+// kBlock values). float16 takes a quarter of that: its rows are widened into
+// float buffers (x, dy, the output) that must fit in L1 together (backward at
 // 32x64x56x56 channels-last: 1.7x faster than with full-size blocks).
 template <typename T>
 inline int64_t rows_per_block(int64_t C) {
-  return std::max<int64_t>(8, (is_16bit<T> ? kBlock / 4 : kBlock) / std::max<int64_t>(C, 1));
+  return std::max<int64_t>(8, (in_registers<T> ? kBlock : kBlock / 4) / std::max<int64_t>(C, 1));
 }
 // The reductions (for_each_chunk below) only need a chunk's rows in L1, not
 // the whole block: longer blocks there make the per-block merge of C
 // channels' sums rarer (it cost as much as the sums at 16 rows of C = 256).
-// 16-bit types keep rows_per_block: their whole block is widened into L1.
+// float16 keeps rows_per_block: its whole block is widened into L1.
 template <typename T>
 inline int64_t rows_per_reduce_block(int64_t C) {
-  if (is_16bit<T>) return rows_per_block<T>(C);
+  if (!in_registers<T>) return rows_per_block<T>(C);
   return std::clamp<int64_t>(4 * kBlock / std::max<int64_t>(C, 1), 8, 64);
 }
 
@@ -583,7 +588,15 @@ inline int64_t rows_per_reduce_block(int64_t C) {
 // so the results do not depend on C's chunking.
 //
 // A chunk walks the block column by column, an order the hardware prefetcher
-// does not follow, so the next block is asked for explicitly (prefetch_values).
+// does not follow, so for 16-bit types the next block is asked for explicitly
+// (prefetch_rows). Not for float and double: their blocks are twice as many
+// bytes, and asking for the next one cost more than it saved (float32
+// 64x256x196: forward-train 1.26x, backward 1.25x faster without; bfloat16
+// 1.15x slower without, best of 4 interleaved runs of kernel_bench).
+template <typename T>
+FUSEDBN_INLINE void prefetch_rows(const T* p, int64_t n) {
+  if constexpr (sizeof(T) == 2) prefetch_values(p, n);
+}
 template <int W>
 using Width = std::integral_constant<int, W>;
 template <typename F>
@@ -613,7 +626,7 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     std::vector<A> buf(buffered<T, Pre> ? R * C : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
-      prefetch_values(x + (r + rr) * C, std::min(R, r1 - r - rr) * C);
+      prefetch_rows(x + (r + rr) * C, std::min(R, r1 - r - rr) * C);
       const auto* xb = load_input(x + r * C, rr * C, buf.data(), pre);
       // Corrected two-pass per channel, as in block_moments.
       const A inv = A(1) / A(rr);
@@ -718,26 +731,26 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     std::vector<A> bcnt(Track && !ncs ? C : 0);
     const int64_t len_max = ncs ? kBlock : R * C;
     std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(in_registers<T> ? 0 : len_max),
-        obuf(in_registers<T> ? 0 : len_max);
+        obuf(y_buffered<T> ? len_max : 0);
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       if (ncs) {
         const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
-          auto out = out_view<!in_registers<T>>(y + o, obuf.data());
+          auto out = out_view<y_buffered<T>>(y + o, obuf.data());
           const int64_t a = run_normalize<Res, Count>(
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
               out, len, mp[c], sc[c], sh[c], act);
           if constexpr (Track) cnt[c] += a;
           if constexpr (Count == kCountInput) cnt[c] += count_active(x + o, len, pre);
-          narrow_to<!in_registers<T>>(out, y + o, len);
+          narrow_to<y_buffered<T>>(out, y + o, len);
         }
       } else {
         const int64_t r = it * R, rr = std::min(R, M - r);
         const auto* xb = load_input(x + r * C, rr * C, buf.data(), pre);
         const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
-        auto* yb = out_view<!in_registers<T>>(y + r * C, obuf.data());
+        auto* yb = out_view<y_buffered<T>>(y + r * C, obuf.data());
         A* bc = bcnt.data();
         if constexpr (Track) std::fill(bcnt.begin(), bcnt.end(), A(0));
         for (int64_t i = 0; i < rr; ++i)
@@ -752,7 +765,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
           }
         if constexpr (Track)
           for (int64_t c = 0; c < C; ++c) cnt[c] += int64_t(bc[c]);
-        narrow_to<!in_registers<T>>(yb, y + r * C, rr * C);
+        narrow_to<y_buffered<T>>(yb, y + r * C, rr * C);
       }
     }
   }
@@ -856,10 +869,10 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
-    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = !in_registers<T>;
+    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = y_buffered<T>;
     const size_t nb = in_registers<T> ? 0 : kBlock;
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
-        obuf(OutBuf ? kBlock : 0), dzbuf(nb);
+        obuf(OutBuf ? kBlock : 0), dzbuf(DzBuf ? kBlock : 0);
     // dx (and dz) of the len values at offset o, which belong to one channel.
     auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
@@ -1001,18 +1014,18 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const int t = omp_get_thread_num();
-    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = !in_registers<T>;
+    constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = y_buffered<T>;
     const size_t len_max = size_t(std::max(R, RR) * C), nb = in_registers<T> ? 0 : len_max;
     std::vector<A> xbuf(buffered<T, Pre> ? len_max : 0), zbuf(nb), dybuf(nb),
-        obuf(OutBuf ? len_max : 0), dzbuf(nb);
+        obuf(OutBuf ? len_max : 0), dzbuf(DzBuf ? len_max : 0);
     double* sg = &tsg[size_t(t) * C];
     double* sgx = &tsgx[size_t(t) * C];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < rblocks; ++blk) {
       const int64_t r = blk * RR, rr = std::min(RR, M - r), next = std::min(RR, M - r - rr) * C;
-      prefetch_values(x + (r + rr) * C, next);
-      prefetch_values(dy + (r + rr) * C, next);
-      if constexpr (Res) prefetch_values(z + (r + rr) * C, next);
+      prefetch_rows(x + (r + rr) * C, next);
+      prefetch_rows(dy + (r + rr) * C, next);
+      if constexpr (Res) prefetch_rows(z + (r + rr) * C, next);
       const auto* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
       const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
       const auto* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
