@@ -3,16 +3,16 @@
 // percentage of the copy bandwidth under the pass model (forward-train 3
 // passes, eval 2, backward 5; see fusedbn/bench/passes.py).
 //
-//   g++ -O3 -std=c++17 -fopenmp -fno-math-errno -fno-trapping-math -Icsrc/kernels \
-//       -DFUSEDBN_ONLY_ACT=ReLUAct benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
+//   g++ -O3 -std=c++17 -fopenmp -fno-math-errno -fno-trapping-math -Icsrc/kernels
+//       [-DFUSEDBN_ONLY_ACT=GELUAct] benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter]
 //
 // filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
 // "bfloat16 64x256x196 NSC" (handy under perf record).
 //
 // Best of 5 rounds of ~0.15 s each, wall time; the machine must be quiet.
-// Each call takes the next input of a pool of at least 64 MB (twice this
-// machine's L3), as fusedbn.bench does, so no input is still cached.
+// Each call takes the next input of a pool of twice the last-level cache (at
+// least 64 MB), as fusedbn.bench does, so no input is still cached.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <unistd.h>
 #include <vector>
 
 // The AVX-512 copy of the kernels, compiled as the extension does (its flags
@@ -62,7 +63,9 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   if (!std::strstr(label, g_filter)) return;
   const size_t n = size_t(N * C * S), bytes = n * sizeof(T);
   auto alloc = [&] { return static_cast<T*>(aligned_alloc(64, (bytes + 63) / 64 * 64)); };
-  const size_t pool = std::max<size_t>(2, (size_t(64) << 20) / bytes + 1);
+  const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  const size_t cold = std::max<size_t>(size_t(64) << 20, 2 * size_t(std::max(llc, 0L)));
+  const size_t pool = std::max<size_t>(2, cold / bytes + 1);
   std::vector<T*> xs(pool), dys(pool);
   for (size_t k = 0; k < pool; ++k) {
     xs[k] = alloc();

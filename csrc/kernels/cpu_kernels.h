@@ -263,6 +263,35 @@ FUSEDBN_INLINE void narrow_to(const S* src, T* y, int64_t n) {
   if constexpr (Buf) narrow(src, y, n);
 }
 
+// Buffered outputs of runs that follow each other in memory (the short
+// planes of the memory-order passes), collected in buf and narrowed by one
+// call when the next run is not adjacent, the buffer is full, or at flush():
+// one call per 7x7 plane cost more than computing the plane.
+template <typename T>
+struct PendingNarrow {
+  acc_t<T>* buf;
+  int64_t cap;
+  T* dst = nullptr;
+  int64_t filled = 0;
+  // Where to compute the n (<= cap) outputs bound for out.
+  acc_t<T>* slot(T* out, int64_t n) {
+    if (filled && (out != dst + filled || filled + n > cap)) flush();
+    if (filled == 0) dst = out;
+    acc_t<T>* at = buf + filled;
+    filled += n;
+    return at;
+  }
+  void flush() {
+    if (filled) narrow(buf, dst, filled);
+    filled = 0;
+  }
+};
+template <bool Buf, typename T>
+FUSEDBN_INLINE auto out_slot(PendingNarrow<T>& pending, T* out, int64_t n) {
+  if constexpr (Buf) return pending.slot(out, n);
+  else return out;
+}
+
 // With order ActBn, turns the n gradients d(bn)/da in g into dL/dx = g * pre'(x).
 template <typename T, typename G, typename Pre>
 FUSEDBN_INLINE void chain_input_grad(G* g, const T* x, int64_t n, const Pre& pre) {
@@ -732,19 +761,18 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     const int64_t len_max = ncs ? kBlock : R * C;
     std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(in_registers<T> ? 0 : len_max),
         obuf(y_buffered<T> ? len_max : 0);
+    PendingNarrow<T> pending{obuf.data(), len_max};
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
       if (ncs) {
         const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
-          auto out = out_view<y_buffered<T>>(y + o, obuf.data());
           const int64_t a = run_normalize<Res, Count>(
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
-              out, len, mp[c], sc[c], sh[c], act);
+              out_slot<y_buffered<T>>(pending, y + o, len), len, mp[c], sc[c], sh[c], act);
           if constexpr (Track) cnt[c] += a;
           if constexpr (Count == kCountInput) cnt[c] += count_active(x + o, len, pre);
-          narrow_to<y_buffered<T>>(out, y + o, len);
         }
       } else {
         const int64_t r = it * R, rr = std::min(R, M - r);
@@ -768,6 +796,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         narrow_to<y_buffered<T>>(yb, y + r * C, rr * C);
       }
     }
+    if constexpr (y_buffered<T>) pending.flush();
   }
   if constexpr (Track)
     for (int64_t c = 0; c < C; ++c) {
@@ -873,22 +902,19 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     const size_t nb = in_registers<T> ? 0 : kBlock;
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
         obuf(OutBuf ? kBlock : 0), dzbuf(DzBuf ? kBlock : 0);
+    PendingNarrow<T> pdx{obuf.data(), kBlock}, pdz{dzbuf.data(), kBlock};
     // dx (and dz) of the len values at offset o, which belong to one channel.
     auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
       const auto* za = residual_acc<Res>(z, o, len, zbuf.data());
       const auto* dya = as_acc(dy + o, len, dybuf.data());
-      auto* out = dx ? out_view<OutBuf>(dx + o, obuf.data()) : nullptr;
-      auto* dzo = dz ? out_view<DzBuf>(dz + o, dzbuf.data()) : nullptr;
+      auto* out = dx ? out_slot<OutBuf>(pdx, dx + o, len) : nullptr;
+      auto* dzo = dz ? out_slot<DzBuf>(pdz, dz + o, len) : nullptr;
       with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
         run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
             xa, za, dya, out, dzo, len, k, kx, kc, act);
       });
-      if (dx) {
-        chain_input_grad(out, x + o, len, pre);
-        narrow_to<OutBuf>(out, dx + o, len);
-      }
-      if (dz) narrow_to<DzBuf>(dzo, dz + o, len);
+      if (dx) chain_input_grad(out, x + o, len, pre);
     };
     if (stream) {
       // Sums per plane in memory order, per thread, then per channel.
@@ -960,6 +986,8 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
         dx_run(pl * s.S, s.S, coef[c], k_xh[c], k_const[c]);
       }
     }
+    if constexpr (OutBuf) pdx.flush();
+    if constexpr (DzBuf) pdz.flush();
   }
 }
 
