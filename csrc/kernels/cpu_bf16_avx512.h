@@ -71,7 +71,8 @@ FUSEDBN_AVX512_INLINE void bf16_narrow_avx512(const float* src, bf16_t* dst, int
   }
 }
 
-// dst[i] = load(src[i]), i < n.
+// dst[i] = load(src[i]), i < n. (The kernels widen bfloat16 in registers now;
+// tests/test_bf16_convert.py checks this against load() bit for bit.)
 FUSEDBN_AVX512_INLINE void bf16_widen_avx512(const bf16_t* src, float* dst, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = bf16_tail_mask(n - i);

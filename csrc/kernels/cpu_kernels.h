@@ -194,10 +194,6 @@ FUSEDBN_INLINE void narrow(const float* src, fp16_t* dst, int64_t n) {
 #endif
 #if FUSEDBN_CPU_AVX512
 template <>
-FUSEDBN_INLINE void widen(const bf16_t* src, float* dst, int64_t n) {
-  bf16_widen_avx512(src, dst, n);
-}
-template <>
 FUSEDBN_INLINE void narrow(const float* src, bf16_t* dst, int64_t n) {
   bf16_narrow_avx512(src, dst, n);
 }
