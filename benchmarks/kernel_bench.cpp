@@ -5,7 +5,10 @@
 //
 //   g++ -O3 -std=c++17 -fopenmp -fno-math-errno -fno-trapping-math -Icsrc/kernels
 //       [-DFUSEDBN_ONLY_ACT=GELUAct] benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
-//   /tmp/kernel_bench [threads] [filter]
+//   /tmp/kernel_bench [threads] [filter] [NxCxS ...]
+//
+// NxCxS: time these shapes (float32 and bfloat16, both layouts) instead of
+// the default set, e.g. the layers of a model ("8x2048x16 8x512x196").
 //
 // filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
 // "bfloat16 64x256x196 NSC" (handy under perf record).
@@ -138,6 +141,19 @@ int main(int argc, char** argv) {
   std::printf("threads %d; ms, (%% of copy bandwidth under the 3/2/5-pass model)\n\n", nt);
   std::printf("| dtype | NxCxS | layout | copy | forward-train | eval | backward |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
+  if (argc > 3) {
+    for (Layout L : {Layout::NCS, Layout::NSC})
+      for (int a = 3; a < argc; ++a) {
+        long N = 0, C = 0, S = 0;
+        if (std::sscanf(argv[a], "%ldx%ldx%ld", &N, &C, &S) != 3 || N < 1 || C < 1 || S < 1) {
+          std::fprintf(stderr, "bad shape %s (want NxCxS)\n", argv[a]);
+          return 2;
+        }
+        run<float>(N, C, S, L, DType::Float32, "float32", nt);
+        run<bf16_t>(N, C, S, L, DType::BFloat16, "bfloat16", nt);
+      }
+    return 0;
+  }
   for (Layout L : {Layout::NCS, Layout::NSC}) {
     run<float>(32, 64, 3136, L, DType::Float32, "float32", nt);
     run<float>(64, 256, 196, L, DType::Float32, "float32", nt);

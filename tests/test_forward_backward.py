@@ -376,14 +376,20 @@ def test_bias_gradient_without_weight(device):
 
 
 # The CPU kernels walk a channel in blocks of 4096 values: short planes are
-# grouped several to a block (and normalized in memory order), planes of
-# 2048+ values are a block of their own, longer ones are cut. One shape per
-# regime, plus a run tail that is not a multiple of the 32 vector lanes.
-# 3x83x9x9: planes of 64..2047 values get their backward sums plane by plane
-# in memory order; channels-last runs 83 channels as chunks of 64, 16 and 1.
+# grouped several to a block, planes of 2048+ values are a block of their
+# own, longer ones are cut. One shape per regime, plus a run tail that is not
+# a multiple of the 32 vector lanes. Channels with short planes are taken by
+# groups of channels (cpu_kernels.h, group_channels): statistics or sums per
+# channel, then the elementwise pass in memory order over the group.
+# 3x83x9x9: groups of 20 channels and a last one of 3, planes of 64..2047
+# values (backward sums plane by plane in memory order); channels-last runs
+# 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
+# 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
+# channels with a shorter last one.
 # Judged against float64: at these sizes eager's float32 sums are the less
 # accurate ones.
-BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9)]
+BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9),
+                (5, 70, 13, 15), (40, 45, 6, 7)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -446,7 +452,9 @@ def test_empty_1d_input_as_f_batch_norm(device, training, inplace):
 # ------------------------------------------------ residual and in-place mode
 # "wide": 83 channels (the channels-last loops' chunks of 64, 16 and 1) and
 # planes of 81 values (the contiguous backward's plane-by-plane sums).
-RES_SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9)}
+# "groups", "groups_short": BLOCK_SHAPES' channel groups on two threads.
+RES_SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9), "groups": (5, 70, 13, 15),
+              "groups_short": (40, 45, 6, 7)}
 RES_RANKS = [(rank, cl) for rank in (2, 4, "wide") for cl in ((False,) if rank == 2 else (False, True))]
 # (activation, residual, inplace): the residual with every activation; in
 # place (invertible activations only) with and without it.
@@ -495,6 +503,23 @@ def test_residual_and_inplace_match_eager(device, act, residual, inplace, dtype,
                                           channels_last, training):
     """act(bn(x) + z) and the in-place mode against eager nn.BatchNormNd + add
     + activation: output, gradients (the residual's too), buffers."""
+    _check_residual(device, act, residual, inplace, dtype, rank, channels_last, training)
+
+
+GROUP_VARIANTS = [(ACTIVATIONS[1], True, False), (ACTIVATIONS[2], True, True),
+                  (ACTIVATIONS[2], False, True)]
+
+
+@pytest.mark.parametrize("act,residual,inplace", GROUP_VARIANTS,
+                         ids=[f"{a[0]}{'-residual' if r else ''}{'-inplace' if i else ''}"
+                              for a, r, i in GROUP_VARIANTS])
+@pytest.mark.parametrize("rank", ["groups", "groups_short"])
+def test_residual_and_inplace_channel_groups(device, act, residual, inplace, rank):
+    """As above, on the channel groups of two threads (contiguous, training)."""
+    _check_residual(device, act, residual, inplace, torch.float32, rank, False, True)
+
+
+def _check_residual(device, act, residual, inplace, dtype, rank, channels_last, training):
     activation, kw = act
     if inplace:
         seed("inplace", activation, dtype, rank, channels_last, training, residual)

@@ -10,12 +10,14 @@
 // without having to reassociate a floating-point sum.
 //
 // Pass structure (one pass = one read or write of a full tensor):
-//   forward, NCS:  per channel, statistics then normalize while the channel's
-//                  values are still in L2 -> 1 read + 1 write from DRAM when a
-//                  channel fits in L2 (N*H*W values), 2 reads + 1 write if not.
+//   forward, NCS:  per channel (short planes: per group of channels),
+//                  statistics then normalize while the values are still in
+//                  L2 -> 1 read + 1 write from DRAM when a channel fits in L2
+//                  (N*H*W values), 2 reads + 1 write if not.
 //   forward, NSC:  statistics (1 read), normalize (1 read + 1 write).
 //   backward:      reductions (read x, dy), then dx (read x, dy, write dx);
-//                  NCS keeps a channel's x and dy in cache between the two.
+//                  NCS keeps a channel's (a group's) x and dy in cache
+//                  between the two.
 // Statistics: two-pass mean/M2 inside blocks of kBlock values that sit in L1,
 // blocks merged with Chan's formula in double, so a large mean with a small
 // spread keeps its variance and no value is read twice from DRAM.
@@ -27,6 +29,8 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 #include "activations.h"
 #include "bn_math.h"
@@ -110,19 +114,36 @@ void exact_moments(Each each, double n, double& mean, double& m2) {
   m2 = (s2 - s1 * s1 / n) * up * up;
 }
 
-// Channels whose planes are short get their statistics per channel but their
-// elementwise pass in memory order (as eval does): writing short planes one
-// channel at a time is as slow as reading them that way.
+// Channels whose planes are short (a channel's planes lie C*S values apart,
+// each a short stream the hardware prefetcher barely starts on) are taken
+// by groups of adjacent channels that fit in L2 (group_channels): the
+// statistics or the backward sums of each channel, then the elementwise
+// pass over the group in memory order, while its values are still cached.
+// (Per channel, writing short planes is as slow as reading them.)
 // Short planes are also grouped several to a block (for_each_block).
 inline bool short_planes(const Shape& s) { return s.S < kBlock / 2; }
-// Short planes of at least 64 values also get their backward sums in memory
-// order, plane by plane (stream_planes): a channel's planes lie C*S values
-// apart, and walking them per channel is latency-bound even with prefetching
-// (64x256x14x14 backward: 1.4x slower). Below 64 values a plane's sums cost
-// more than the plane. (The statistics' per-plane two-pass is latency-bound
-// on such planes -- a chain of two passes and three lane sums per plane, 2 G
-// values/s per core at 14x14 -- so they keep the grouped walk.)
-inline bool stream_planes(const Shape& s) { return short_planes(s) && s.S >= 64; }
+
+// Channels per group (short_planes): a group's inputs (N*S values per
+// channel, bytes_per_value over all the input tensors) are read from memory
+// by the first pass and again by the second, so they should fit in half of
+// L2 for the second read to hit it; and at least 4 groups per thread keep
+// the threads busy to the end. Only the traffic depends on it, not the
+// results.
+inline int64_t group_channels(const Shape& s, int64_t bytes_per_value, int nt) {
+  static const int64_t l2 = [] {
+    const long v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    return v > 0 ? int64_t(v) : int64_t(1) << 20;
+  }();
+  const int64_t per_channel = std::max<int64_t>(1, s.N * s.S * bytes_per_value);
+  const int64_t fit = std::max<int64_t>(1, l2 / 2 / per_channel);
+  return std::clamp<int64_t>(std::min(fit, s.C / (4 * int64_t(nt))), 1, s.C);
+}
+
+// Planes of the backward's memory-order sums over a group asked for this far
+// ahead: a group's planes come in chunks (G*S values, then a jump of C*S)
+// that the hardware prefetcher restarts on at each chunk (8x512x14x14
+// kernel-only backward 1.2x faster with 4 than without; 2 and 8 less).
+constexpr int64_t kAhead = 4;
 
 // Calls f(n0, n1, off, len) for blocks of channel c: planes n0..n1-1, values
 // off..off+len-1 of each plane, about kBlock values per block (NCS layout).
@@ -539,49 +560,69 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   const A* b = static_cast<const A*>(p.bias);
   A* mean_out = static_cast<A*>(p.mean);
   A* invstd_out = static_cast<A*>(p.invstd);
-  const int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
+  // Long planes: channel by channel, normalized right after the channel's
+  // statistics, while its values are in cache. Short planes: groups of G
+  // channels the same way, normalized in memory order over the group.
+  const bool grouped = short_planes(s);
+  int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
+  const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 2 : 1), nt) : 1;
+  const int64_t groups = (s.C + G - 1) / G;
+  nt = int(std::min<int64_t>(nt, groups));
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const size_t nb = buffered<T, Pre> ? kBlock : 0;
     std::vector<A> buf(nb), zbuf(in_registers<T> ? 0 : kBlock), obuf(y_buffered<T> ? kBlock : 0);
+    PendingNarrow<T> pending{obuf.data(), kBlock};
+    std::vector<ChannelCoef<A>> k(G);
+    std::vector<int64_t> active(G);
+    const int64_t stride = s.C * s.S;
+    // y of the len values at offset o, which belong to channel c0 + i.
+    auto normalize_run = [&](int64_t i, int64_t o, int64_t len) {
+      auto out = out_slot<y_buffered<T>>(pending, y + o, len);
+      active[i] += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
+                                             residual_acc<Res>(z, o, len, zbuf.data()), out, len,
+                                             k[i].mean, k[i].scale, k[i].shift, act);
+      if constexpr (Count == kCountInput) active[i] += count_active(x + o, len, pre);
+    };
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t base = c * s.S, stride = s.C * s.S;
-      Moments<double> mo{};
-      for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-        prefetch_next_block(s, x + base, n0, n1, len);
-        // Buffered planes are loaded side by side into one buffer first.
-        double bm, bm2;
-        if constexpr (buffered<T, Pre>) {
-          for (int64_t pl = n0; pl < n1; ++pl)
-            load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
-          block_moments(buf.data(), len, n1 - n0, len, bm, bm2);
-        } else {
-          block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
-        }
-        mo.merge(double((n1 - n0) * len), bm, bm2);
-      });
-      const A mean = A(mo.mean);
-      const A v = A(mo.m2 / mo.n);
-      const A invstd = invstd_of<A>(mo.m2, mo.n, p.eps);
-      mean_out[c] = mean;
-      invstd_out[c] = invstd;
-      var[c] = v;
-      if (short_planes(s)) continue;  // normalized afterwards, in memory order
-      const ChannelCoef<A> k = channel_coef(mean, invstd, w ? w[c] : A(1), b ? b[c] : A(0), false);
-      int64_t active = 0;
-      for (int64_t n = 0; n < s.N; ++n)
-        for (int64_t off = 0; off < s.S; off += kBlock) {
-          const int64_t len = std::min(kBlock, s.S - off), o = n * stride + base + off;
-          auto out = out_view<y_buffered<T>>(y + o, obuf.data());
-          active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
-                                              residual_acc<Res>(z, o, len, zbuf.data()), out, len,
-                                              k.mean, k.scale, k.shift, act);
-          if constexpr (Count == kCountInput) active += count_active(x + o, len, pre);
-          narrow_to<y_buffered<T>>(out, y + o, len);
-        }
-      if constexpr (Count != kCountNone) p.active_count[c] = active;
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t base = c * s.S;
+        Moments<double> mo{};
+        for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+          prefetch_next_block(s, x + base, n0, n1, len);
+          // Buffered planes are loaded side by side into one buffer first.
+          double bm, bm2;
+          if constexpr (buffered<T, Pre>) {
+            for (int64_t pl = n0; pl < n1; ++pl)
+              load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
+            block_moments(buf.data(), len, n1 - n0, len, bm, bm2);
+          } else {
+            block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
+          }
+          mo.merge(double((n1 - n0) * len), bm, bm2);
+        });
+        const A mean = A(mo.mean);
+        const A invstd = invstd_of<A>(mo.m2, mo.n, p.eps);
+        mean_out[c] = mean;
+        invstd_out[c] = invstd;
+        var[c] = A(mo.m2 / mo.n);
+        k[c - c0] = channel_coef(mean, invstd, w ? w[c] : A(1), b ? b[c] : A(0), false);
+        active[c - c0] = 0;
+      }
+      if (grouped) {
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = c0; c < c1; ++c) normalize_run(c - c0, n * stride + c * s.S, s.S);
+      } else {
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t off = 0; off < s.S; off += kBlock)
+            normalize_run(0, n * stride + c0 * s.S + off, std::min(kBlock, s.S - off));
+      }
+      if constexpr (Count != kCountNone)
+        for (int64_t c = c0; c < c1; ++c) p.active_count[c] = active[c - c0];
     }
+    if constexpr (y_buffered<T>) pending.flush();
   }
 }
 
@@ -819,7 +860,6 @@ void forward_typed(const ForwardParams& p, bool training, Act act, Pre pre) {
   std::vector<A> var(p.shape.C);
   if (p.shape.layout == Layout::NCS) {
     forward_train_ncs<T, Res, Count>(p, act, pre, var.data());
-    if (short_planes(p.shape)) normalize<T, Res, Count>(p, act, pre);
   } else {
     moments_nsc<T>(p, pre, var.data());
     normalize<T, Res, Count>(p, act, pre);
@@ -886,12 +926,17 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
   const double count = double(s.count());
-  const bool stream = stream_planes(s);
-  const int nt = threads_for(s.N * s.C * s.S, p.num_threads, stream ? s.N * s.C : s.C);
+  // Long planes: channel by channel, dx right after the channel's sums, while
+  // its values are in cache. Short planes: groups of G channels the same way,
+  // dx in memory order over the group (see short_planes).
+  const bool grouped = short_planes(s);
+  int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
+  const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 3 : 2), nt) : 1;
+  const int64_t groups = (s.C + G - 1) / G;
+  nt = int(std::min<int64_t>(nt, groups));
   std::vector<A> k_xh(s.C), k_const(s.C);
   std::vector<ChannelCoef<A>> coef(s.C);
   for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
-  std::vector<double> tsg(stream ? size_t(nt) * s.C : 0, 0.0), tsgx(tsg.size(), 0.0);
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = y_buffered<T>;
@@ -899,6 +944,8 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
         obuf(OutBuf ? kBlock : 0), dzbuf(DzBuf ? kBlock : 0);
     PendingNarrow<T> pdx{obuf.data(), kBlock}, pdz{dzbuf.data(), kBlock};
+    std::vector<double> sg(G), sgx(G);
+    const int64_t stride = s.C * s.S;
     // dx (and dz) of the len values at offset o, which belong to one channel.
     auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
@@ -912,74 +959,80 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       });
       if (dx) chain_input_grad(out, x + o, len, pre);
     };
-    if (stream) {
-      // Sums per plane in memory order, per thread, then per channel.
-      double* sg = &tsg[size_t(omp_get_thread_num()) * s.C];
-      double* sgx = &tsgx[size_t(omp_get_thread_num()) * s.C];
-#pragma omp for schedule(static)
-      for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
-        const int64_t c = pl % s.C, o = pl * s.S;
-        Lanes<A> bg, bgx;
-        const auto* xa = load_input(x + o, s.S, xbuf.data(), pre);
-        const auto* za = residual_acc<Res>(z, o, s.S, zbuf.data());
-        const auto* dya = as_acc(dy + o, s.S, dybuf.data());
-        run_reduce<Res, FromOut>(xa, za, dya, s.S, coef[c], act, bg, bgx);
-        const A bs = bg.sum(), bsx = bgx.sum();
-        if (!sums_overflowed(bs, bsx)) {
-          sg[c] += double(bs);
-          sgx[c] += double(bsx);
-        } else {
-          reduce_exact<Res, FromOut>(xa, za, dya, s.S, 1, coef[c], act, sg[c], sgx[c]);
-        }
+    // Adds the sums of len values at offset o of each of the planes n0..n1-1
+    // of channel c to g1, g2: float lanes over the block, added in double.
+    auto block_sums = [&](int64_t c, int64_t n0, int64_t n1, int64_t off, int64_t len, double& g1,
+                          double& g2) {
+      Lanes<A> bg, bgx;
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t o = n * stride + c * s.S + off;
+        run_reduce<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre),
+                                 residual_acc<Res>(z, o, len, zbuf.data()),
+                                 as_acc(dy + o, len, dybuf.data()), len, coef[c], act, bg, bgx);
       }
-#pragma omp single
-      finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
-      // implicit barrier: every thread sees the coefficients
-    }
+      const A bs = bg.sum(), bsx = bgx.sum();
+      if (!sums_overflowed(bs, bsx)) {
+        g1 += double(bs);
+        g2 += double(bsx);
+        return;
+      }
+      for (int64_t n = n0; n < n1; ++n) {
+        const int64_t o = n * stride + c * s.S + off;
+        reduce_exact<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre),
+                                   residual_acc<Res>(z, o, len, zbuf.data()),
+                                   as_acc(dy + o, len, dybuf.data()), len, 1, coef[c], act, g1, g2);
+      }
+    };
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < (stream ? 0 : s.C); ++c) {
-      const ChannelCoef<A> k = coef[c];
-      const int64_t base = c * s.S, stride = s.C * s.S;
-      double sg = 0, sgx = 0;
-      // Sums per block of about kBlock values, added in double.
-      for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-        prefetch_next_block(s, x + base, n0, n1, len);
-        prefetch_next_block(s, dy + base, n0, n1, len);
-        if constexpr (Res) prefetch_next_block(s, z + base, n0, n1, len);
-        Lanes<A> bg, bgx;
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t o = n * stride + base + off;
-          run_reduce<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
-                          as_acc(dy + o, len, dybuf.data()), len, k, act, bg, bgx);
-        }
-        const A bs = bg.sum(), bsx = bgx.sum();
-        if (!sums_overflowed(bs, bsx)) {
-          sg += double(bs);
-          sgx += double(bsx);
-          return;
-        }
-        for (int64_t n = n0; n < n1; ++n) {
-          const int64_t o = n * stride + base + off;
-          reduce_exact<Res, FromOut>(load_input(x + o, len, xbuf.data(), pre),
-                                     residual_acc<Res>(z, o, len, zbuf.data()),
-                                     as_acc(dy + o, len, dybuf.data()), len, 1, k, act, sg, sgx);
-        }
-      });
-      sgx = k.sum_gxh(sg, sgx);
-      gb[c] = A(sg);
-      gw[c] = A(sgx);
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
+      std::fill(sg.begin(), sg.end(), 0.0);
+      std::fill(sgx.begin(), sgx.end(), 0.0);
+      if (grouped && s.S >= 64) {
+        // Planes of at least 64 values: summed one by one in memory order (a
+        // channel's planes lie C*S values apart, and walking them per channel
+        // is latency-bound even with prefetching: 64x256x14x14 1.4x slower).
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = c0; c < c1; ++c) {
+            int64_t ca = c + kAhead, na = n;
+            if (ca >= c1) { ca = c0 + (ca - c1); ++na; }
+            if (na < s.N) {
+              const int64_t oa = na * stride + ca * s.S;
+              prefetch_values(x + oa, s.S);
+              prefetch_values(dy + oa, s.S);
+              if constexpr (Res) prefetch_values(z + oa, s.S);
+            }
+            block_sums(c, n, n + 1, 0, s.S, sg[c - c0], sgx[c - c0]);
+          }
+      } else {
+        // Channel by channel in blocks (for_each_block): long planes, and
+        // planes under 64 values, which cost more in per-plane lane sums than
+        // in values; the next block prefetched.
+        for (int64_t c = c0; c < c1; ++c)
+          for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+            const int64_t base = c * s.S;
+            prefetch_next_block(s, x + base, n0, n1, len);
+            prefetch_next_block(s, dy + base, n0, n1, len);
+            if constexpr (Res) prefetch_next_block(s, z + base, n0, n1, len);
+            block_sums(c, n0, n1, off, len, sg[c - c0], sgx[c - c0]);
+          });
+      }
+      for (int64_t c = c0; c < c1; ++c) {
+        const double g1 = sg[c - c0], g2 = coef[c].sum_gxh(g1, sgx[c - c0]);
+        gb[c] = A(g1);
+        gw[c] = A(g2);
+        if (dx || dz) dx_coefficients(p.training, coef[c], g1, g2, count, k_xh[c], k_const[c]);
+      }
       if (!dx && !dz) continue;
-      dx_coefficients(p.training, k, sg, sgx, count, k_xh[c], k_const[c]);
-      if (short_planes(s)) continue;  // dx below, in memory order
-      for (int64_t n = 0; n < s.N; ++n)
-        for (int64_t off = 0; off < s.S; off += kBlock)
-          dx_run(n * stride + base + off, std::min(kBlock, s.S - off), k, k_xh[c], k_const[c]);
-    }
-    if ((dx || dz) && short_planes(s)) {
-#pragma omp for schedule(static)
-      for (int64_t pl = 0; pl < s.N * s.C; ++pl) {
-        const int64_t c = pl % s.C;
-        dx_run(pl * s.S, s.S, coef[c], k_xh[c], k_const[c]);
+      if (grouped) {
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = c0; c < c1; ++c)
+            dx_run(n * stride + c * s.S, s.S, coef[c], k_xh[c], k_const[c]);
+      } else {
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t off = 0; off < s.S; off += kBlock)
+            dx_run(n * stride + c0 * s.S + off, std::min(kBlock, s.S - off), coef[c0], k_xh[c0],
+                   k_const[c0]);
       }
     }
     if constexpr (OutBuf) pdx.flush();
