@@ -205,6 +205,19 @@ struct View {
   bool native = true;  // false: the kernels run on a contiguous copy
 };
 
+// t.permute(order).is_contiguous(), without the view (two ATen calls per op
+// otherwise): dims of size 1 impose no stride.
+bool contiguous_in_order(const Tensor& t, const std::vector<int64_t>& order) {
+  if (t.numel() == 0) return true;
+  int64_t expected = 1;
+  for (auto d = order.rbegin(); d != order.rend(); ++d) {
+    if (t.size(*d) == 1) continue;
+    if (t.stride(*d) != expected) return false;
+    expected *= t.size(*d);
+  }
+  return true;
+}
+
 View view_of(const Tensor& t) {
   View v;
   v.shape.N = t.size(0);
@@ -213,10 +226,10 @@ View view_of(const Tensor& t) {
   for (int64_t d = 2; d < t.dim(); ++d) v.shape.S *= t.size(d);
   // Channels-last: C innermost, then the spatial dims, then N (covers a plain
   // (N, C) matrix and any (N, C, 1, ..., 1) tensor too).
-  std::vector<int64_t> perm{0};
-  for (int64_t d = 2; d < t.dim(); ++d) perm.push_back(d);
-  perm.push_back(1);
-  if (t.permute(perm).is_contiguous()) {
+  std::vector<int64_t> order{0};
+  for (int64_t d = 2; d < t.dim(); ++d) order.push_back(d);
+  order.push_back(1);
+  if (contiguous_in_order(t, order)) {
     v.shape.layout = Layout::NSC;
   } else if (t.is_contiguous()) {
     v.shape.layout = Layout::NCS;
@@ -230,6 +243,7 @@ View view_of(const Tensor& t) {
 // Per-channel tensor as a contiguous array of the accumulation type.
 Tensor per_channel_acc(const OptTensor& t, at::ScalarType acc) {
   if (!defined(t)) return Tensor();
+  if (t->scalar_type() == acc && t->is_contiguous()) return *t;  // the usual case: no ATen call
   return t->to(acc).contiguous();
 }
 
@@ -573,8 +587,12 @@ Grads backward_channels(const BackwardArgs& a, BackwardKernel kernel) {
   if (grad_input.defined() && !v.native) grad_input.copy_(dx);
   if (want_z && !dz.is_same(grad_residual)) grad_residual.copy_(dz);
   OptTensor gi = grad_input.defined() ? OptTensor(grad_input) : std::nullopt;
-  OptTensor gwo = want_w ? OptTensor(gw.to(a.weight->scalar_type())) : std::nullopt;
-  OptTensor gbo = want_b ? OptTensor(gb.to(a.bias->scalar_type())) : std::nullopt;
+  auto as_param = [](const Tensor& g, const Tensor& param) {
+    return g.scalar_type() == param.scalar_type() ? g : g.to(param.scalar_type());
+  };
+  OptTensor gwo, gbo;
+  if (want_w) gwo = as_param(gw, *a.weight);
+  if (want_b) gbo = as_param(gb, *a.bias);
   OptTensor gzo = want_z ? OptTensor(grad_residual) : std::nullopt;
   return {gi, gwo, gbo, gzo};
 }

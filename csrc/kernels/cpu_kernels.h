@@ -567,7 +567,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
   const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 2 : 1), nt) : 1;
   const int64_t groups = (s.C + G - 1) / G;
-  nt = int(std::min<int64_t>(nt, groups));
+  nt = int(std::clamp<int64_t>(groups, 1, nt));  // no channels: still one thread
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
   {
     const size_t nb = buffered<T, Pre> ? kBlock : 0;
@@ -933,7 +933,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
   const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 3 : 2), nt) : 1;
   const int64_t groups = (s.C + G - 1) / G;
-  nt = int(std::min<int64_t>(nt, groups));
+  nt = int(std::clamp<int64_t>(groups, 1, nt));  // no channels: still one thread
   std::vector<A> k_xh(s.C), k_const(s.C);
   std::vector<ChannelCoef<A>> coef(s.C);
   for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
