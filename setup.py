@@ -88,13 +88,17 @@ sources = ["csrc/module.cpp", "csrc/ops.cpp", "csrc/glue.cpp", "csrc/autograd.cp
 define_macros = []
 # FUSEDBN_CPU_ISAS (e.g. "baseline"): which copies of the CPU kernels to
 # build besides the baseline one (default all: baseline, avx2, avx512); the
-# others are left out and never chosen at run time. CI's CUDA build check
-# uses it: it builds the CPU copies its test stage builds again.
+# others are left out and never chosen at run time. "none" builds no CPU
+# kernels at all: the CPU ops then raise. CI's CUDA build check uses it: the
+# CPU kernels are torch-free, and its test stage builds all three copies.
 _isas = os.environ.get("FUSEDBN_CPU_ISAS", "baseline,avx2,avx512").replace(" ", "").split(",")
 for _isa in ("avx2", "avx512"):
     if _isa not in _isas:
         sources.remove(f"csrc/kernels/cpu_isa_{_isa}.cpp")
         define_macros.append((f"FUSEDBN_NO_{_isa.upper()}", None))
+if _isas == ["none"]:
+    sources.remove("csrc/kernels/cpu_isa_baseline.cpp")
+    define_macros.append(("FUSEDBN_NO_CPU_KERNELS", None))
 # -fno-trapping-math: no code here reads the floating-point exception flags,
 # and without it GCC keeps `y > 0 ? y : y * slope` (any select whose arm does
 # float arithmetic) as a branch, so such loops stay scalar.

@@ -2,6 +2,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "bn_math.h"
@@ -52,6 +53,14 @@ Isa isa() {
 
 }  // namespace
 
+#ifdef FUSEDBN_NO_CPU_KERNELS
+// Built with FUSEDBN_CPU_ISAS=none (CI's CUDA build check): no copy at all.
+[[noreturn]] static void no_cpu_kernels() {
+  throw std::runtime_error("fusedbn: this build has no CPU kernels (FUSEDBN_CPU_ISAS=none)");
+}
+void forward(const ForwardParams&, bool) { no_cpu_kernels(); }
+void backward(const BackwardParams&) { no_cpu_kernels(); }
+#else
 void forward(const ForwardParams& p, bool training) {
   ForwardParams q = p;
   std::vector<int64_t> counts(p.activity ? size_t(p.shape.C) : 0, 0);
@@ -84,6 +93,7 @@ void backward(const BackwardParams& p) {
     default: return baseline::backward(p);
   }
 }
+#endif
 
 const char* isa_name() {
   switch (isa()) {
