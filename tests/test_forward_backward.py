@@ -288,41 +288,67 @@ def test_large_mean_small_spread(device, act, mean, std, layout):
     ulp(mean)/2/std in the normalized output and (ulp(mean)/2/std)^2
     relative in the variance), whichever is larger.
     """
-    activation, kwargs = act
-    ulp32 = 2.0 ** (math.floor(math.log2(abs(mean))) - 23)  # float32 spacing at |mean|
-    delta = ulp32 / 2 / std
-    out_ideal, var_ideal = 2 * delta, 2 * delta ** 2
     failures = []
     for trial in range(8):
         seed("numerics", mean, std, layout, trial)
         x = (mean + torch.randn((4, 3, 5, 5), dtype=torch.float64) * std).float().to(device)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        xd = x.double()
-        # momentum=1 makes the running statistics the batch's own (var unbiased).
-        rm, rv = torch.zeros(3, device=device), torch.zeros(3, device=device)
-        out = fusedbn.batch_norm_act(x, rm, rv, None, None, True, 1.0, 1e-5, activation,
-                                     **kwargs)
-        rm_e, rv_e = torch.zeros(3, device=device), torch.zeros(3, device=device)
-        out_e = apply_activation(F.batch_norm(x, rm_e, rv_e, None, None, True, 1.0, 1e-5),
-                                 activation, **kwargs)
-        out_64 = apply_activation(F.batch_norm(xd, None, None, None, None, True, 1.0, 1e-5),
-                                  activation, **kwargs)
-        var64 = xd.var(dim=(0, 2, 3), unbiased=True)
-        mean64 = xd.mean(dim=(0, 2, 3))
-        assert torch.isfinite(out).all()
-        err, err_e = max_err(out, out_64), max_err(out_e, out_64)
-        verr = ((rv.double() - var64) / var64).abs().max().item()
-        verr_e = ((rv_e.double() - var64) / var64).abs().max().item()
-        if err > max(2 * err_e, out_ideal) + 1e-4:
-            failures.append(f"trial {trial}: output error {err:.3g} (eager {err_e:.3g}, "
-                            f"ideal float32 {out_ideal:.3g})")
-        if verr > max(2 * verr_e, var_ideal) + 1e-5:
-            failures.append(f"trial {trial}: running_var relative error {verr:.3g} "
-                            f"(eager {verr_e:.3g}, ideal float32 {var_ideal:.3g})")
-        # Relative only: the means are large (up to 1e4), absolute tolerances meaningless.
-        torch.testing.assert_close(rm.double(), mean64, rtol=1e-5, atol=0)
+        failures += [f"trial {trial}: {f}" for f in _numerics_failures(x, act, mean, std)]
     assert not failures, "\n".join(failures)
+
+
+# Fewer channels than 4 per thread: each channel's planes are split among the
+# threads and the parts' moments merged (cpu_kernels.h, NcsWork); short
+# planes (3 parts of 5-6 planes, blocks of 2 planes) and long ones (8 parts).
+SPLIT_SHAPES = [(16, 3, 40, 40), (10, 1, 90, 80)]
+
+
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=["x".join(map(str, s)) for s in SPLIT_SHAPES])
+def test_large_mean_small_spread_split_channels(device, shape):
+    """As above, on channels whose moments are merged from parts."""
+    mean, std = NUMERICS[0]
+    failures = []
+    for trial in range(2):
+        seed("numerics-split", shape, trial)
+        x = (mean + torch.randn(shape, dtype=torch.float64) * std).float().to(device)
+        failures += [f"trial {trial}: {f}" for f in _numerics_failures(x, ACTIVATIONS[0], mean, std)]
+    assert not failures, "\n".join(failures)
+
+
+def _numerics_failures(x, act, mean, std):
+    """test_large_mean_small_spread's bound on one input x: what it breaks."""
+    activation, kwargs = act
+    ulp32 = 2.0 ** (math.floor(math.log2(abs(mean))) - 23)  # float32 spacing at |mean|
+    delta = ulp32 / 2 / std
+    out_ideal, var_ideal = 2 * delta, 2 * delta ** 2
+    C, device = x.shape[1], x.device
+    dims = [d for d in range(x.dim()) if d != 1]
+    xd = x.double()
+    # momentum=1 makes the running statistics the batch's own (var unbiased).
+    rm, rv = torch.zeros(C, device=device), torch.zeros(C, device=device)
+    out = fusedbn.batch_norm_act(x, rm, rv, None, None, True, 1.0, 1e-5, activation, **kwargs)
+    rm_e, rv_e = torch.zeros(C, device=device), torch.zeros(C, device=device)
+    out_e = apply_activation(F.batch_norm(x, rm_e, rv_e, None, None, True, 1.0, 1e-5),
+                             activation, **kwargs)
+    out_64 = apply_activation(F.batch_norm(xd, None, None, None, None, True, 1.0, 1e-5),
+                              activation, **kwargs)
+    var64 = xd.var(dim=dims, unbiased=True)
+    mean64 = xd.mean(dim=dims)
+    assert torch.isfinite(out).all()
+    failures = []
+    err, err_e = max_err(out, out_64), max_err(out_e, out_64)
+    verr = ((rv.double() - var64) / var64).abs().max().item()
+    verr_e = ((rv_e.double() - var64) / var64).abs().max().item()
+    if err > max(2 * err_e, out_ideal) + 1e-4:
+        failures.append(f"output error {err:.3g} (eager {err_e:.3g}, "
+                        f"ideal float32 {out_ideal:.3g})")
+    if verr > max(2 * verr_e, var_ideal) + 1e-5:
+        failures.append(f"running_var relative error {verr:.3g} "
+                        f"(eager {verr_e:.3g}, ideal float32 {var_ideal:.3g})")
+    # Relative only: the means are large (up to 1e4), absolute tolerances meaningless.
+    torch.testing.assert_close(rm.double(), mean64, rtol=1e-5, atol=0)
+    return failures
 
 
 # (weight?, bias?, running stats?, training); eval needs running statistics.
@@ -386,10 +412,11 @@ def test_bias_gradient_without_weight(device):
 # 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
 # 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
 # channels with a shorter last one.
+# SPLIT_SHAPES: channels split among two threads.
 # Judged against float64: at these sizes eager's float32 sums are the less
 # accurate ones.
 BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9),
-                (5, 70, 13, 15), (40, 45, 6, 7)]
+                (5, 70, 13, 15), (40, 45, 6, 7)] + SPLIT_SHAPES
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -452,9 +479,11 @@ def test_empty_1d_input_as_f_batch_norm(device, training, inplace):
 # ------------------------------------------------ residual and in-place mode
 # "wide": 83 channels (the channels-last loops' chunks of 64, 16 and 1) and
 # planes of 81 values (the contiguous backward's plane-by-plane sums).
-# "groups", "groups_short": BLOCK_SHAPES' channel groups on two threads.
+# "groups", "groups_short": BLOCK_SHAPES' channel groups on two threads;
+# "split", "split_long": SPLIT_SHAPES.
 RES_SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9), "groups": (5, 70, 13, 15),
-              "groups_short": (40, 45, 6, 7)}
+              "groups_short": (40, 45, 6, 7), "split": SPLIT_SHAPES[0],
+              "split_long": SPLIT_SHAPES[1]}
 RES_RANKS = [(rank, cl) for rank in (2, 4, "wide") for cl in ((False,) if rank == 2 else (False, True))]
 # (activation, residual, inplace): the residual with every activation; in
 # place (invertible activations only) with and without it.
@@ -513,9 +542,10 @@ GROUP_VARIANTS = [(ACTIVATIONS[1], True, False), (ACTIVATIONS[2], True, True),
 @pytest.mark.parametrize("act,residual,inplace", GROUP_VARIANTS,
                          ids=[f"{a[0]}{'-residual' if r else ''}{'-inplace' if i else ''}"
                               for a, r, i in GROUP_VARIANTS])
-@pytest.mark.parametrize("rank", ["groups", "groups_short"])
+@pytest.mark.parametrize("rank", ["groups", "groups_short", "split", "split_long"])
 def test_residual_and_inplace_channel_groups(device, act, residual, inplace, rank):
-    """As above, on the channel groups of two threads (contiguous, training)."""
+    """As above, on the channel groups and split channels of two threads
+    (contiguous, training)."""
     _check_residual(device, act, residual, inplace, torch.float32, rank, False, True)
 
 

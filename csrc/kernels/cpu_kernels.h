@@ -139,22 +139,50 @@ inline int64_t group_channels(const Shape& s, int64_t bytes_per_value, int nt) {
   return std::clamp<int64_t>(std::min(fit, s.C / (4 * int64_t(nt))), 1, s.C);
 }
 
+// How the contiguous passes share out a tensor: groups of G adjacent
+// channels (G = 1 for long planes), and, when that leaves fewer than 4
+// groups per thread, each group's N planes in P parts as well (a single
+// channel used to run on one thread). The work items are (group, part)
+// pairs, item = group * P + part. With P > 1 the parts' statistics or sums
+// are merged in part order after a barrier, so the results depend on the
+// thread count but not on the timing.
+struct NcsWork {
+  bool grouped;
+  int nt;
+  int64_t G, groups, P;
+  NcsWork(const Shape& s, int64_t bytes_per_value, int max_threads) {
+    grouped = short_planes(s);
+    nt = threads_for(s.N * s.C * s.S, max_threads, s.N * s.C);
+    G = grouped ? group_channels(s, bytes_per_value, nt) : 1;
+    groups = (s.C + G - 1) / G;
+    P = nt == 1 || groups >= 4 * int64_t(nt)
+            ? 1
+            : std::clamp<int64_t>((4 * int64_t(nt) + groups - 1) / std::max<int64_t>(groups, 1), 1,
+                                  s.N);
+    nt = int(std::clamp<int64_t>(groups * P, 1, nt));  // no channels: still one thread
+  }
+  int64_t items() const { return groups * P; }
+  // Planes lo..hi-1 of part `part`.
+  int64_t lo(const Shape& s, int64_t part) const { return s.N * part / P; }
+};
+
 // Planes of the backward's memory-order sums over a group asked for this far
 // ahead: a group's planes come in chunks (G*S values, then a jump of C*S)
 // that the hardware prefetcher restarts on at each chunk (8x512x14x14
 // kernel-only backward 1.2x faster with 4 than without; 2 and 8 less).
 constexpr int64_t kAhead = 4;
 
-// Calls f(n0, n1, off, len) for blocks of channel c: planes n0..n1-1, values
-// off..off+len-1 of each plane, about kBlock values per block (NCS layout).
+// Calls f(n0, n1, off, len) for blocks of planes lo..hi-1 of a channel:
+// planes n0..n1-1, values off..off+len-1 of each plane, about kBlock values
+// per block (NCS layout).
 template <typename F>
-FUSEDBN_INLINE void for_each_block(const Shape& s, F f) {
+FUSEDBN_INLINE void for_each_block(const Shape& s, int64_t lo, int64_t hi, F f) {
   if (!short_planes(s)) {
-    for (int64_t n = 0; n < s.N; ++n)
+    for (int64_t n = lo; n < hi; ++n)
       for (int64_t off = 0; off < s.S; off += kBlock) f(n, n + 1, off, std::min(kBlock, s.S - off));
   } else {
     const int64_t per = std::max<int64_t>(1, kBlock / s.S);
-    for (int64_t n0 = 0; n0 < s.N; n0 += per) f(n0, std::min(n0 + per, s.N), int64_t(0), s.S);
+    for (int64_t n0 = lo; n0 < hi; n0 += per) f(n0, std::min(n0 + per, hi), int64_t(0), s.S);
   }
 }
 
@@ -167,12 +195,12 @@ FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
 
 // Short planes (the blocks above that span several) are short streams which
 // the hardware prefetcher barely starts on before they end: ask for the
-// planes of the next block while this one is worked on.
+// planes of the next block (up to plane hi) while this one is worked on.
 template <typename T>
 FUSEDBN_INLINE void prefetch_next_block(const Shape& s, const T* chan, int64_t n0, int64_t n1,
-                                        int64_t len) {
+                                        int64_t hi, int64_t len) {
   if (n1 - n0 < 2 || chan == nullptr) return;
-  const int64_t stride = s.C * s.S, end = std::min(s.N, n1 + (n1 - n0));
+  const int64_t stride = s.C * s.S, end = std::min(hi, n1 + (n1 - n0));
   for (int64_t pl = n1; pl < end; ++pl) prefetch_values(chan + pl * stride, len);
 }
 
@@ -563,67 +591,105 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
   // Long planes: channel by channel, normalized right after the channel's
   // statistics, while its values are in cache. Short planes: groups of G
   // channels the same way, normalized in memory order over the group.
-  const bool grouped = short_planes(s);
-  int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
-  const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 2 : 1), nt) : 1;
-  const int64_t groups = (s.C + G - 1) / G;
-  nt = int(std::clamp<int64_t>(groups, 1, nt));  // no channels: still one thread
-#pragma omp parallel num_threads(nt) firstprivate(act, pre)
+  // Channels split in P parts: each part's moments, a barrier, the merge,
+  // a barrier, then each part normalized by the thread that read it.
+  const NcsWork wk(s, int64_t(sizeof(T)) * (Res ? 2 : 1), p.num_threads);
+  const int64_t G = wk.G, P = wk.P;
+  std::vector<Moments<double>> part_mo(P > 1 ? size_t(s.C * P) : 0);
+  std::vector<int64_t> part_active(size_t(s.C * P), 0);  // [c * P + part]
+  std::vector<ChannelCoef<A>> coef(s.C);
+  const int64_t stride = s.C * s.S;
+#pragma omp parallel num_threads(wk.nt) firstprivate(act, pre)
   {
     const size_t nb = buffered<T, Pre> ? kBlock : 0;
     std::vector<A> buf(nb), zbuf(in_registers<T> ? 0 : kBlock), obuf(y_buffered<T> ? kBlock : 0);
     PendingNarrow<T> pending{obuf.data(), kBlock};
-    std::vector<ChannelCoef<A>> k(G);
-    std::vector<int64_t> active(G);
-    const int64_t stride = s.C * s.S;
-    // y of the len values at offset o, which belong to channel c0 + i.
-    auto normalize_run = [&](int64_t i, int64_t o, int64_t len) {
-      auto out = out_slot<y_buffered<T>>(pending, y + o, len);
-      active[i] += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
-                                             residual_acc<Res>(z, o, len, zbuf.data()), out, len,
-                                             k[i].mean, k[i].scale, k[i].shift, act);
-      if constexpr (Count == kCountInput) active[i] += count_active(x + o, len, pre);
+    // Moments of planes lo..hi-1 of channel c.
+    auto moments_of = [&](int64_t c, int64_t lo, int64_t hi) {
+      const int64_t base = c * s.S;
+      Moments<double> mo{};
+      for_each_block(s, lo, hi, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+        prefetch_next_block(s, x + base, n0, n1, hi, len);
+        // Buffered planes are loaded side by side into one buffer first.
+        double bm, bm2;
+        if constexpr (buffered<T, Pre>) {
+          for (int64_t pl = n0; pl < n1; ++pl)
+            load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
+          block_moments(buf.data(), len, n1 - n0, len, bm, bm2);
+        } else {
+          block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
+        }
+        mo.merge(double((n1 - n0) * len), bm, bm2);
+      });
+      return mo;
     };
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
-      for (int64_t c = c0; c < c1; ++c) {
-        const int64_t base = c * s.S;
-        Moments<double> mo{};
-        for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
-          prefetch_next_block(s, x + base, n0, n1, len);
-          // Buffered planes are loaded side by side into one buffer first.
-          double bm, bm2;
-          if constexpr (buffered<T, Pre>) {
-            for (int64_t pl = n0; pl < n1; ++pl)
-              load_input(x + pl * stride + base + off, len, buf.data() + (pl - n0) * len, pre);
-            block_moments(buf.data(), len, n1 - n0, len, bm, bm2);
-          } else {
-            block_moments(x + n0 * stride + base + off, stride, n1 - n0, len, bm, bm2);
-          }
-          mo.merge(double((n1 - n0) * len), bm, bm2);
-        });
-        const A mean = A(mo.mean);
-        const A invstd = invstd_of<A>(mo.m2, mo.n, p.eps);
-        mean_out[c] = mean;
-        invstd_out[c] = invstd;
-        var[c] = A(mo.m2 / mo.n);
-        k[c - c0] = channel_coef(mean, invstd, w ? w[c] : A(1), b ? b[c] : A(0), false);
-        active[c - c0] = 0;
-      }
-      if (grouped) {
-        for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t c = c0; c < c1; ++c) normalize_run(c - c0, n * stride + c * s.S, s.S);
+    auto finish = [&](int64_t c, const Moments<double>& mo) {
+      const A mean = A(mo.mean);
+      const A invstd = invstd_of<A>(mo.m2, mo.n, p.eps);
+      mean_out[c] = mean;
+      invstd_out[c] = invstd;
+      var[c] = A(mo.m2 / mo.n);
+      coef[c] = channel_coef(mean, invstd, w ? w[c] : A(1), b ? b[c] : A(0), false);
+    };
+    // y of the len values at offset o, which belong to channel c, part part.
+    auto normalize_run = [&](int64_t c, int64_t part, int64_t o, int64_t len) {
+      auto out = out_slot<y_buffered<T>>(pending, y + o, len);
+      int64_t& active = part_active[size_t(c * P + part)];
+      active += run_normalize<Res, Count>(load_input(x + o, len, buf.data(), pre),
+                                          residual_acc<Res>(z, o, len, zbuf.data()), out, len,
+                                          coef[c].mean, coef[c].scale, coef[c].shift, act);
+      if constexpr (Count == kCountInput) active += count_active(x + o, len, pre);
+    };
+    // Planes lo..hi-1 of channels c0..c1-1.
+    auto normalize_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
+      if (wk.grouped) {
+        for (int64_t n = lo; n < hi; ++n)
+          for (int64_t c = c0; c < c1; ++c) normalize_run(c, part, n * stride + c * s.S, s.S);
       } else {
-        for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t n = lo; n < hi; ++n)
           for (int64_t off = 0; off < s.S; off += kBlock)
-            normalize_run(0, n * stride + c0 * s.S + off, std::min(kBlock, s.S - off));
+            normalize_run(c0, part, n * stride + c0 * s.S + off, std::min(kBlock, s.S - off));
       }
-      if constexpr (Count != kCountNone)
-        for (int64_t c = c0; c < c1; ++c) p.active_count[c] = active[c - c0];
+    };
+    if (P == 1) {
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < wk.groups; ++gi) {
+        const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        for (int64_t c = c0; c < c1; ++c) finish(c, moments_of(c, 0, s.N));
+        normalize_part(c0, c1, 0, 0, s.N);
+      }
+    } else {
+      // The same static schedule over the items twice: each thread normalizes
+      // the parts it read.
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < wk.items(); ++it) {
+        const int64_t gi = it / P, part = it % P, c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        for (int64_t c = c0; c < c1; ++c)
+          part_mo[size_t(c * P + part)] = moments_of(c, wk.lo(s, part), wk.lo(s, part + 1));
+      }
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < s.C; ++c) {
+        Moments<double> mo{};
+        for (int64_t part = 0; part < P; ++part) {
+          const Moments<double>& m = part_mo[size_t(c * P + part)];
+          mo.merge(m.n, m.mean, m.m2);
+        }
+        finish(c, mo);
+      }
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < wk.items(); ++it) {
+        const int64_t gi = it / P, part = it % P, c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        normalize_part(c0, c1, part, wk.lo(s, part), wk.lo(s, part + 1));
+      }
     }
     if constexpr (y_buffered<T>) pending.flush();
   }
+  if constexpr (Count != kCountNone)
+    for (int64_t c = 0; c < s.C; ++c) {
+      int64_t total = 0;
+      for (int64_t part = 0; part < P; ++part) total += part_active[size_t(c * P + part)];
+      p.active_count[c] = total;
+    }
 }
 
 // Rows of the channels-last layout are processed in blocks of R rows (about
@@ -928,26 +994,25 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   const double count = double(s.count());
   // Long planes: channel by channel, dx right after the channel's sums, while
   // its values are in cache. Short planes: groups of G channels the same way,
-  // dx in memory order over the group (see short_planes).
-  const bool grouped = short_planes(s);
-  int nt = threads_for(s.N * s.C * s.S, p.num_threads, s.C);
-  const int64_t G = grouped ? group_channels(s, int64_t(sizeof(T)) * (Res ? 3 : 2), nt) : 1;
-  const int64_t groups = (s.C + G - 1) / G;
-  nt = int(std::clamp<int64_t>(groups, 1, nt));  // no channels: still one thread
+  // dx in memory order over the group (see short_planes). Channels split in
+  // P parts (NcsWork): each part's sums, a barrier, their total, a barrier,
+  // then each part's dx by the thread that read it.
+  const NcsWork wk(s, int64_t(sizeof(T)) * (Res ? 3 : 2), p.num_threads);
+  const int64_t G = wk.G, P = wk.P;
   std::vector<A> k_xh(s.C), k_const(s.C);
   std::vector<ChannelCoef<A>> coef(s.C);
   for (int64_t c = 0; c < s.C; ++c) coef[c] = backward_coef<A>(p, c);
-#pragma omp parallel num_threads(nt) firstprivate(act, pre)
+  std::vector<double> part_sg(size_t(s.C * P)), part_sgx(size_t(s.C * P));  // [c * P + part]
+  const int64_t stride = s.C * s.S;
+#pragma omp parallel num_threads(wk.nt) firstprivate(act, pre)
   {
     constexpr bool OutBuf = out_buffered<T, Pre>, DzBuf = y_buffered<T>;
     const size_t nb = in_registers<T> ? 0 : kBlock;
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
         obuf(OutBuf ? kBlock : 0), dzbuf(DzBuf ? kBlock : 0);
     PendingNarrow<T> pdx{obuf.data(), kBlock}, pdz{dzbuf.data(), kBlock};
-    std::vector<double> sg(G), sgx(G);
-    const int64_t stride = s.C * s.S;
-    // dx (and dz) of the len values at offset o, which belong to one channel.
-    auto dx_run = [&](int64_t o, int64_t len, const ChannelCoef<A>& k, A kx, A kc) {
+    // dx (and dz) of the len values at offset o, which belong to channel c.
+    auto dx_run = [&](int64_t c, int64_t o, int64_t len) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
       const auto* za = residual_acc<Res>(z, o, len, zbuf.data());
       const auto* dya = as_acc(dy + o, len, dybuf.data());
@@ -955,7 +1020,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       auto* dzo = dz ? out_slot<DzBuf>(pdz, dz + o, len) : nullptr;
       with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
         run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
-            xa, za, dya, out, dzo, len, k, kx, kc, act);
+            xa, za, dya, out, dzo, len, coef[c], k_xh[c], k_const[c], act);
       });
       if (dx) chain_input_grad(out, x + o, len, pre);
     };
@@ -983,57 +1048,87 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
                                    as_acc(dy + o, len, dybuf.data()), len, 1, coef[c], act, g1, g2);
       }
     };
-#pragma omp for schedule(static)
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
-      std::fill(sg.begin(), sg.end(), 0.0);
-      std::fill(sgx.begin(), sgx.end(), 0.0);
-      if (grouped && s.S >= 64) {
+    // The sums of planes lo..hi-1 of channels c0..c1-1, into part_sg/part_sgx.
+    auto sums_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
+      auto at = [&](int64_t c) { return size_t(c * P + part); };
+      if (wk.grouped && s.S >= 64) {
         // Planes of at least 64 values: summed one by one in memory order (a
         // channel's planes lie C*S values apart, and walking them per channel
         // is latency-bound even with prefetching: 64x256x14x14 1.4x slower).
         const int64_t g = c1 - c0;
-        for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t n = lo; n < hi; ++n)
           for (int64_t c = c0; c < c1; ++c) {
             // The plane kAhead further in this walk over the group's planes.
-            const int64_t ahead = n * g + (c - c0) + kAhead, na = ahead / g, ca = c0 + ahead % g;
-            if (na < s.N) {
+            const int64_t ahead = (n - lo) * g + (c - c0) + kAhead, na = lo + ahead / g,
+                          ca = c0 + ahead % g;
+            if (na < hi) {
               const int64_t oa = na * stride + ca * s.S;
               prefetch_values(x + oa, s.S);
               prefetch_values(dy + oa, s.S);
               if constexpr (Res) prefetch_values(z + oa, s.S);
             }
-            block_sums(c, n, n + 1, 0, s.S, sg[c - c0], sgx[c - c0]);
+            block_sums(c, n, n + 1, 0, s.S, part_sg[at(c)], part_sgx[at(c)]);
           }
       } else {
         // Channel by channel in blocks (for_each_block): long planes, and
         // planes under 64 values, which cost more in per-plane lane sums than
         // in values; the next block prefetched.
         for (int64_t c = c0; c < c1; ++c)
-          for_each_block(s, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
+          for_each_block(s, lo, hi, [&](int64_t n0, int64_t n1, int64_t off, int64_t len) {
             const int64_t base = c * s.S;
-            prefetch_next_block(s, x + base, n0, n1, len);
-            prefetch_next_block(s, dy + base, n0, n1, len);
-            if constexpr (Res) prefetch_next_block(s, z + base, n0, n1, len);
-            block_sums(c, n0, n1, off, len, sg[c - c0], sgx[c - c0]);
+            prefetch_next_block(s, x + base, n0, n1, hi, len);
+            prefetch_next_block(s, dy + base, n0, n1, hi, len);
+            if constexpr (Res) prefetch_next_block(s, z + base, n0, n1, hi, len);
+            block_sums(c, n0, n1, off, len, part_sg[at(c)], part_sgx[at(c)]);
           });
       }
-      for (int64_t c = c0; c < c1; ++c) {
-        const double g1 = sg[c - c0], g2 = coef[c].sum_gxh(g1, sgx[c - c0]);
-        gb[c] = A(g1);
-        gw[c] = A(g2);
-        if (dx || dz) dx_coefficients(p.training, coef[c], g1, g2, count, k_xh[c], k_const[c]);
+    };
+    // Channel c's gradients of weight and bias, and its dx coefficients.
+    auto finish = [&](int64_t c) {
+      double g1 = 0, g2 = 0;
+      for (int64_t part = 0; part < P; ++part) {
+        g1 += part_sg[size_t(c * P + part)];
+        g2 += part_sgx[size_t(c * P + part)];
       }
-      if (!dx && !dz) continue;
-      if (grouped) {
-        for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t c = c0; c < c1; ++c)
-            dx_run(n * stride + c * s.S, s.S, coef[c], k_xh[c], k_const[c]);
+      g2 = coef[c].sum_gxh(g1, g2);
+      gb[c] = A(g1);
+      gw[c] = A(g2);
+      if (dx || dz) dx_coefficients(p.training, coef[c], g1, g2, count, k_xh[c], k_const[c]);
+    };
+    // dx of planes lo..hi-1 of channels c0..c1-1.
+    auto dx_part = [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi) {
+      if (!dx && !dz) return;
+      if (wk.grouped) {
+        for (int64_t n = lo; n < hi; ++n)
+          for (int64_t c = c0; c < c1; ++c) dx_run(c, n * stride + c * s.S, s.S);
       } else {
-        for (int64_t n = 0; n < s.N; ++n)
+        for (int64_t n = lo; n < hi; ++n)
           for (int64_t off = 0; off < s.S; off += kBlock)
-            dx_run(n * stride + c0 * s.S + off, std::min(kBlock, s.S - off), coef[c0], k_xh[c0],
-                   k_const[c0]);
+            dx_run(c0, n * stride + c0 * s.S + off, std::min(kBlock, s.S - off));
+      }
+    };
+    if (P == 1) {
+#pragma omp for schedule(static)
+      for (int64_t gi = 0; gi < wk.groups; ++gi) {
+        const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        sums_part(c0, c1, 0, 0, s.N);
+        for (int64_t c = c0; c < c1; ++c) finish(c);
+        dx_part(c0, c1, 0, s.N);
+      }
+    } else {
+      // The same static schedule over the items twice: each thread's dx
+      // pass reads the parts it summed.
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < wk.items(); ++it) {
+        const int64_t gi = it / P, part = it % P, c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        sums_part(c0, c1, part, wk.lo(s, part), wk.lo(s, part + 1));
+      }
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < s.C; ++c) finish(c);
+#pragma omp for schedule(static)
+      for (int64_t it = 0; it < wk.items(); ++it) {
+        const int64_t gi = it / P, part = it % P, c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        dx_part(c0, c1, wk.lo(s, part), wk.lo(s, part + 1));
       }
     }
     if constexpr (OutBuf) pdx.flush();
