@@ -4,6 +4,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include <cmath>
 #include <limits>
@@ -207,31 +208,38 @@ struct View {
 
 // t.permute(order).is_contiguous(), without the view (two ATen calls per op
 // otherwise): dims of size 1 impose no stride.
-bool contiguous_in_order(const Tensor& t, const std::vector<int64_t>& order) {
-  if (t.numel() == 0) return true;
+bool contiguous_in_order(at::IntArrayRef sizes, at::IntArrayRef strides,
+                         const std::vector<int64_t>& order) {
+  if (c10::multiply_integers(sizes) == 0) return true;
   int64_t expected = 1;
   for (auto d = order.rbegin(); d != order.rend(); ++d) {
-    if (t.size(*d) == 1) continue;
-    if (t.stride(*d) != expected) return false;
-    expected *= t.size(*d);
+    if (sizes[*d] == 1) continue;
+    if (strides[*d] != expected) return false;
+    expected *= sizes[*d];
   }
   return true;
 }
 
-View view_of(const Tensor& t) {
+View view_of(at::IntArrayRef sizes, at::IntArrayRef strides) {
   View v;
-  v.shape.N = t.size(0);
-  v.shape.C = t.size(1);
+  const int64_t dim = int64_t(sizes.size());
+  v.shape.N = sizes[0];
+  v.shape.C = sizes[1];
   v.shape.S = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) v.shape.S *= t.size(d);
+  for (int64_t d = 2; d < dim; ++d) v.shape.S *= sizes[d];
   // Channels-last: C innermost, then the spatial dims, then N (covers a plain
-  // (N, C) matrix and any (N, C, 1, ..., 1) tensor too).
-  std::vector<int64_t> order{0};
-  for (int64_t d = 2; d < t.dim(); ++d) order.push_back(d);
+  // (N, C) matrix and any (N, C, 1, ..., 1) tensor too). A single channel
+  // with planes (S > 1) is both layouts: contiguous, whose kernels split the
+  // channel's planes among the threads (the channels-last loops over rows
+  // of one value ran at a tenth of the bandwidth).
+  std::vector<int64_t> order{0}, plain;
+  for (int64_t d = 2; d < dim; ++d) order.push_back(d);
   order.push_back(1);
-  if (contiguous_in_order(t, order)) {
+  for (int64_t d = 0; d < dim; ++d) plain.push_back(d);
+  const bool single = v.shape.C == 1 && v.shape.S > 1;
+  if (!single && contiguous_in_order(sizes, strides, order)) {
     v.shape.layout = Layout::NSC;
-  } else if (t.is_contiguous()) {
+  } else if (contiguous_in_order(sizes, strides, plain)) {
     v.shape.layout = Layout::NCS;
   } else {
     v.shape.layout = Layout::NCS;
@@ -239,6 +247,8 @@ View view_of(const Tensor& t) {
   }
   return v;
 }
+
+View view_of(const Tensor& t) { return view_of(t.sizes(), t.strides()); }
 
 // Per-channel tensor as a contiguous array of the accumulation type.
 Tensor per_channel_acc(const OptTensor& t, at::ScalarType acc) {
@@ -317,6 +327,13 @@ Tensor kept_channels(const Tensor& input, const OptTensor& weight, const OptTens
 }
 }  // namespace
 
+const char* kernel_layout(at::IntArrayRef sizes, at::IntArrayRef strides) {
+  TORCH_CHECK_VALUE(sizes.size() >= 2 && sizes.size() == strides.size(),
+                    "kernel_layout: sizes and strides of a tensor of rank >= 2");
+  const View v = view_of(sizes, strides);
+  if (!v.native) return "copy";
+  return v.shape.layout == Layout::NSC ? "NSC" : "NCS";
+}
 
 bool is_invertible(const std::string& activation, double negative_slope, double alpha) {
   ActivationArgs a;

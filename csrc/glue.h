@@ -28,6 +28,10 @@ using ForwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 // is_invertible); ValueError (c10::ValueError) for an unknown name.
 bool is_invertible(const std::string& activation, double negative_slope, double alpha);
 
+// How the kernels take a tensor of these sizes and strides (rank >= 2):
+// "NCS" (contiguous), "NSC" (channels-last) or "copy" (a contiguous copy).
+const char* kernel_layout(at::IntArrayRef sizes, at::IntArrayRef strides);
+
 ForwardResult forward_impl(const ForwardArgs& a, bool inplace, ForwardKernel kernel);
 
 std::tuple<OptTensor, OptTensor, OptTensor, OptTensor> backward_impl(const BackwardArgs& a,

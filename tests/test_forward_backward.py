@@ -419,6 +419,29 @@ BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (
                 (5, 70, 13, 15), (40, 45, 6, 7)] + SPLIT_SHAPES
 
 
+LAYOUT_CASES = [((4, 1, 8, 8), None, "NCS"), ((4, 1, 8, 8), torch.channels_last, "NCS"),
+                ((2, 1, 3, 4, 5), torch.channels_last_3d, "NCS"), ((4, 1, 10), None, "NCS"),
+                ((4, 3, 8, 8), None, "NCS"), ((4, 3, 8, 8), torch.channels_last, "NSC"),
+                ((4, 3), None, "NSC"), ((4, 1), None, "NSC"), ((4, 3, 1, 1), None, "NSC")]
+
+
+@pytest.mark.parametrize("shape,fmt,expected", LAYOUT_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{str(f).split('.')[-1]}"
+                              for s, f, _ in LAYOUT_CASES])
+def test_kernel_layout(shape, fmt, expected):
+    """The glue's choice of kernels. A single channel with planes is both
+    contiguous and channels-last: it takes the contiguous kernels, which split
+    its planes among the threads (the channels-last ones, rows of one value,
+    ran it at a tenth of the bandwidth, and it got them). Matrices and 1x1
+    planes are rows of C values: channels-last."""
+    x = torch.zeros(shape)
+    if fmt is not None:
+        x = x.contiguous(memory_format=fmt)
+    assert fusedbn._C.kernel_layout(x.shape, x.stride()) == expected
+    sliced = torch.zeros(4, 3, 8, 8)[:, :, ::2]
+    assert fusedbn._C.kernel_layout(sliced.shape, sliced.stride()) == "copy"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=["x".join(map(str, s)) for s in BLOCK_SHAPES])
