@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Compiles the torch-free CUDA kernels (csrc/kernels/cuda_kernels.cu) for
+# Compiles the torch-free CUDA kernels (csrc/kernels/*.cu) for
 # sm_80 and sm_90 with every warning an error, so kernel code can be checked on
 # machines without a GPU or a CUDA build of torch. The defines are the ones
 # torch's CUDAExtension passes, so implicit half/bfloat16 conversions fail
@@ -20,7 +20,8 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
 
 echo "nvcc_check: $("$NVCC" --version | tail -n 1)"
-"$NVCC" -c "$ROOT/csrc/kernels/cuda_kernels.cu" -o "$TMP/cuda_kernels.o" \
+for cu in "$ROOT"/csrc/kernels/*.cu; do
+"$NVCC" -c "$cu" -o "$TMP/$(basename "$cu" .cu).o" \
   -I "$ROOT/csrc" \
   -std=c++17 -O3 --expt-relaxed-constexpr --threads 2 \
   -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
@@ -30,4 +31,5 @@ echo "nvcc_check: $("$NVCC" --version | tail -n 1)"
   -Werror all-warnings \
   -Xcompiler -Wall,-Wextra,-Werror \
   "$@"
+done
 echo "nvcc_check: OK (sm_80, sm_90, no warnings)"

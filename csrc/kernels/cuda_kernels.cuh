@@ -1,5 +1,5 @@
 // CUDA kernel templates for fused BatchNorm + activation. Torch-free: raw
-// pointers and sizes in, the host side (cuda_kernels.cu) picks the launch
+// pointers and sizes in, the host side (cuda_launch.cuh) picks the launch
 // shapes. The formulas are bn_math.h's and the activations activations.h's,
 // both shared with cpu_kernels.h.
 //
@@ -489,7 +489,9 @@ finalize_stats_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, con
 
 // Activity tracking's last step, per channel (bn_math.h: update_activity)
 // from the counts the normalize kernels added up; n values per channel.
-__global__ void __launch_bounds__(kThreads)
+// static: the one kernel that is not a template, so each translation unit
+// that includes this header (cuda_kernels_<dtype>.cu) gets its own copy.
+static __global__ void __launch_bounds__(kThreads)
 activity_kernel(const int64_t* __restrict__ counts, float* __restrict__ activity, int64_t C,
                 int rows, int64_t n, double momentum) {
   const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;

@@ -1,6 +1,6 @@
 // SIMT emulation layer, CUDA runtime stand-in: compiles the unchanged kernels
 // of csrc/kernels/cuda_kernels.cuh as host code (g++, FUSEDBN_SIMT defined)
-// and runs them on the CPU. Only what the kernels and cuda_kernels.cu use.
+// and runs them on the CPU. Only what the kernels and cuda_launch.cuh use.
 //
 // Execution model (simt_runtime.cpp): the blocks of a grid run one after
 // another; the threads of a block are cooperative fibers on one OS thread,
@@ -90,7 +90,7 @@ inline T shfl_down(unsigned mask, T v, unsigned delta, int width) {
   return r;
 }
 
-// The kernel launch (cuda_kernels.cu: launch()): arguments already converted
+// The kernel launch (cuda_launch.cuh: launch()): arguments already converted
 // to the kernel's parameter types, each thread gets its own copy.
 template <typename... P, typename... A>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, cudaStream_t, A... args) {

@@ -1,5 +1,5 @@
 // SIMT emulation layer: the unchanged host side and kernels of the CUDA
-// backend (csrc/kernels/cuda_kernels.cu, .cuh) compiled as host code against
+// backend (csrc/kernels/cuda_kernels*.cu, cuda_launch.cuh, .cuh) compiled as host code against
 // the stand-in CUDA headers of this folder, behind a small C interface that
 // tests/simt/simt_binding.cpp loads with dlopen (a mutated build of the
 // kernels is just another library). Torch-free.
@@ -8,6 +8,10 @@
 
 #include "cuda_runtime.h"
 #include "kernels/cuda_kernels.cu"
+#include "kernels/cuda_kernels_bf16.cu"
+#include "kernels/cuda_kernels_f16.cu"
+#include "kernels/cuda_kernels_f32.cu"
+#include "kernels/cuda_kernels_f64.cu"
 
 namespace simt {
 extern std::string launch_log;
