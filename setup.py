@@ -112,8 +112,9 @@ if WITH_CUDA:
     Extension = cpp_extension.CUDAExtension
     # Torch-free kernels (csrc/kernels/*.cu) and their ATen glue (csrc/cuda/).
     sources += rel("csrc/kernels/*.cu") + rel("csrc/cuda/*.cpp") + rel("csrc/cuda/*.cu")
-    # The one .cu holds every kernel: --threads compiles its GPU targets in
-    # parallel, --split-compile optimizes its kernels in parallel (0: one
+    # One .cu per dtype (cuda_kernels_<dtype>.cu), compiled as separate jobs:
+    # --threads compiles each one's GPU targets in parallel, --split-compile
+    # optimizes its kernels in parallel (0: one
     # thread per CPU).
     extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "--threads", "4",
                                   "--split-compile", "0"]
