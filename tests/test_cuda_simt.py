@@ -770,7 +770,7 @@ def test_paths_covered():
 
     for line in LAUNCHES:
         name, args, grid = parse_launch(line)
-        if not args:
+        if not args or name == "activity_kernel":  # (a template on float only)
             seen.add((name,))
             continue
         if name.startswith("finalize"):

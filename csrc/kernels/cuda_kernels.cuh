@@ -489,10 +489,11 @@ finalize_stats_kernel(const A* __restrict__ pn, const A* __restrict__ pmean, con
 
 // Activity tracking's last step, per channel (bn_math.h: update_activity)
 // from the counts the normalize kernels added up; n values per channel.
-// static: the one kernel that is not a template, so each translation unit
-// that includes this header (cuda_kernels_<dtype>.cu) gets its own copy.
-static __global__ void __launch_bounds__(kThreads)
-activity_kernel(const int64_t* __restrict__ counts, float* __restrict__ activity, int64_t C,
+// A template (F = float) only so that every translation unit including this
+// header (cuda_kernels_<dtype>.cu) may hold it, as it holds the others.
+template <typename F>
+__global__ void __launch_bounds__(kThreads)
+activity_kernel(const int64_t* __restrict__ counts, F* __restrict__ activity, int64_t C,
                 int rows, int64_t n, double momentum) {
   const int64_t c = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (c < C) update_activity(activity, C, rows, c, counts[c], n, momentum);

@@ -415,7 +415,7 @@ cudaError_t launch_normalize(const ForwardParams& p, const ForwardWork<T>& wk, i
 
 inline cudaError_t launch_activity(const ForwardParams& p, const int64_t* counts, cudaStream_t st) {
   const Shape& s = p.shape;
-  launch(activity_kernel, dim3(unsigned(ceil_div(s.C, kThreads))), dim3(kThreads), st, counts,
+  launch(activity_kernel<float>, dim3(unsigned(ceil_div(s.C, kThreads))), dim3(kThreads), st, counts,
          p.activity, s.C, p.activity_rows, s.count(), p.activity_momentum);
   return cudaGetLastError();
 }
