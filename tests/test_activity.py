@@ -125,9 +125,11 @@ def test_activity_matches_reference(device, act, dtype, rank, layout, mode):
 # 2048+ values counted in the training pass itself, cut planes, short planes
 # counted per group of channels in training (two threads, short last groups:
 # 5x70x13x15, 40x45x6x7) and in memory order in eval (per-thread counts
-# summed); channels split among two threads (per-part counts summed).
+# summed); channels split among two threads (per-part counts summed);
+# channels-last wide rows with rows left over (columns' counts summed per
+# channel: C = 24 and C = 10 on two threads).
 LONG_SHAPES = [(2, 3, 48, 48), (2, 2, 1, 4200), (9, 2, 7, 9), (5, 70, 13, 15), (40, 45, 6, 7),
-               (16, 3, 40, 40), (10, 1, 90, 80)]
+               (16, 3, 40, 40), (10, 1, 90, 80), (4, 24, 7, 9), (7, 10, 30, 31)]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -302,16 +302,23 @@ def test_large_mean_small_spread(device, act, mean, std, layout):
 # threads and the parts' moments merged (cpu_kernels.h, NcsWork); short
 # planes (3 parts of 5-6 planes, blocks of 2 planes) and long ones (8 parts).
 SPLIT_SHAPES = [(16, 3, 40, 40), (10, 1, 90, 80)]
+# Channels-last wide rows (WIDE_SHAPES below) on two threads: C = 10 in rows
+# of 80, 6 rows left over.
+MERGED_SHAPES = [(s, "contiguous") for s in SPLIT_SHAPES] + [((7, 10, 30, 31), "channels_last")]
 
 
-@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=["x".join(map(str, s)) for s in SPLIT_SHAPES])
-def test_large_mean_small_spread_split_channels(device, shape):
-    """As above, on channels whose moments are merged from parts."""
+@pytest.mark.parametrize("shape,layout", MERGED_SHAPES,
+                         ids=["x".join(map(str, s)) + "-" + f for s, f in MERGED_SHAPES])
+def test_large_mean_small_spread_split_channels(device, shape, layout):
+    """As above, on channels whose moments are merged from parts, or from a
+    wide row's columns."""
     mean, std = NUMERICS[0]
     failures = []
     for trial in range(2):
         seed("numerics-split", shape, trial)
         x = (mean + torch.randn(shape, dtype=torch.float64) * std).float().to(device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
         failures += [f"trial {trial}: {f}" for f in _numerics_failures(x, ACTIVATIONS[0], mean, std)]
     assert not failures, "\n".join(failures)
 
@@ -413,10 +420,16 @@ def test_bias_gradient_without_weight(device):
 # 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
 # channels with a shorter last one.
 # SPLIT_SHAPES: channels split among two threads.
+# WIDE_SHAPES: channels-last rows whose C is not a multiple of 16, taken k at
+# a time as wide rows (cpu_kernels.h, WideRows), with rows left over at the
+# end: C = 3 with fewer rows than k = 64 (rows left only); C = 24, 8 rows to a
+# wide row of 192, 4 left; C = 10, 8 to a row of 80, 6 left, two threads;
+# C = 100, 4 to a row of 400, 1 left.
 # Judged against float64: at these sizes eager's float32 sums are the less
 # accurate ones.
+WIDE_SHAPES = [(2, 3, 3, 5), (4, 24, 7, 9), (7, 10, 30, 31), (3, 100, 5, 7)]
 BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9),
-                (5, 70, 13, 15), (40, 45, 6, 7)] + SPLIT_SHAPES
+                (5, 70, 13, 15), (40, 45, 6, 7)] + SPLIT_SHAPES + WIDE_SHAPES
 
 
 LAYOUT_CASES = [((4, 1, 8, 8), None, "NCS"), ((4, 1, 8, 8), torch.channels_last, "NCS"),
@@ -503,10 +516,12 @@ def test_empty_1d_input_as_f_batch_norm(device, training, inplace):
 # "wide": 83 channels (the channels-last loops' chunks of 64, 16 and 1) and
 # planes of 81 values (the contiguous backward's plane-by-plane sums).
 # "groups", "groups_short": BLOCK_SHAPES' channel groups on two threads;
-# "split", "split_long": SPLIT_SHAPES.
+# "split", "split_long": SPLIT_SHAPES; "wide_rows", "wide_rows_2t": WIDE_SHAPES
+# (channels-last).
 RES_SHAPES = {2: (6, 3), 4: (3, 4, 5, 3), "wide": (3, 83, 9, 9), "groups": (5, 70, 13, 15),
               "groups_short": (40, 45, 6, 7), "split": SPLIT_SHAPES[0],
-              "split_long": SPLIT_SHAPES[1]}
+              "split_long": SPLIT_SHAPES[1], "wide_rows": WIDE_SHAPES[1],
+              "wide_rows_2t": WIDE_SHAPES[2]}
 RES_RANKS = [(rank, cl) for rank in (2, 4, "wide") for cl in ((False,) if rank == 2 else (False, True))]
 # (activation, residual, inplace): the residual with every activation; in
 # place (invertible activations only) with and without it.
@@ -570,6 +585,16 @@ def test_residual_and_inplace_channel_groups(device, act, residual, inplace, ran
     """As above, on the channel groups and split channels of two threads
     (contiguous, training)."""
     _check_residual(device, act, residual, inplace, torch.float32, rank, False, True)
+
+
+@pytest.mark.parametrize("act,residual,inplace", GROUP_VARIANTS,
+                         ids=[f"{a[0]}{'-residual' if r else ''}{'-inplace' if i else ''}"
+                              for a, r, i in GROUP_VARIANTS])
+@pytest.mark.parametrize("rank", ["wide_rows", "wide_rows_2t"])
+@pytest.mark.parametrize("training", [True, False])
+def test_residual_and_inplace_wide_rows(device, act, residual, inplace, rank, training):
+    """As above, on channels-last rows taken as wide rows (float32)."""
+    _check_residual(device, act, residual, inplace, torch.float32, rank, True, training)
 
 
 def _check_residual(device, act, residual, inplace, dtype, rank, channels_last, training):

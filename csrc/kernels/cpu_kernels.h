@@ -27,6 +27,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -509,18 +510,19 @@ FUSEDBN_INLINE bool sums_overflowed(A sg, A sgx) {
   return std::is_same<A, float>::value && !(std::isfinite(sg) && std::isfinite(sgx));
 }
 
-// Channels-last: adds a chunk's W channel sums g1, g2 over rr rows to sg,
-// sgx, those that overflowed again in double (reduce_exact). Out of line,
-// so the chunk loop keeps its accumulators in registers.
+// Channels-last: adds a chunk's K column sums g1, g2 over rr rows of
+// `width` columns to sg, sgx, those that overflowed again in double
+// (reduce_exact). Out of line, so the chunk loop keeps its accumulators in
+// registers.
 template <bool Res, bool FromOut, typename A, typename X, typename Z, typename D, typename Act>
-__attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int W, int64_t c0,
+__attribute__((noinline)) void redo_overflowed(const A* g1, const A* g2, int K, int64_t c0,
                                                const X* xb, const Z* zb, const D* dyb, int64_t rr,
-                                               int64_t C, const ChannelCoef<A>* coef, Act act,
+                                               int64_t width, const ChannelCoef<A>* coef, Act act,
                                                double* sg, double* sgx) {
-  for (int j = 0; j < W; ++j) {
+  for (int j = 0; j < K; ++j) {
     const int64_t e = c0 + j;
     if (sums_overflowed(g1[j], g2[j])) {
-      reduce_exact<Res, FromOut>(xb + e, Res ? zb + e : nullptr, dyb + e, rr, C, coef[e], act,
+      reduce_exact<Res, FromOut>(xb + e, Res ? zb + e : nullptr, dyb + e, rr, width, coef[e], act,
                                  sg[e], sgx[e]);
     } else {
       sg[e] += double(g1[j]);
@@ -710,14 +712,15 @@ inline int64_t rows_per_reduce_block(int64_t C) {
   return std::clamp<int64_t>(4 * kBlock / std::max<int64_t>(C, 1), 8, 64);
 }
 
-// The channels-last row loops run over chunks of W channels, f(c0, W), whose
+// The channels-last row loops run over chunks of K columns, f(c0, K), whose
 // accumulators and per-channel constants stay in registers for all the rows
 // of a block. Indexing arrays of C accumulators in the row loop instead costs
 // a load and a store per accumulator and vector: the statistics of a block in
-// L1 ran 2.6x (C = 256) to 5.6x (C = 64) slower that way. W = 64 for the bulk
+// L1 ran 2.6x (C = 256) to 5.6x (C = 64) slower that way. K = 64 for the bulk
 // (GCC 12 keeps 16-wide chunks out of registers, again), 16 and 1 for the
-// rest. Each channel's sums run over the rows in the same order whatever W,
-// so the results do not depend on C's chunking.
+// rest (WideRows makes the rows a multiple of 16 wide). Each column's sums
+// run over the rows in the same order whatever K, so the results do not
+// depend on the chunking.
 //
 // A chunk walks the block column by column, an order the hardware prefetcher
 // does not follow, so for 16-bit types the next block is asked for explicitly
@@ -729,8 +732,8 @@ template <typename T>
 FUSEDBN_INLINE void prefetch_rows(const T* p, int64_t n) {
   if constexpr (sizeof(T) == 2) prefetch_values(p, n);
 }
-template <int W>
-using Width = std::integral_constant<int, W>;
+template <int K>
+using Width = std::integral_constant<int, K>;
 template <typename F>
 FUSEDBN_INLINE void for_each_chunk(int64_t C, F f) {
   int64_t c0 = 0;
@@ -739,64 +742,115 @@ FUSEDBN_INLINE void for_each_chunk(int64_t C, F f) {
   for (; c0 < C; ++c0) f(c0, Width<1>{});
 }
 
+// Channels-last rows whose C is not a multiple of 16 would leave the row
+// loops chunks of one channel (for_each_chunk): a stride of C values in
+// scalar code, 8-27% of a copy's bandwidth at C = 3 and 18-74% at C = 24.
+// Such rows are taken k at a time as wide rows of W = k*C values, whose
+// column v belongs to channel v % C: the per-channel constants are repeated
+// k times and each channel's k columns of sums are added at the end. W is a
+// multiple of 64 (whole 64-column chunks) up to 256 columns, else of 16:
+// wider rows cost more in per-column constants and block merges than they
+// gain (C = 100 as 1600 columns: bfloat16 1.4x slower than as 400). The first
+// C columns are the channels themselves, so the (fewer than k) rows left at
+// the end of the tensor run through the same loops with width C (rows_of).
+// Block sizes are counted in wide rows and blocks start at multiples of k
+// rows, so only the tensor's last block has such rows.
+struct WideRows {
+  int64_t C, k, W;
+  static int64_t multiple(int64_t c) {
+    if (c <= 0) return 1;
+    const int64_t k64 = 64 / std::gcd<int64_t>(c, 64);
+    return k64 * c <= 256 ? k64 : 16 / std::gcd<int64_t>(c, 16);
+  }
+  explicit WideRows(int64_t c) : C(c), k(multiple(c)), W(k * c) {}
+  // f(e0, rows, width) over a block of rr rows (rr a multiple of k except in
+  // the last block): its wide rows, then the rows left, from value e0.
+  template <typename F>
+  FUSEDBN_INLINE void rows_of(int64_t rr, F f) const {
+    const int64_t full = rr - rr % k;
+    f(int64_t(0), full / k, W);
+    if (full < rr) f(full * C, rr - full, C);
+  }
+  // v[0..C) repeated k times.
+  template <typename V>
+  std::vector<V> repeat(const std::vector<V>& v) const {
+    std::vector<V> w(static_cast<size_t>(W));
+    for (int64_t e = 0; e < W; ++e) w[size_t(e)] = v[size_t(e % C)];
+    return w;
+  }
+  // Adds channel c's k columns of sums, [u * W + j * C + c] for u < blocks, j < k.
+  template <typename V>
+  V fold(const V* sums, int64_t blocks, int64_t c) const {
+    V t = V(0);
+    for (int64_t u = 0; u < blocks; ++u)
+      for (int64_t j = 0; j < k; ++j) t += sums[size_t(u * W + j * C + c)];
+    return t;
+  }
+};
+
 template <typename T, typename Pre>
 void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
   using A = acc_t<T>;
   const int64_t C = p.shape.C, M = p.shape.count();
   const T* x = static_cast<const T*>(p.x);
-  const int nt = threads_for(M * C, p.num_threads, M);
-  const int64_t R = rows_per_reduce_block<T>(C);
-  std::vector<double> tmean(size_t(nt) * C, 0.0), tm2(size_t(nt) * C, 0.0), tn(nt, 0.0);
+  const WideRows wr(C);
+  const int64_t W = wr.W, Mw = M / wr.k, rest = M - Mw * wr.k;
+  const int nt = threads_for(M * C, p.num_threads, Mw);
+  const int64_t R = rows_per_reduce_block<T>(W);
+  std::vector<double> tmean(size_t(nt) * W, 0.0), tm2(size_t(nt) * W, 0.0), tn(nt, 0.0);
+  // Mean and M2 of each of the `width` columns of `rows` rows at xb (in L1),
+  // by the corrected two-pass, as in block_moments.
+  auto block = [](const auto* xb, int64_t rows, int64_t width, double* bmean, double* bm2) {
+    const A inv = A(1) / A(rows);
+    const double nb = double(rows), inb = 1.0 / nb;
+    for_each_chunk(width, [&](int64_t c0, auto chunk) {
+      constexpr int K = decltype(chunk)::value;
+      A m[K] = {}, s1[K] = {}, s2[K] = {};
+      for (int64_t i = 0; i < rows; ++i)
+        for (int j = 0; j < K; ++j) m[j] += A(load(xb[i * width + c0 + j]));
+      for (int j = 0; j < K; ++j) m[j] *= inv;
+      for (int64_t i = 0; i < rows; ++i)
+        for (int j = 0; j < K; ++j) {
+          const A d = A(load(xb[i * width + c0 + j])) - m[j];
+          s1[j] += d;
+          s2[j] += d * d;
+        }
+      // One test per chunk for an inf/NaN in any of its sums (v - v is
+      // 0 for every finite v), then exact_moments for those columns.
+      A probe = A(0);
+      for (int j = 0; j < K; ++j) {
+        const double d1 = double(s1[j]);
+        bmean[c0 + j] = double(m[j]) + d1 * inb;
+        bm2[c0 + j] = double(s2[j]) - d1 * d1 * inb;
+        probe += (s1[j] - s1[j]) + (s2[j] - s2[j]);
+      }
+      if (probe != A(0))
+        for (int j = 0; j < K; ++j)
+          if (!std::isfinite(bmean[c0 + j]) || !std::isfinite(bm2[c0 + j]))
+            exact_moments<A>(
+                [&](auto f) {
+                  for (int64_t i = 0; i < rows; ++i) f(A(load(xb[i * width + c0 + j])));
+                },
+                nb, bmean[c0 + j], bm2[c0 + j]);
+    });
+  };
 #pragma omp parallel num_threads(nt) firstprivate(pre)
   {
     const int t = omp_get_thread_num();
-    const int64_t r0 = M * t / nt, r1 = M * (t + 1) / nt;
-    double* pm = &tmean[size_t(t) * C];
-    double* pm2 = &tm2[size_t(t) * C];
+    const int64_t r0 = Mw * t / nt, r1 = Mw * (t + 1) / nt;  // wide rows
+    double* pm = &tmean[size_t(t) * W];
+    double* pm2 = &tm2[size_t(t) * W];
     double n = 0;
-    std::vector<double> bmean(C), bm2(C);
-    std::vector<A> buf(buffered<T, Pre> ? R * C : 0);
+    std::vector<double> bmean(W), bm2(W);
+    std::vector<A> buf(buffered<T, Pre> ? R * W : 0);
     for (int64_t r = r0; r < r1; r += R) {
       const int64_t rr = std::min(R, r1 - r);
-      prefetch_rows(x + (r + rr) * C, std::min(R, r1 - r - rr) * C);
-      const auto* xb = load_input(x + r * C, rr * C, buf.data(), pre);
-      // Corrected two-pass per channel, as in block_moments.
-      const A inv = A(1) / A(rr);
-      const double nb = double(rr), inb = 1.0 / nb;
-      for_each_chunk(C, [&](int64_t c0, auto width) {
-        constexpr int W = decltype(width)::value;
-        A m[W] = {}, s1[W] = {}, s2[W] = {};
-        for (int64_t i = 0; i < rr; ++i)
-          for (int j = 0; j < W; ++j) m[j] += A(load(xb[i * C + c0 + j]));
-        for (int j = 0; j < W; ++j) m[j] *= inv;
-        for (int64_t i = 0; i < rr; ++i)
-          for (int j = 0; j < W; ++j) {
-            const A d = A(load(xb[i * C + c0 + j])) - m[j];
-            s1[j] += d;
-            s2[j] += d * d;
-          }
-        // One test per chunk for an inf/NaN in any of its sums (v - v is
-        // 0 for every finite v), then exact_moments for those channels.
-        A probe = A(0);
-        for (int j = 0; j < W; ++j) {
-          const double d1 = double(s1[j]);
-          bmean[c0 + j] = double(m[j]) + d1 * inb;
-          bm2[c0 + j] = double(s2[j]) - d1 * d1 * inb;
-          probe += (s1[j] - s1[j]) + (s2[j] - s2[j]);
-        }
-        if (probe != A(0))
-          for (int j = 0; j < W; ++j)
-            if (!std::isfinite(bmean[c0 + j]) || !std::isfinite(bm2[c0 + j]))
-              exact_moments<A>(
-                  [&](auto f) {
-                    for (int64_t i = 0; i < rr; ++i) f(A(load(xb[i * C + c0 + j])));
-                  },
-                  nb, bmean[c0 + j], bm2[c0 + j]);
-      });
+      prefetch_rows(x + (r + rr) * W, std::min(R, r1 - r - rr) * W);
+      block(load_input(x + r * W, rr * W, buf.data(), pre), rr, W, bmean.data(), bm2.data());
       // Chan's merge of the block into the thread's moments; divisions
-      // hoisted out of the channel loop (at C = 256 they cost a third of it).
-      const double tot = n + nb, fa = nb / tot, fb = n * nb / tot;
-      for (int64_t c = 0; c < C; ++c) {
+      // hoisted out of the column loop (at C = 256 they cost a third of it).
+      const double nb = double(rr), tot = n + nb, fa = nb / tot, fb = n * nb / tot;
+      for (int64_t c = 0; c < W; ++c) {
         const double d = bmean[c] - pm[c];
         if (__builtin_expect(std::isfinite(d), 1)) {
           pm[c] += d * fa;
@@ -809,11 +863,22 @@ void moments_nsc(const ForwardParams& p, Pre pre, acc_t<T>* var) {
     }
     tn[t] = n;
   }
+  // The rows after the last wide row.
+  std::vector<double> rmean(C), rm2(C);
+  if (rest > 0) {
+    std::vector<A> buf(buffered<T, Pre> ? rest * C : 0);
+    block(load_input(x + Mw * W, rest * C, buf.data(), pre), rest, C, rmean.data(), rm2.data());
+  }
   A* mean_out = static_cast<A*>(p.mean);
   A* invstd_out = static_cast<A*>(p.invstd);
   for (int64_t c = 0; c < C; ++c) {
     Moments<double> mo{};
-    for (int t = 0; t < nt; ++t) mo.merge(tn[t], tmean[size_t(t) * C + c], tm2[size_t(t) * C + c]);
+    for (int t = 0; t < nt; ++t)
+      for (int64_t j = 0; j < wr.k; ++j) {
+        const size_t e = size_t(t * W + j * C + c);
+        mo.merge(tn[t], tmean[e], tm2[e]);
+      }
+    mo.merge(double(rest), rmean[c], rm2[c]);
     const A v = A(mo.m2 / mo.n);
     mean_out[c] = A(mo.mean);
     invstd_out[c] = invstd_of<A>(mo.m2, mo.n, p.eps);
@@ -842,9 +907,16 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     scale[c] = k.scale;
     shift[c] = k.shift;
   }
-  const A* m = mean.data();
   const bool ncs = s.layout == Layout::NCS;
-  const int64_t M = s.count(), R = rows_per_block<T>(C);
+  // Channels-last: the constants repeated over wide rows (WideRows).
+  const WideRows wr(C);
+  if (!ncs && wr.k > 1) {
+    mean = wr.repeat(mean);
+    scale = wr.repeat(scale);
+    shift = wr.repeat(shift);
+  }
+  const A* m = mean.data();
+  const int64_t M = s.count(), R = wr.k * rows_per_block<T>(wr.W);
   // Work items: planes (NCS) or blocks of R rows (NSC).
   const int64_t items = ncs ? s.N * C : (M + R - 1) / R;
   const int nt = threads_for(s.N * C * s.S, p.num_threads, items);
@@ -860,7 +932,7 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     // Channels-last: a block's counts (at most R <= kBlock per channel, exact)
     // in the accumulation type, so the counting vectorizes with the rest of
     // the float loop instead of mixing in integer lanes.
-    std::vector<A> bcnt(Track && !ncs ? C : 0);
+    std::vector<A> bcnt(Track && !ncs ? wr.W : 0);
     const int64_t len_max = ncs ? kBlock : R * C;
     std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(in_registers<T> ? 0 : len_max),
         obuf(y_buffered<T> ? len_max : 0);
@@ -884,18 +956,24 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         auto* yb = out_view<y_buffered<T>>(y + r * C, obuf.data());
         A* bc = bcnt.data();
         if constexpr (Track) std::fill(bcnt.begin(), bcnt.end(), A(0));
-        for (int64_t i = 0; i < rr; ++i)
+        // `rows` rows of `width` columns from value e0 of the block.
+        auto normalize_rows = [&](int64_t e0, int64_t rows, int64_t width) {
+          for (int64_t i = 0; i < rows; ++i)
 #pragma GCC ivdep
-          for (int64_t c = 0; c < C; ++c) {
-            const A v = pre_activation<Res>(A(load(xb[i * C + c])) - mp[c], A(z_at<Res>(zb, i * C + c)),
-                                            sc[c], sh[c]);
-            if constexpr (Count == kCountPre) bc[c] += act.active(v) ? A(1) : A(0);
-            if constexpr (Count == kCountInput)
-              bc[c] += pre.active(A(load(x[(r + i) * C + c]))) ? A(1) : A(0);
-            put(yb, i * C + c, act.fwd(v));
-          }
+            for (int64_t c = 0; c < width; ++c) {
+              const int64_t e = e0 + i * width + c;
+              const A v = pre_activation<Res>(A(load(xb[e])) - mp[c], A(z_at<Res>(zb, e)), sc[c],
+                                              sh[c]);
+              if constexpr (Count == kCountPre) bc[c] += act.active(v) ? A(1) : A(0);
+              if constexpr (Count == kCountInput)
+                bc[c] += pre.active(A(load(x[r * C + e]))) ? A(1) : A(0);
+              put(yb, e, act.fwd(v));
+            }
+        };
+        wr.rows_of(rr, normalize_rows);
         if constexpr (Track)
-          for (int64_t c = 0; c < C; ++c) cnt[c] += int64_t(bc[c]);
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t j = 0; j < wr.k; ++j) cnt[c] += int64_t(bc[j * C + c]);
         narrow_to<y_buffered<T>>(yb, y + r * C, rr * C);
       }
     }
@@ -959,24 +1037,24 @@ FUSEDBN_INLINE ChannelCoef<A> backward_coef(const BackwardParams& p, int64_t c) 
                       w ? w[c] : A(1), b ? b[c] : A(0), p.from_output);
 }
 
-// Adds up per-thread sums tsg/tsgx ([nt][C], in thread order) into
-// grad_bias, grad_weight and each channel's dx coefficients.
+// Adds up per-thread sums tsg/tsgx ([nt][W] over wide rows, in thread
+// order) into grad_bias, grad_weight and each channel's dx coefficients,
+// k_xh and k_const ([W], repeated as the wide rows want them).
 template <typename A>
 void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx, int nt,
-                 const ChannelCoef<A>* coef, A* k_xh, A* k_const) {
+                 const WideRows& wr, const ChannelCoef<A>* coef, A* k_xh, A* k_const) {
   const int64_t C = p.shape.C;
   A* gw = static_cast<A*>(p.grad_weight);
   A* gb = static_cast<A*>(p.grad_bias);
   for (int64_t c = 0; c < C; ++c) {
-    double s1 = 0, s2 = 0;
-    for (int u = 0; u < nt; ++u) {
-      s1 += tsg[size_t(u) * C + c];
-      s2 += tsgx[size_t(u) * C + c];
-    }
-    s2 = coef[c].sum_gxh(s1, s2);
+    const double s1 = wr.fold(tsg, nt, c), s2 = coef[c].sum_gxh(s1, wr.fold(tsgx, nt, c));
     gb[c] = A(s1);
     gw[c] = A(s2);
     dx_coefficients(p.training, coef[c], s1, s2, double(p.shape.count()), k_xh[c], k_const[c]);
+  }
+  for (int64_t e = C; e < wr.W; ++e) {
+    k_xh[e] = k_xh[e % C];
+    k_const[e] = k_const[e % C];
   }
 }
 
@@ -1136,16 +1214,17 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   }
 }
 
-// dx (and dz) of rr channels-last rows, as run_dx.
+// dx (and dz) of rr channels-last rows of `width` columns from value e0 of
+// the block, as run_dx.
 template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
           typename O, typename OZ, typename A, typename Act>
-FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t rr,
-                            int64_t C, const A* mp, const A* sc, const A* sh, const A* ht,
-                            const A* kx, const A* kc, Act act) {
+FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t e0,
+                            int64_t rr, int64_t width, const A* mp, const A* sc, const A* sh,
+                            const A* ht, const A* kx, const A* kc, Act act) {
   for (int64_t i = 0; i < rr; ++i)
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = 0; c < width; ++c) {
       A xh;
-      const int64_t e = i * C + c;
+      const int64_t e = e0 + i * width + c;
       const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
                                          mp[c], sc[c], sh[c], ht[c], act, xh);
       if constexpr ((Out & kDx) != 0) put(out, e, dx_value<Train>(g, xh, sc[c], kx[c], kc[c]));
@@ -1162,26 +1241,30 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.dx);
   T* dz = static_cast<T*>(p.grad_residual);
-  // Blocks of R rows for dx, of RR rows for the reductions.
-  const int64_t R = rows_per_block<T>(C), RR = rows_per_reduce_block<T>(C);
+  // Blocks of R rows for dx, of RR rows for the reductions, over wide rows
+  // of W columns (WideRows).
+  const WideRows wr(C);
+  const int64_t W = wr.W, R = wr.k * rows_per_block<T>(W),
+                RR = wr.k * rows_per_reduce_block<T>(W);
   const int64_t blocks = (M + R - 1) / R, rblocks = (M + RR - 1) / RR;
   const int nt = threads_for(M * C, p.num_threads, rblocks);
-  // The constants as flat arrays too, for the vectorized row loops.
-  std::vector<ChannelCoef<A>> coef(C);
-  std::vector<A> mean(C), scale(C), shift(C), hat(C);
-  for (int64_t c = 0; c < C; ++c) {
-    coef[c] = backward_coef<A>(p, c);
-    mean[c] = coef[c].mean;
-    scale[c] = coef[c].scale;
-    shift[c] = coef[c].shift;
-    hat[c] = coef[c].hat;
+  // The constants per column, and as flat arrays too, for the vectorized
+  // row loops.
+  std::vector<ChannelCoef<A>> coef(W);
+  std::vector<A> mean(W), scale(W), shift(W), hat(W);
+  for (int64_t e = 0; e < W; ++e) {
+    coef[e] = backward_coef<A>(p, e % C);
+    mean[e] = coef[e].mean;
+    scale[e] = coef[e].scale;
+    shift[e] = coef[e].shift;
+    hat[e] = coef[e].hat;
   }
   const A* mp = mean.data();
   const A* sc = scale.data();
   const A* sh = shift.data();
   const A* ht = hat.data();
-  std::vector<double> tsg(size_t(nt) * C, 0.0), tsgx(size_t(nt) * C, 0.0);
-  std::vector<A> k_xh(C), k_const(C);
+  std::vector<double> tsg(size_t(nt) * W, 0.0), tsgx(size_t(nt) * W, 0.0);
+  std::vector<A> k_xh(W), k_const(W);
   const A* kx = k_xh.data();
   const A* kc = k_const.data();
 #pragma omp parallel num_threads(nt) firstprivate(act, pre)
@@ -1191,8 +1274,8 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
     const size_t len_max = size_t(std::max(R, RR) * C), nb = in_registers<T> ? 0 : len_max;
     std::vector<A> xbuf(buffered<T, Pre> ? len_max : 0), zbuf(nb), dybuf(nb),
         obuf(OutBuf ? len_max : 0), dzbuf(DzBuf ? len_max : 0);
-    double* sg = &tsg[size_t(t) * C];
-    double* sgx = &tsgx[size_t(t) * C];
+    double* sg = &tsg[size_t(t) * W];
+    double* sgx = &tsgx[size_t(t) * W];
 #pragma omp for schedule(static)
     for (int64_t blk = 0; blk < rblocks; ++blk) {
       const int64_t r = blk * RR, rr = std::min(RR, M - r), next = std::min(RR, M - r - rr) * C;
@@ -1202,42 +1285,47 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
       const auto* xb = load_input(x + r * C, rr * C, xbuf.data(), pre);
       const auto* zb = residual_acc<Res>(z, r * C, rr * C, zbuf.data());
       const auto* dyb = as_acc(dy + r * C, rr * C, dybuf.data());
-      for_each_chunk(C, [&](int64_t c0, auto width) {
-        constexpr int W = decltype(width)::value;
-        A m[W], k[W], h[W], ik[W], g1[W] = {}, g2[W] = {};
-        for (int j = 0; j < W; ++j) {
-          m[j] = mp[c0 + j];
-          k[j] = sc[c0 + j];
-          h[j] = sh[c0 + j];
-          ik[j] = ht[c0 + j];
-        }
-        for (int64_t i = 0; i < rr; ++i)
-          for (int j = 0; j < W; ++j) {
-            const int64_t e = i * C + c0 + j;
-            A xh;
-            const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
-                                               m[j], k[j], h[j], ik[j], act, xh);
-            g1[j] += g;
-            g2[j] += g * xh;
+      // Adds the sums of `rows` rows of `width` columns from value e0 of the
+      // block to sg, sgx.
+      auto sums_of = [&](int64_t e0, int64_t rows, int64_t width) {
+        for_each_chunk(width, [&](int64_t c0, auto chunk) {
+          constexpr int K = decltype(chunk)::value;
+          A m[K], k[K], h[K], ik[K], g1[K] = {}, g2[K] = {};
+          for (int j = 0; j < K; ++j) {
+            m[j] = mp[c0 + j];
+            k[j] = sc[c0 + j];
+            h[j] = sh[c0 + j];
+            ik[j] = ht[c0 + j];
           }
-        // One test per chunk (v - v is 0 for every finite v); the channels
-        // whose float sums overflowed are summed again in double.
-        A probe = A(0);
-        for (int j = 0; j < W; ++j) probe += (g1[j] - g1[j]) + (g2[j] - g2[j]);
-        if (__builtin_expect(std::is_same<A, float>::value && probe != A(0), 0)) {
-          redo_overflowed<Res, FromOut>(g1, g2, W, c0, xb, zb, dyb, rr, C, coef.data(), act, sg,
-                                        sgx);
-          return;
-        }
-        for (int j = 0; j < W; ++j) {
-          sg[c0 + j] += double(g1[j]);
-          sgx[c0 + j] += double(g2[j]);
-        }
-      });
+          for (int64_t i = 0; i < rows; ++i)
+            for (int j = 0; j < K; ++j) {
+              const int64_t e = e0 + i * width + c0 + j;
+              A xh;
+              const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)),
+                                                 A(load(dyb[e])), m[j], k[j], h[j], ik[j], act, xh);
+              g1[j] += g;
+              g2[j] += g * xh;
+            }
+          // One test per chunk (v - v is 0 for every finite v); the columns
+          // whose float sums overflowed are summed again in double.
+          A probe = A(0);
+          for (int j = 0; j < K; ++j) probe += (g1[j] - g1[j]) + (g2[j] - g2[j]);
+          if (__builtin_expect(std::is_same<A, float>::value && probe != A(0), 0)) {
+            redo_overflowed<Res, FromOut>(g1, g2, K, c0, xb + e0, Res ? zb + e0 : zb, dyb + e0,
+                                          rows, width, coef.data(), act, sg, sgx);
+            return;
+          }
+          for (int j = 0; j < K; ++j) {
+            sg[c0 + j] += double(g1[j]);
+            sgx[c0 + j] += double(g2[j]);
+          }
+        });
+      };
+      wr.rows_of(rr, sums_of);
     }
 #pragma omp barrier
 #pragma omp single
-    finish_sums(p, tsg.data(), tsgx.data(), nt, coef.data(), k_xh.data(), k_const.data());
+    finish_sums(p, tsg.data(), tsgx.data(), nt, wr, coef.data(), k_xh.data(), k_const.data());
     // implicit barrier: every thread sees the coefficients
     // Train and the wanted gradients as template switches (with_dx_switches).
     if (dx || dz) {
@@ -1250,8 +1338,10 @@ void backward_nsc(const BackwardParams& p, Act act, Pre pre) {
         auto* out = dx ? out_view<OutBuf>(dx + r * C, obuf.data()) : nullptr;
         auto* dzo = dz ? out_view<DzBuf>(dz + r * C, dzbuf.data()) : nullptr;
         with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
-          rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
-              xb, zb, dyb, out, dzo, rr, C, mp, sc, sh, ht, kx, kc, act);
+          wr.rows_of(rr, [&](int64_t e0, int64_t n, int64_t width) {
+            rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
+                xb, zb, dyb, out, dzo, e0, n, width, mp, sc, sh, ht, kx, kc, act);
+          });
         });
         if (dx) {
           chain_input_grad(out, x + r * C, rr * C, pre);
