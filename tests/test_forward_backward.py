@@ -3,6 +3,7 @@ and running statistics over activations, dtypes, layouts, ranks and modes,
 both orders (order="act_bn": eager activation then nn.BatchNormNd), the
 residual and the in-place mode."""
 import math
+import random
 
 import pytest
 import torch
@@ -467,6 +468,26 @@ def test_block_regimes(device, shape, dtype, layout):
                   vs64=True)
     compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device), False,
                   vs64=True)
+
+
+# Random channels-last shapes for the wide rows: C not a multiple of 16, row
+# counts around multiples of a wide row's k and of a block (63..9001 rows,
+# up to two threads), every activation, both 16- and 32-bit, against float64.
+@pytest.mark.parametrize("case", range(16))
+def test_wide_rows_random(device, case):
+    r = random.Random(f"wide-rows-{case}")
+    C = r.choice([3, 5, 10, 12, 24, 40, 72, 100, 120])
+    rows = r.choice([63, 64, 65, 127, 191, 193, 1365, 1377, 4097, 9001])
+    N = r.choice([1, 2, 3])
+    shape = (N, C, 1, max(2, rows // N))
+    dtype = r.choice([torch.float32, torch.bfloat16])
+    activation, kwargs = r.choice(ACTIVATIONS)
+    seed("wide-rows", case)
+    fused = make_fused(4, C, activation, kwargs, dtype=dtype, device=device)
+    ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
+    for training in (True, False):
+        compare_steps(fused, ref, ref64, make_input(shape, dtype, "channels_last", device=device),
+                      training, vs64=True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
