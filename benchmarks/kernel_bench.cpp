@@ -1,10 +1,12 @@
-// Times the torch-free CPU kernels (the AVX-512 copy) against memcpy, without
+// Times the torch-free CPU kernels (the AVX-512 copy, or the AVX2 one with
+// -DFUSEDBN_KB_AVX2) against memcpy, without
 // torch or Python in the way: what the kernels themselves reach, as a
 // percentage of the copy bandwidth under the pass model (forward-train 3
 // passes, eval 2, backward 5; see fusedbn/bench/passes.py).
 //
 //   g++ -O3 -std=c++17 -fopenmp -fno-math-errno -fno-trapping-math -Icsrc/kernels
-//       [-DFUSEDBN_ONLY_ACT=GELUAct] benchmarks/kernel_bench.cpp -o /tmp/kernel_bench
+//       [-DFUSEDBN_ONLY_ACT=GELUAct] [-DFUSEDBN_KB_AVX2] benchmarks/kernel_bench.cpp
+//       -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter] [NxCxS ...]
 //
 // NxCxS: time these shapes (float32 and bfloat16, both layouts) instead of
@@ -29,12 +31,18 @@
 #include <unistd.h>
 #include <vector>
 
-// The AVX-512 copy of the kernels, compiled as the extension does (its flags
-// above), for the one activation FUSEDBN_ONLY_ACT (the default parameters).
+// One copy of the kernels, compiled as the extension does (its flags above),
+// for the one activation FUSEDBN_ONLY_ACT (the default parameters).
 #ifndef FUSEDBN_ONLY_ACT
 #define FUSEDBN_ONLY_ACT ReLUAct
 #endif
+#ifdef FUSEDBN_KB_AVX2
+#include "cpu_isa_avx2.cpp"
+namespace isa = fusedbn::avx2;
+#else
 #include "cpu_isa_avx512.cpp"
+namespace isa = fusedbn::avx512;
+#endif
 
 using namespace fusedbn;
 
@@ -102,8 +110,8 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   p.running_mean = rm.data();
   p.running_var = rv.data();
   p.num_threads = nt;
-  const double train = best_ms([&] { p.x = xs[rotate()]; avx512::forward(p, true); });
-  const double eval = best_ms([&] { p.x = xs[rotate()]; avx512::forward(p, false); });
+  const double train = best_ms([&] { p.x = xs[rotate()]; isa::forward(p, true); });
+  const double eval = best_ms([&] { p.x = xs[rotate()]; isa::forward(p, false); });
   BackwardParams q;
   q.shape = p.shape;
   q.dtype = dt;
@@ -120,7 +128,7 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
     const size_t k = rotate();
     q.x = xs[k];
     q.dy = dys[k];
-    avx512::backward(q);
+    isa::backward(q);
   });
   const double copy_gbs = 2.0 * bytes / copy / 1e6;
   auto pct = [&](double passes, double ms) { return passes * bytes / ms / 1e6 / copy_gbs * 100; };

@@ -50,6 +50,9 @@ namespace FUSEDBN_CPU_ISA {
 #ifndef FUSEDBN_CPU_F16C
 #define FUSEDBN_CPU_F16C 0
 #endif
+#ifndef FUSEDBN_CPU_AVX2
+#define FUSEDBN_CPU_AVX2 0
+#endif
 #ifndef FUSEDBN_CPU_AVX512
 #define FUSEDBN_CPU_AVX512 0
 #endif
@@ -247,6 +250,11 @@ template <>
 FUSEDBN_INLINE void narrow(const float* src, bf16_t* dst, int64_t n) {
   bf16_narrow_avx512(src, dst, n);
 }
+#elif FUSEDBN_CPU_AVX2
+template <>
+FUSEDBN_INLINE void narrow(const float* src, bf16_t* dst, int64_t n) {
+  bf16_narrow_avx2(src, dst, n);
+}
 #endif
 
 // Storage types the loops read and write themselves (load / store<T>).
@@ -287,15 +295,16 @@ FUSEDBN_INLINE auto load_input(const T* x, int64_t n, acc_t<T>* buf, const Pre& 
 }
 
 // Outputs computed in a float buffer and narrowed afterwards (narrow_to):
-// float16; bfloat16 in the AVX-512 copy, whose narrowing of a whole buffer
-// (cpu_bf16_avx512.h, vcvtneps2bf16 where present) costs less than the
-// rounding GCC vectorizes from store<bf16_t> (streaming eval of 14x14 planes:
-// 1.3x faster, measured); and 16-bit dx with order ActBn, whose chain rule
+// float16; bfloat16 in the AVX-512 and AVX2 copies, whose narrowing of a
+// whole buffer (cpu_bf16_avx512.h, vcvtneps2bf16 where present;
+// cpu_bf16_avx2.h) costs less than the rounding GCC vectorizes from
+// store<bf16_t> (streaming eval of 14x14 planes: 1.3x faster, measured, in
+// both); and 16-bit dx with order ActBn, whose chain rule
 // through pre comes before the rounding. Everything else is stored where it
 // belongs.
 template <typename T>
 constexpr bool y_buffered =
-    !in_registers<T> || (FUSEDBN_CPU_AVX512 && std::is_same<T, bf16_t>::value);
+    !in_registers<T> || ((FUSEDBN_CPU_AVX512 || FUSEDBN_CPU_AVX2) && std::is_same<T, bf16_t>::value);
 template <typename T, typename Pre>
 constexpr bool out_buffered = y_buffered<T> || (is_16bit<T> && !IsIdentity<Pre>::value);
 
