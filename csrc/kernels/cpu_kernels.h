@@ -170,6 +170,16 @@ struct NcsWork {
   int64_t lo(const Shape& s, int64_t part) const { return s.N * part / P; }
 };
 
+// Whether the contiguous backward sums planes of 64 values and more one by
+// one in memory order (sums_part), or channel by channel in blocks of
+// planes. Chosen per copy from the machines measured (kernels alone, 2
+// threads): on the AVX-512 Xeon the channel walk was latency-bound (float32
+// 64x256x14x14 1.4x slower); on the AVX2 EPYC it is each plane's lane
+// zeroing and lane sums that cost, and the channel walk is faster (backward,
+// 64x256x14x14 float32 1.1-1.3x, bfloat16 1.3-1.9x; 8x512x14x14 1.3-1.6x,
+// 1.2-1.7x). The copies then sum such planes in different orders.
+constexpr bool kPlaneOrderSums = FUSEDBN_CPU_AVX512;
+
 // Planes of the backward's memory-order sums over a group asked for this far
 // ahead: a group's planes come in chunks (G*S values, then a jump of C*S)
 // that the hardware prefetcher restarts on at each chunk (8x512x14x14
@@ -1138,7 +1148,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     // The sums of planes lo..hi-1 of channels c0..c1-1, into part_sg/part_sgx.
     auto sums_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
       auto at = [&](int64_t c) { return size_t(c * P + part); };
-      if (wk.grouped && s.S >= 64) {
+      if (wk.grouped && s.S >= 64 && kPlaneOrderSums) {
         // Planes of at least 64 values: summed one by one in memory order (a
         // channel's planes lie C*S values apart, and walking them per channel
         // is latency-bound even with prefetching: 64x256x14x14 1.4x slower).
