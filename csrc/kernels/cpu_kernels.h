@@ -220,12 +220,13 @@ FUSEDBN_INLINE void prefetch_next_block(const Shape& s, const T* chan, int64_t n
 
 // ------------------------------------------------- 16-bit <-> float
 //
-// bfloat16 is read and written where the loops use it: load() widens in
-// registers (a shift), store<bf16_t>() rounds in a few integer operations,
-// and both vectorize with the arithmetic around them, so a 16-bit tensor
-// costs the loops no extra pass over L1. float16 is widened into L1-sized
-// float buffers and narrowed back (F16C; GCC converts _Float16 one value at
-// a time). Float and double are read and written as they are.
+// bfloat16 is read where the loops use it: load() widens in registers (a
+// shift), which vectorizes with the arithmetic around it. It is written with
+// store<bf16_t>() (a few integer operations) in the baseline copy; the AVX2
+// and AVX-512 copies compute outputs into float buffers and narrow those
+// (y_buffered). float16 is widened into L1-sized float buffers and narrowed
+// back (F16C; GCC converts _Float16 one value at a time). Float and double
+// are read and written as they are.
 
 template <typename T>
 constexpr bool is_16bit = std::is_same<T, bf16_t>::value || std::is_same<T, fp16_t>::value;
