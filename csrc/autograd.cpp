@@ -12,6 +12,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/TypeTraits.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
 #include "args.h"
 
@@ -150,21 +151,55 @@ void check_inplace_input(const ForwardArgs& a) {
   torch::autograd::check_inplace(a.input, requires_grad);
 }
 
+// What ADInplaceOrView would do for the arguments mutated below autograd.
+void bump_versions(const ForwardArgs& a, bool inplace) {
+  auto bump = [](const OptTensor& t) {
+    if (t.has_value() && t->defined()) torch::autograd::impl::bump_version(*t);
+  };
+  if (a.training) {
+    bump(a.running_mean);
+    bump(a.running_var);
+    bump(a.num_batches_tracked);
+  }
+  bump(a.activity);
+  if (inplace) bump(a.input);
+}
+
+// Whether the call records nothing for autograd: grad mode off (eval under
+// no_grad) or no differentiable argument requiring a gradient. Such a call
+// skips the autograd Function, whose node and saved state cost more than a
+// small layer's kernel. (A forward-mode tangent takes the Function, which
+// refuses it.)
+bool records_nothing(const ForwardArgs& a) {
+  const OptTensor in(a.input);
+  for (const OptTensor* t : {&in, &a.residual, &a.weight, &a.bias}) {
+    if (torch::autograd::isFwGradDefined(*t)) return false;
+  }
+  if (!at::GradMode::is_enabled()) return true;
+  for (const OptTensor* t : {&in, &a.residual, &a.weight, &a.bias}) {
+    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return false;
+  }
+  return true;
+}
+
 template <bool Inplace>
-void forward_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet, Stack* stack) {
+void forward_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, Stack* stack) {
   const ArgList args(op, *stack);
   const ForwardArgs a = ForwardArgs::read(args);
   if (Inplace) check_inplace_input(a);
+  if (records_nothing(a)) {
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      args.push_to(*stack);
+      op.redispatchBoxed(ks & c10::after_ADInplaceOrView_keyset, stack);
+    }
+    bump_versions(a, Inplace);
+    return;
+  }
   SideResults side;
   Tensor out = FusedBatchNormAct<Inplace>::apply(a.input, a.residual, a.weight, a.bias, &args, &a,
                                                  &side);
-  // What ADInplaceOrView would do for the buffers mutated below autograd.
-  if (a.training) {
-    for (const OptTensor* t : {&a.running_mean, &a.running_var, &a.num_batches_tracked})
-      if (t->has_value() && (*t)->defined()) torch::autograd::impl::bump_version(**t);
-  }
-  if (a.activity.has_value() && a.activity->defined())
-    torch::autograd::impl::bump_version(*a.activity);
+  bump_versions(a, /*inplace=*/false);  // (mark_dirty bumped the input's)
   if constexpr (Inplace) {
     push_results(*stack, std::make_tuple(out, side.mean, side.invstd, side.kept_input,
                                          side.kept_channels));

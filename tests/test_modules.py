@@ -299,3 +299,60 @@ def test_bias_init_without_bias(device):
         assert mod.bias is None
         mod.reset_parameters()
         assert mod(torch.randn(2, 4, 3, 3, device=device)).shape == (2, 4, 3, 3)
+
+
+
+# The module reads its parameters and buffers from its dicts (modules.py:
+# _state); whatever replaces them must still be what the forward uses.
+
+def _twins(device, training):
+    ref = _randomize(nn.BatchNorm2d(3)).to(device).train(training)
+    fused = fusedbn.BatchNormAct2d(3, activation="identity").to(device).train(training)
+    fused.load_state_dict(ref.state_dict())
+    return fused, ref
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_parametrized_weight_is_used(device, training):
+    import torch.nn.utils.parametrize as P
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    fused, ref = _twins(device, training)
+    for m in (fused, ref):
+        P.register_parametrization(m, "weight", Double())
+    x = torch.randn(2, 3, 4, 4).to(device)
+    torch.testing.assert_close(fused(x), ref(x))
+    torch.testing.assert_close(fused.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_functional_call_swaps_parameters_and_buffers(device, training):
+    fused, ref = _twins(device, training)
+    swap = {"weight": torch.full((3,), 3.0, device=device),
+            "bias": torch.full((3,), -1.0, device=device),
+            "running_mean": torch.full((3,), 0.5, device=device),
+            "running_var": torch.full((3,), 2.0, device=device),
+            "num_batches_tracked": torch.tensor(5, device=device)}
+    x = torch.randn(2, 3, 4, 4).to(device)
+    got_state = {k: v.clone() for k, v in swap.items()}
+    ref_state = {k: v.clone() for k, v in swap.items()}
+    torch.testing.assert_close(torch.func.functional_call(fused, got_state, (x,)),
+                               torch.func.functional_call(ref, ref_state, (x,)))
+    for k in swap:
+        torch.testing.assert_close(got_state[k], ref_state[k])
+    torch.testing.assert_close(fused.running_mean, ref.running_mean)  # untouched by the call
+
+
+def test_deleted_buffer_raises_as_in_nn():
+    fused = fusedbn.BatchNormAct2d(3)
+    ref = nn.BatchNorm2d(3)
+    del fused.running_mean
+    del ref.running_mean
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(AttributeError):
+        ref(x)
+    with pytest.raises(AttributeError):
+        fused(x)
