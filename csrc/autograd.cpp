@@ -125,7 +125,15 @@ class FusedBatchNormAct : public torch::autograd::Function<FusedBatchNormAct<Inp
         {"kept_channels", or_none(saved[7])}};
     for (const char* name : ActivationArgs::kNames) named.emplace_back(name, d.at(name));
     Stack stack = named_stack(op, named);
-    op.callBoxed(stack);
+    if (at::GradMode::is_enabled()) {
+      // create_graph: the backward op's own autograd (ops.py) records it.
+      op.callBoxed(stack);
+    } else {
+      // Nothing to record: called below autograd, past the Python autograd
+      // kernel torch.library installed for the op (tens of us a call).
+      at::AutoDispatchBelowADInplaceOrView guard;
+      op.callBoxed(stack);
+    }
     // One gradient per argument of forward (after ctx), the first four
     // differentiable; the op returns (input, weight, bias, residual).
     variable_list result(kForwardArgs);
