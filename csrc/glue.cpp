@@ -251,6 +251,35 @@ View view_of(at::IntArrayRef sizes, at::IntArrayRef strides) {
 
 View view_of(const Tensor& t) { return view_of(t.sizes(), t.strides()); }
 
+// In training and in the backward, a contiguous CPU input whose channels
+// hold few values (N*S <= 64: late ResNet layers at a small batch,
+// 2x2048x2x2 has 8) runs the channels-last kernels on a channels-last copy.
+// The contiguous kernels' statistics and sums pay a fixed cost per channel
+// and per plane, which outweighs the copies there (2x2048x2x2 forward-train
+// 5.5x, forward+backward 3.7x faster; at N*S = 98 the backward was slower).
+// Eval has no statistics: its contiguous kernel beats the copies.
+// (benchmarks/results/2026-11-30-cpu-avx2-epyc-per-call.md)
+constexpr int64_t kMaxValuesPerChannelForRows = 64;
+
+// x (and v) to run the kernels on: t itself, a contiguous copy of a layout
+// the kernels do not read (v.native false), or when the kernels reduce over
+// the batch (reduces) the channels-last copy above (v.native false, v.shape
+// channels-last).
+bool rows_copy_pays(const View& v) {
+  const Shape& s = v.shape;
+  return v.native && s.layout == Layout::NCS && s.S > 1 && s.C > 1 &&
+         s.N * s.S <= kMaxValuesPerChannelForRows;
+}
+
+Tensor kernel_input(const Tensor& t, View& v, bool reduces) {
+  if (!v.native) return t.contiguous();
+  if (!reduces || !t.is_cpu() || !rows_copy_pays(v)) return t;
+  Tensor x = t.movedim(1, -1).contiguous().movedim(-1, 1);
+  v = view_of(x);
+  v.native = false;
+  return x;
+}
+
 // Eval's saved statistics on the CPU, in mean and invstd (contiguous, the
 // accumulation type): running_mean and 1/sqrt(running_var + eps) as ATen computes them
 // (eps rounded to that type, a correctly rounded sqrt, then the division), in
@@ -358,6 +387,7 @@ const char* kernel_layout(at::IntArrayRef sizes, at::IntArrayRef strides) {
                     "kernel_layout: sizes and strides of a tensor of rank >= 2");
   const View v = view_of(sizes, strides);
   if (!v.native) return "copy";
+  if (rows_copy_pays(v)) return "NSC copy";  // (in training and the backward)
   return v.shape.layout == Layout::NSC ? "NSC" : "NCS";
 }
 
@@ -474,8 +504,8 @@ ForwardResult forward_impl(const ForwardArgs& a, bool inplace, ForwardKernel ker
     kept = input.index_select(1, kept_idx).contiguous();
   }
   const at::ScalarType acc = acc_dtype(input.scalar_type());
-  const View v = view_of(input);
-  const Tensor x = v.native ? input : input.contiguous();
+  View v = view_of(input);
+  const Tensor x = kernel_input(input, v, a.training);
   const Tensor z = defined(residual) ? in_layout_of(*residual, x) : Tensor();
   // In place: the kernels read each value before writing it at the same index.
   Tensor out = inplace ? input : at::empty_like(input);
@@ -599,8 +629,8 @@ Grads backward_channels(const BackwardArgs& a, BackwardKernel kernel) {
   const bool want_z = a.output_mask[3] && defined(a.residual);
   if (!a.output_mask[0] && !want_w && !want_b && !want_z) return {};
 
-  const View v = view_of(a.input);
-  const Tensor x = v.native ? a.input : a.input.contiguous();
+  View v = view_of(a.input);
+  const Tensor x = kernel_input(a.input, v, /*reduces=*/true);
   // The kernels read dy and z in x's layout.
   const Tensor dy = in_layout_of(a.grad_out, x);
   const Tensor z = defined(a.residual) ? in_layout_of(*a.residual, x) : Tensor();

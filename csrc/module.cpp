@@ -31,8 +31,10 @@ PyObject* is_invertible(PyObject*, PyObject* args) {
   }
 }
 
-// kernel_layout(sizes, strides) -> "NCS" | "NSC" | "copy": how the kernels
-// take a tensor with these sizes and strides (the glue's own choice).
+// kernel_layout(sizes, strides) -> "NCS" | "NSC" | "copy" | "NSC copy": how
+// the CPU kernels take a tensor with these sizes and strides (the glue's own
+// choice; "NSC copy": a channels-last copy of a contiguous tensor, made in
+// training and in the backward).
 PyObject* kernel_layout(PyObject*, PyObject* args) {
   PyObject *sizes_obj = nullptr, *strides_obj = nullptr;
   if (!PyArg_ParseTuple(args, "OO", &sizes_obj, &strides_obj)) return nullptr;
@@ -63,7 +65,7 @@ PyMethodDef methods[] = {
     {"is_invertible", is_invertible, METH_VARARGS,
      "is_invertible(activation, negative_slope, alpha): whether inplace=True takes it."},
     {"kernel_layout", kernel_layout, METH_VARARGS,
-     "kernel_layout(sizes, strides): 'NCS', 'NSC' or 'copy', how the kernels take such a tensor."},
+     "kernel_layout(sizes, strides): 'NCS', 'NSC', 'copy' or 'NSC copy', how the CPU kernels take such a tensor."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
