@@ -261,16 +261,16 @@ View view_of(const Tensor& t) { return view_of(t.sizes(), t.strides()); }
 // (benchmarks/results/2026-11-30-cpu-avx2-epyc-per-call.md)
 constexpr int64_t kMaxValuesPerChannelForRows = 64;
 
-// x (and v) to run the kernels on: t itself, a contiguous copy of a layout
-// the kernels do not read (v.native false), or when the kernels reduce over
-// the batch (reduces) the channels-last copy above (v.native false, v.shape
-// channels-last).
 bool rows_copy_pays(const View& v) {
   const Shape& s = v.shape;
   return v.native && s.layout == Layout::NCS && s.S > 1 && s.C > 1 &&
          s.N * s.S <= kMaxValuesPerChannelForRows;
 }
 
+// x (and v) to run the kernels on: t itself, a contiguous copy of a layout
+// the kernels do not read (v.native false), or when the kernels reduce over
+// the batch (reduces) the channels-last copy above (v.native false, v.shape
+// channels-last).
 Tensor kernel_input(const Tensor& t, View& v, bool reduces) {
   if (!v.native) return t.contiguous();
   if (!reduces || !t.is_cpu() || !rows_copy_pays(v)) return t;
