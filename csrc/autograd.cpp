@@ -12,7 +12,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/TypeTraits.h>
 #include <torch/csrc/autograd/VariableTypeUtils.h>
-#include <torch/csrc/autograd/functions/utils.h>
 
 #include "args.h"
 
@@ -179,13 +178,12 @@ void bump_versions(const ForwardArgs& a, bool inplace) {
 // small layer's kernel. (A forward-mode tangent takes the Function, which
 // refuses it.)
 bool records_nothing(const ForwardArgs& a) {
+  const bool grad_mode = at::GradMode::is_enabled();
   const OptTensor in(a.input);
   for (const OptTensor* t : {&in, &a.residual, &a.weight, &a.bias}) {
-    if (torch::autograd::isFwGradDefined(*t)) return false;
-  }
-  if (!at::GradMode::is_enabled()) return true;
-  for (const OptTensor* t : {&in, &a.residual, &a.weight, &a.bias}) {
-    if (t->has_value() && (*t)->defined() && (*t)->requires_grad()) return false;
+    if (!t->has_value() || !(*t)->defined()) continue;
+    if ((grad_mode && (*t)->requires_grad()) || (*t)->_fw_grad(/*level=*/0).defined())
+      return false;
   }
   return true;
 }
