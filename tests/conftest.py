@@ -5,7 +5,8 @@ carries the ``cuda`` marker, so that on a GPU machine
     python -m pytest -q -m cuda tests
 
 runs exactly it (benchmarks/gpu_check.sh does). tests/test_cuda_simt.py
-emulates the CUDA kernels on the CPU: its items never get the marker.
+emulates the CUDA kernels on the CPU: its items never get the marker, run
+last, and its kernel libraries start compiling when collection ends.
 
 It also puts this checkout's root first on sys.path, the suite's one place
 for it: ``import fusedbn`` then loads the package (and its compiled _C)
@@ -41,9 +42,17 @@ def device(request):
 
 
 def pytest_collection_modifyitems(config, items):
+    # The SIMT tests last: their kernel libraries compile meanwhile (below).
+    items.sort(key=lambda item: item.path.name == "test_cuda_simt.py")
     for item in items:
         if item.path.name == "test_cuda_simt.py":
             continue
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("device") == "cuda":
             item.add_marker(pytest.mark.cuda)
+
+
+def pytest_collection_finish(session):
+    simt = [item for item in session.items if item.path.name == "test_cuda_simt.py"]
+    if simt and not session.config.option.collectonly:
+        simt[0].module.start_builds(simt)

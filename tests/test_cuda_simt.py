@@ -9,8 +9,10 @@ that the sweep took every path it is meant to. A mutated build of the kernels
 the channel walks) must fail the same comparisons.
 
 Needs g++ and torch's C++ extension build (CPU). Does not import fusedbn.
-Builds go to build/simt (cached by content): about 2 minutes cold on two
-busy cores, about half a minute warm.
+Builds go to build/simt (cached by content): about 7 minutes of CPU cold, in
+units compiled side by side from the end of collection on, while the rest of
+the suite runs (these tests run last, tests/conftest.py); about half a minute
+warm.
 
 Environment: FUSEDBN_SIMT_ORDER (0 seeded shuffle of a block's threads
 between barriers, the default; 1 thread order; 2 reverse), FUSEDBN_SIMT_SEED
@@ -27,13 +29,13 @@ register pressure, shared-memory limits, launch-bound violations, the
 device's FMA contraction and fast-math intrinsics (host libm and no
 contraction here), and the int32 / int64 index limits at full size (the int64
 kernels run on small tensors; the 2^30-element switch itself is not run)."""
+import concurrent.futures
 import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 import zlib
 
 import pytest
@@ -47,15 +49,20 @@ BUILD = os.path.join(ROOT, "build", "simt")
 CUH = os.path.join(CSRC, "kernels", "cuda_kernels.cuh")
 
 # -O1: the kernel library instantiates every kernel (about 1200); -O1 builds
-# it in about half a minute of CPU and runs the sweep fast enough.
-KERNEL_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-shared", "-Wl,-Bsymbolic", "-DFUSEDBN_SIMT",
-                "-Wno-unknown-pragmas"]
+# it in about 6 minutes of CPU and runs the sweep fast enough. It is built as
+# nvcc builds it, one object per dtype (cuda_kernels_<dtype>.cu) beside the
+# shared entry points and the layer: as one unit it took 6 minutes of one
+# core.
+COMPILE_FLAGS = ["-std=c++17", "-O1", "-fPIC", "-DFUSEDBN_SIMT", "-Wno-unknown-pragmas"]
+LINK_FLAGS = ["-shared", "-Wl,-Bsymbolic"]
 # FUSEDBN_SIMT_SANITIZE=1: the kernels under AddressSanitizer and UBSan (run
 # python with LD_PRELOAD=$(g++ -print-file-name=libasan.so) and
 # ASAN_OPTIONS=detect_leaks=0).
 if os.environ.get("FUSEDBN_SIMT_SANITIZE"):
-    KERNEL_FLAGS += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                     "-fno-omit-frame-pointer"]
+    SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                "-fno-omit-frame-pointer"]
+    COMPILE_FLAGS += SANITIZE
+    LINK_FLAGS += SANITIZE
 
 
 # ------------------------------------------------------------------- builds
@@ -67,10 +74,28 @@ def _kernel_sources(kernels_dir):
     return files
 
 
+def _kernel_units(kernels_dir):
+    """The translation units: the layer and the C interface (which includes
+    cuda_kernels.cu, the shared entry points), and each dtype's kernels."""
+    units = [os.path.join(SIMT, "simt_kernels.cpp"), os.path.join(SIMT, "simt_runtime.cpp")]
+    units += [os.path.join(kernels_dir, f) for f in sorted(os.listdir(kernels_dir))
+              if re.fullmatch(r"cuda_kernels_\w+\.cu", f)]
+    return units
+
+
+# The compiles, as many at a time as there are cores (each takes 1-2 GB).
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
+
+
+def _run(cmd):
+    return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 def _start_kernel_build(csrc_dir, tag):
-    """Starts (unless cached) the g++ build of the torch-free kernel library
-    from csrc_dir/kernels; returns (path, Popen or None)."""
-    h = hashlib.sha256(" ".join(KERNEL_FLAGS).encode())
+    """Queues (unless cached) the g++ build of the torch-free kernel library
+    from csrc_dir/kernels, one compile per unit. Returns (path, [(object,
+    future)]), the list empty when cached."""
+    h = hashlib.sha256(" ".join(COMPILE_FLAGS + LINK_FLAGS).encode())
     for f in _kernel_sources(os.path.join(csrc_dir, "kernels")):
         h.update(os.path.basename(f).encode())
         with open(f, "rb") as fh:
@@ -80,19 +105,30 @@ def _start_kernel_build(csrc_dir, tag):
         tag += "-asan"
     path = os.path.join(BUILD, f"libsimt_{tag}_{h.hexdigest()[:16]}.so")
     if os.path.exists(path):
-        return path, None
-    cmd = ["g++", *KERNEL_FLAGS, "-I", SIMT, "-I", csrc_dir,
-           os.path.join(SIMT, "simt_kernels.cpp"), os.path.join(SIMT, "simt_runtime.cpp"),
-           "-o", path + ".tmp"]
-    return path, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        return path, []
+    jobs = []
+    for unit in _kernel_units(os.path.join(csrc_dir, "kernels")):
+        obj = f"{path}.{os.path.basename(unit)}.o"
+        cmd = ["g++", *COMPILE_FLAGS, "-I", SIMT, "-I", csrc_dir, "-x", "c++", "-c", unit, "-o", obj]
+        jobs.append((obj, _COMPILER.submit(_run, cmd)))
+    return path, jobs
 
 
-def _finish_kernel_build(path, proc):
-    if proc is None:
+def _finish_kernel_build(path, jobs):
+    if not jobs:
         return path
-    out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise RuntimeError("SIMT kernel build failed:\n" + out.decode()[-8000:])
+    errors = [r.stdout.decode()[-8000:] for r in (job.result() for _, job in jobs)
+              if r.returncode != 0]
+    objs = [obj for obj, _ in jobs]
+    if not errors:
+        link = _run(["g++", *LINK_FLAGS, *objs, "-o", path + ".tmp"])
+        if link.returncode != 0:
+            errors.append(link.stdout.decode()[-8000:])
+    for obj in objs:
+        if os.path.exists(obj):
+            os.remove(obj)
+    if errors:
+        raise RuntimeError("SIMT kernel build failed:\n" + "\n".join(errors))
     os.replace(path + ".tmp", path)
     prefix = os.path.basename(path).rsplit("_", 1)[0] + "_"
     for f in os.listdir(BUILD):  # older builds of the same kind
@@ -101,33 +137,36 @@ def _finish_kernel_build(path, proc):
     return path
 
 
-BUILD_TIMES = {}
+STARTED = {}  # tag: (path, jobs) of a kernel build started before its fixture
 
 
-MUTANT_BUILD = []  # (path, Popen) of the mutant build, when started early
+def start_builds(items):
+    """Starts the kernel libraries' builds that the selected items need, when
+    collection ends (tests/conftest.py): they compile while the rest of the
+    suite runs (these tests run last)."""
+    names = {item.originalname for item in items}
+    if "real" not in STARTED:
+        STARTED["real"] = _start_kernel_build(CSRC, "real")
+    if "test_mutant_fails" in names and "mutant" not in STARTED:
+        try:
+            STARTED["mutant"] = _start_kernel_build(_mutated_csrc(), "mutant")
+        except AssertionError:
+            pass  # a mutant no longer applies: test_mutant_fails says which
 
 
 @pytest.fixture(scope="session")
-def simt(request):
+def simt():
     """The binding (real ATen glue + dlopen of the kernels), the real kernels
-    loaded. The kernel library, the binding and (when the session runs the
-    mutation check) the mutant library build side by side."""
+    loaded. The kernel libraries build from collection on (start_builds)."""
     from torch.utils.cpp_extension import load
-    t0 = time.time()
-    path, proc = _start_kernel_build(CSRC, "real")
-    if any("test_mutant_fails" in item.nodeid for item in request.session.items):
-        try:
-            MUTANT_BUILD.append(_start_kernel_build(_mutated_csrc(), "mutant"))
-        except AssertionError:
-            pass  # a mutant no longer applies: test_mutant_fails says which
+    path, jobs = STARTED.pop("real", None) or _start_kernel_build(CSRC, "real")
     bind_dir = os.path.join(BUILD, "binding")
     os.makedirs(bind_dir, exist_ok=True)
     mod = load(name="fusedbn_simt_binding",
                sources=[os.path.join(CSRC, "glue.cpp"), os.path.join(SIMT, "simt_binding.cpp")],
                extra_include_paths=[CSRC], extra_cflags=["-O1"], build_directory=bind_dir,
                verbose=False)
-    mod.real_kernels = _finish_kernel_build(path, proc)
-    BUILD_TIMES["real"] = time.time() - t0
+    mod.real_kernels = _finish_kernel_build(path, jobs)
     mod.load_kernels(mod.real_kernels)
     mod.set("log", 1)
     # Scheduling of a block's threads between barriers: 0 seeded shuffle
@@ -912,11 +951,8 @@ def _mutated_csrc():
 
 @pytest.fixture(scope="module")
 def mutant_kernels(simt):
-    t0 = time.time()
-    build = MUTANT_BUILD.pop() if MUTANT_BUILD else _start_kernel_build(_mutated_csrc(), "mutant")
-    path = _finish_kernel_build(*build)
-    BUILD_TIMES["mutant"] = time.time() - t0
-    return path
+    build = STARTED.pop("mutant", None) or _start_kernel_build(_mutated_csrc(), "mutant")
+    return _finish_kernel_build(*build)
 
 
 # A few configurations over every case, stopped at the first mismatch.

@@ -7,11 +7,9 @@
 #include <string>
 
 #include "cuda_runtime.h"
+// The shared entry points; each dtype's kernels (cuda_kernels_<dtype>.cu)
+// are units of their own, as for nvcc (tests/test_cuda_simt.py builds them).
 #include "kernels/cuda_kernels.cu"
-#include "kernels/cuda_kernels_bf16.cu"
-#include "kernels/cuda_kernels_f16.cu"
-#include "kernels/cuda_kernels_f32.cu"
-#include "kernels/cuda_kernels_f64.cu"
 
 namespace simt {
 extern std::string launch_log;
