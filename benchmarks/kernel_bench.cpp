@@ -37,10 +37,12 @@
 #define FUSEDBN_ONLY_ACT ReLUAct
 #endif
 #ifdef FUSEDBN_KB_AVX2
-#include "cpu_isa_avx2.cpp"
+#define FUSEDBN_ISA_AVX2
+#include "cpu_isa.h"
 namespace isa = fusedbn::avx2;
 #else
-#include "cpu_isa_avx512.cpp"
+#define FUSEDBN_ISA_AVX512
+#include "cpu_isa.h"
 namespace isa = fusedbn::avx512;
 #endif
 

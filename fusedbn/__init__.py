@@ -8,7 +8,7 @@
 import torch  # noqa: F401  (loads libtorch, which the extension links against)
 
 from . import _C  # noqa: F401  (registers the torch.ops.fusedbn operators)
-from ._C import cpu_isa  # "avx512" | "avx2" | "baseline": the CPU kernels in use
+from ._C import cpu_isa  # "avx512" | "avx2" | "baseline": the CPU kernels (float64: baseline)
 from . import ops  # noqa: F401  (fake kernels and autograd for them)
 from . import diagnostics  # noqa: F401
 from .convert import Fusion, convert, unconvert

@@ -8,7 +8,7 @@
 #include "bn_math.h"
 
 namespace fusedbn {
-// One copy of each entry point per instruction set, from cpu_isa_*.cpp.
+// One copy of each entry point per instruction set (cpu_isa.h).
 #define FUSEDBN_DECLARE_ISA(ns)                          \
   namespace ns {                                         \
   void forward(const ForwardParams& p, bool training);   \
@@ -51,6 +51,9 @@ Isa isa() {
   return chosen;
 }
 
+// The copy for a dtype: float64 exists in the baseline copy only (cpu_isa.h).
+Isa isa_for(DType dtype) { return dtype == DType::Float64 ? Isa::Baseline : isa(); }
+
 }  // namespace
 
 #ifdef FUSEDBN_NO_CPU_KERNELS
@@ -65,7 +68,7 @@ void forward(const ForwardParams& p, bool training) {
   ForwardParams q = p;
   std::vector<int64_t> counts(p.activity ? size_t(p.shape.C) : 0, 0);
   q.active_count = p.activity ? counts.data() : nullptr;
-  switch (isa()) {
+  switch (isa_for(p.dtype)) {
 #ifndef FUSEDBN_NO_AVX512
     case Isa::AVX512: avx512::forward(q, training); break;
 #endif
@@ -83,7 +86,7 @@ void forward(const ForwardParams& p, bool training) {
 }
 
 void backward(const BackwardParams& p) {
-  switch (isa()) {
+  switch (isa_for(p.dtype)) {
 #ifndef FUSEDBN_NO_AVX512
     case Isa::AVX512: return avx512::backward(p);
 #endif

@@ -1,9 +1,11 @@
 // CPU kernel templates for fused BatchNorm + activation.
 //
-// This header is compiled once per instruction set: each cpu_isa_*.cpp file
-// sets `#pragma GCC target(...)`, defines FUSEDBN_CPU_ISA (the namespace that
-// keeps the copies apart) and includes it. cpu_dispatch.cpp picks a copy at
-// run time, so one build runs anywhere and still uses AVX-512 where it exists.
+// This header is compiled once per instruction set: cpu_isa.h sets
+// `#pragma GCC target(...)`, defines FUSEDBN_CPU_ISA (the namespace that
+// keeps the copies apart) and includes it, in two units per copy (the
+// forward, FUSEDBN_CPU_HALF_FORWARD, and the backward, _BACKWARD; neither
+// defined: both entry points). cpu_dispatch.cpp picks a copy at run time,
+// so one build runs anywhere and still uses AVX-512 where it exists.
 //
 // Vectorization without -ffast-math: every reduction runs over kLanes
 // independent accumulators, which the compiler maps to vector registers
@@ -55,6 +57,9 @@ namespace FUSEDBN_CPU_ISA {
 #endif
 #ifndef FUSEDBN_CPU_AVX512
 #define FUSEDBN_CPU_AVX512 0
+#endif
+#ifndef FUSEDBN_CPU_FLOAT64
+#define FUSEDBN_CPU_FLOAT64 0
 #endif
 
 // 32 independent accumulators: enough vector registers in flight to hide the
@@ -1379,12 +1384,18 @@ template <typename F>
 void dispatch_dtype(DType d, F&& f) {
   switch (d) {
     case DType::Float32: return f(float{});
-    case DType::Float64: return f(double{});
+    case DType::Float64:
+#if FUSEDBN_CPU_FLOAT64
+      return f(double{});
+#else
+      __builtin_trap();  // cpu_dispatch.cpp sends float64 to the baseline copy
+#endif
     case DType::BFloat16: return f(bf16_t{});
     case DType::Float16: return f(fp16_t{});
   }
 }
 
+#ifndef FUSEDBN_CPU_HALF_BACKWARD
 void forward(const ForwardParams& p, bool training) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1407,7 +1418,9 @@ void forward(const ForwardParams& p, bool training) {
     });
   });
 }
+#endif
 
+#ifndef FUSEDBN_CPU_HALF_FORWARD
 void backward(const BackwardParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -1437,6 +1450,7 @@ void backward(const BackwardParams& p) {
     });
   });
 }
+#endif
 
 #undef FUSEDBN_INLINE
 

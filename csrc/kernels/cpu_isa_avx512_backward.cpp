@@ -1,0 +1,4 @@
+// The AVX-512 copy of the CPU kernels, backward half (cpu_isa.h).
+#define FUSEDBN_ISA_AVX512
+#define FUSEDBN_CPU_HALF_BACKWARD
+#include "cpu_isa.h"
