@@ -147,6 +147,7 @@ def start_builds(items):
     names = {item.originalname for item in items}
     if "real" not in STARTED:
         STARTED["real"] = _start_kernel_build(CSRC, "real")
+        STARTED["binding"] = _COMPILER.submit(_build_binding)
     if "test_mutant_fails" in names and "mutant" not in STARTED:
         try:
             STARTED["mutant"] = _start_kernel_build(_mutated_csrc(), "mutant")
@@ -154,18 +155,24 @@ def start_builds(items):
             pass  # a mutant no longer applies: test_mutant_fails says which
 
 
-@pytest.fixture(scope="session")
-def simt():
-    """The binding (real ATen glue + dlopen of the kernels), the real kernels
-    loaded. The kernel libraries build from collection on (start_builds)."""
+def _build_binding():
+    """The binding: the real ATen glue, and dlopen of a kernel library."""
     from torch.utils.cpp_extension import load
-    path, jobs = STARTED.pop("real", None) or _start_kernel_build(CSRC, "real")
     bind_dir = os.path.join(BUILD, "binding")
     os.makedirs(bind_dir, exist_ok=True)
-    mod = load(name="fusedbn_simt_binding",
-               sources=[os.path.join(CSRC, "glue.cpp"), os.path.join(SIMT, "simt_binding.cpp")],
-               extra_include_paths=[CSRC], extra_cflags=["-O1"], build_directory=bind_dir,
-               verbose=False)
+    return load(name="fusedbn_simt_binding",
+                sources=[os.path.join(CSRC, "glue.cpp"), os.path.join(SIMT, "simt_binding.cpp")],
+                extra_include_paths=[CSRC], extra_cflags=["-O1"], build_directory=bind_dir,
+                verbose=False)
+
+
+@pytest.fixture(scope="session")
+def simt():
+    """The binding, the real kernels loaded. The binding and the kernel
+    libraries build from collection on (start_builds)."""
+    path, jobs = STARTED.pop("real", None) or _start_kernel_build(CSRC, "real")
+    binding = STARTED.pop("binding", None)
+    mod = binding.result() if binding else _build_binding()
     mod.real_kernels = _finish_kernel_build(path, jobs)
     mod.load_kernels(mod.real_kernels)
     mod.set("log", 1)
