@@ -101,6 +101,7 @@ define_macros = []
 # CPU kernels are torch-free, and its test stage builds all three copies.
 _isas = os.environ.get("FUSEDBN_CPU_ISAS", "baseline,avx2,avx512").replace(" ", "").split(",")
 
+
 def drop_copy(isa):
     for half in ("forward", "backward"):
         sources.remove(f"csrc/kernels/cpu_isa_{isa}_{half}.cpp")

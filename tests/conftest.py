@@ -41,11 +41,15 @@ def device(request):
     return request.param
 
 
+def _is_simt(item):
+    return item.path.name == "test_cuda_simt.py"
+
+
 def pytest_collection_modifyitems(config, items):
     # The SIMT tests last: their kernel libraries compile meanwhile (below).
-    items.sort(key=lambda item: item.path.name == "test_cuda_simt.py")
+    items.sort(key=_is_simt)
     for item in items:
-        if item.path.name == "test_cuda_simt.py":
+        if _is_simt(item):
             continue
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("device") == "cuda":
@@ -53,6 +57,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_collection_finish(session):
-    simt = [item for item in session.items if item.path.name == "test_cuda_simt.py"]
+    simt = [item for item in session.items if _is_simt(item)]
     if simt and not session.config.option.collectonly:
         simt[0].module.start_builds(simt)
