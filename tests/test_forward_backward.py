@@ -420,6 +420,11 @@ def test_bias_gradient_without_weight(device):
 # 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
 # 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
 # channels with a shorter last one.
+# Planes under 64 values (48 in the backward) are summed as the columns of
+# the group's rows (cpu_kernels.h, column_moments), in chunks of channels of
+# at most 1024 columns and blocks of at most 64 rows: 2x208x6x7 (one thread)
+# is a group of 52 channels in chunks of 24, 24 and 4; 70x3x6x7 blocks of 64
+# rows and 6.
 # SPLIT_SHAPES: channels split among two threads.
 # WIDE_SHAPES: channels-last rows whose C is not a multiple of 16, taken k at
 # a time as wide rows (cpu_kernels.h, WideRows), with rows left over at the
@@ -430,7 +435,8 @@ def test_bias_gradient_without_weight(device):
 # accurate ones.
 WIDE_SHAPES = [(2, 3, 3, 5), (4, 24, 7, 9), (7, 10, 30, 31), (3, 100, 5, 7)]
 BLOCK_SHAPES = [(9, 2, 7, 9), (2, 3, 48, 48), (2, 2, 70, 70), (3, 2, 1, 8200), (3, 83, 9, 9),
-                (5, 70, 13, 15), (40, 45, 6, 7)] + SPLIT_SHAPES + WIDE_SHAPES
+                (5, 70, 13, 15), (40, 45, 6, 7), (2, 208, 6, 7), (70, 3, 6, 7)] + SPLIT_SHAPES + \
+    WIDE_SHAPES
 
 
 LAYOUT_CASES = [((4, 1, 8, 8), None, "NCS"), ((4, 1, 8, 8), torch.channels_last, "NCS"),
@@ -493,6 +499,30 @@ def test_wide_rows_random(device, case):
     for training in (True, False):
         compare_steps(fused, ref, ref64, make_input(shape, dtype, "channels_last", device=device),
                       training, vs64=True)
+
+
+# Random contiguous shapes for the short planes taken as columns: planes of
+# 3..63 values, batches around a block's 64 rows, channel counts from one to
+# several chunks of a group (up to two threads), every activation, 16- and
+# 32-bit, against float64.
+@pytest.mark.parametrize("case", range(12))
+def test_short_planes_random(device, case):
+    r = random.Random(f"short-planes-{case}")
+    hw = r.choice([(1, 3), (2, 3), (4, 4), (5, 5), (6, 6), (3, 15), (7, 9), (6, 8), (2, 23)])
+    N = r.choice([2, 5, 63, 64, 65, 129])
+    C = r.choice([1, 3, 37, 130, 300, 1100])
+    while N > 2 and N * C * hw[0] * hw[1] > 120000:
+        N -= 1
+    while C > 1 and N * C * hw[0] * hw[1] > 120000:
+        C -= 1
+    dtype = r.choice([torch.float32, torch.bfloat16])
+    activation, kwargs = r.choice(ACTIVATIONS)
+    seed("short-planes", case)
+    fused = make_fused(4, C, activation, kwargs, dtype=dtype, device=device)
+    ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
+    for training in (True, False):
+        compare_steps(fused, ref, ref64, make_input((N, C) + hw, dtype, "contiguous",
+                                                    device=device), training, vs64=True)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

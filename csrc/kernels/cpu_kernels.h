@@ -455,6 +455,100 @@ FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, in
       double(n), mean, m2);
 }
 
+// ------------------------------------------------- short planes as columns
+//
+// In a group of short planes (group_channels), row n holds the group's
+// channels side by side: (c1 - c0) * S contiguous values. The statistics
+// take the group as a matrix of such rows, summed column by column (whole
+// vectors whatever S) in chunks of channels of at most kCols columns and
+// blocks of rows, each channel's S columns added at the end. Per channel and
+// plane instead, block_moments paid a tail, lane zeroing and lane sums for
+// every S-value plane (kernels alone, AVX2, float32 forward-train at
+// 8x2048x16: 22% of a copy's bandwidth, 8x1024x49: 38%).
+// Taken for planes shorter than S_max, where that pays: the column loops
+// keep their per-column constants and sums in memory (a load or a store
+// each per vector), and each block adds per-channel work (constants
+// repeated, column sums added), against the lanes' fixed cost per plane.
+// Kernels alone, AVX2, float32, 2 threads, columns against lanes:
+// forward-train 8x2048x16 2x, 8x1024x25 1.8x, 2x2048x4 5x faster,
+// 8x1024x49 about even, 8x512x64 and 8x256x100 1.1-1.4x slower, 8x512x196
+// 1.4x slower; backward 8x1024x9 1.5x, 32x256x36 1.6x, 2x2048x4 2.5x
+// faster, 8x1024x49 1.2x and 8x512x64 1.4x slower. So the forward takes
+// S < 64, the backward S < 48.
+constexpr int64_t kCols = 1024;
+inline bool as_columns(const Shape& s, int64_t S_max) { return s.S < S_max; }
+struct ColumnBlocks {
+  int64_t S, per_chunk, rows;
+  explicit ColumnBlocks(int64_t s)
+      : S(s),
+        per_chunk(std::max<int64_t>(1, kCols / s)),
+        // Rows per block: at most 64 values in a column's float sums; the
+        // block (read twice) at most 16K values, in L2 with its group.
+        rows(std::clamp<int64_t>(16 * kBlock / std::max<int64_t>(per_chunk * s, 1), 1, 64)) {}
+  int64_t cols() const { return per_chunk * S; }  // most columns of a chunk
+};
+
+// sum(v[0..n)) in double, over 8 independent sums (one chain of n
+// dependent adds was as slow as the column sums themselves at S = 196).
+template <typename A>
+FUSEDBN_INLINE double wide_sum(const A* v, int64_t n) {
+  double a[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) a[j] += double(v[i + j]);
+  for (int j = 0; i < n; ++i, ++j) a[j] += double(v[i]);
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+// Sets v[k * S + u] = f(k) for k < nc, u < S: channel constants repeated
+// per column.
+template <typename A, typename F>
+FUSEDBN_INLINE void repeat_columns(A* v, int64_t nc, int64_t S, F f) {
+  for (int64_t k = 0; k < nc; ++k) {
+    const A a = f(k);
+    for (int64_t u = 0; u < S; ++u) v[k * S + u] = a;
+  }
+}
+
+// Mean and M2 of channels 0..nc-1 of a block of `rows` rows of nc * S
+// columns, row i at r + i * rs, merged into mo[0..nc): the corrected
+// two-pass of block_moments, on column sums. scratch: 3 * nc * S values.
+template <typename A, typename X>
+FUSEDBN_INLINE void column_moments(const X* r, int64_t rs, int64_t rows, int64_t nc, int64_t S,
+                                   A* scratch, Moments<double>* mo) {
+  const int64_t W = nc * S;
+  A* m = scratch;
+  A* s1 = m + W;
+  A* sq = s1 + W;
+  std::fill(s1, s1 + W, A(0));
+  for (int64_t i = 0; i < rows; ++i)
+#pragma GCC ivdep
+    for (int64_t j = 0; j < W; ++j) s1[j] += A(load(r[i * rs + j]));
+  const double nb = double(rows * S);
+  repeat_columns(m, nc, S, [&](int64_t k) { return A(wide_sum(s1 + k * S, S) / nb); });
+  std::fill(s1, s1 + W, A(0));
+  std::fill(sq, sq + W, A(0));
+  for (int64_t i = 0; i < rows; ++i)
+#pragma GCC ivdep
+    for (int64_t j = 0; j < W; ++j) {
+      const A d = A(load(r[i * rs + j])) - m[j];
+      s1[j] += d;
+      sq[j] += d * d;
+    }
+  for (int64_t k = 0; k < nc; ++k) {
+    const double d1 = wide_sum(s1 + k * S, S), q = wide_sum(sq + k * S, S);
+    double mean = double(m[k * S]) + d1 / nb, m2 = q - d1 * d1 / nb;
+    if (!(std::isfinite(mean) && std::isfinite(m2)))
+      exact_moments<A>(
+          [&](auto f) {
+            for (int64_t i = 0; i < rows; ++i)
+              for (int64_t u = 0; u < S; ++u) f(A(load(r[i * rs + k * S + u])));
+          },
+          nb, mean, m2);
+    mo[k].merge(nb, mean, m2);
+  }
+}
+
 // y = act((x - mean) * scale + shift [+ z]). Subtracting the mean first
 // (rather than folding it into the shift) keeps the result exact when
 // |mean| >> std; the backward recomputes the pre-activation with this same
@@ -471,14 +565,29 @@ FUSEDBN_INLINE int64_t count_active(const T* x, int64_t n, Pre pre) {
   return active;
 }
 
+// A channel constant of a run: k, or k[i] where the run spans several
+// channels and the constants are repeated per column (short planes as
+// columns).
+template <typename K>
+FUSEDBN_INLINE K at(K k, int64_t) {
+  return k;
+}
+template <typename K>
+FUSEDBN_INLINE K at(const K* k, int64_t i) {
+  return k[i];
+}
+
 // Count == kCountPre: returns how many pre-activations `act` counts as
 // active; 0 otherwise.
-template <bool Res, int Count, typename X, typename Z, typename Y, typename A, typename Act>
-FUSEDBN_INLINE int64_t run_normalize(const X* x, const Z* z, Y* y, int64_t n, A mean, A scale,
-                                     A shift, Act act) {
+template <bool Res, int Count, typename X, typename Z, typename Y, typename K, typename Act>
+FUSEDBN_INLINE int64_t run_normalize(const X* x, const Z* z, Y* y, int64_t n, K mean, K scale,
+                                     K shift, Act act) {
+  using A = decltype(at(mean, 0));
   int32_t active = 0;  // n <= kBlock
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
-    const A pre = pre_activation<Res>(A(load(x[i])) - mean, A(z_at<Res>(z, i)), scale, shift);
+    const A pre = pre_activation<Res>(A(load(x[i])) - at(mean, i), A(z_at<Res>(z, i)),
+                                      at(scale, i), at(shift, i));
     if constexpr (Count == kCountPre) active += act.active(pre);
     put(y, i, act.fwd(pre));
   }
@@ -631,6 +740,36 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
     const size_t nb = buffered<T, Pre> ? kBlock : 0;
     std::vector<A> buf(nb), zbuf(in_registers<T> ? 0 : kBlock), obuf(y_buffered<T> ? kBlock : 0);
     PendingNarrow<T> pending{obuf.data(), kBlock};
+    // Short planes: the group as columns (column_moments), and its
+    // constants repeated per column for the normalization.
+    const ColumnBlocks cb(s.S);
+    const bool cols = wk.grouped && as_columns(s, 64);
+    const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
+    std::vector<A> cbuf(cols && buffered<T, Pre> ? std::min(cb.rows, s.N) * cw : 0),
+        scratch(3 * cw);
+    std::vector<Moments<double>> gmo(cols ? size_t(G) : 0);
+    // Moments of planes lo..hi-1 of channels c0..c1-1 (short planes), in gmo.
+    auto group_moments = [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi) {
+      std::fill(gmo.begin(), gmo.end(), Moments<double>{});
+      for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
+        const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
+        const T* xa = x + ca * s.S;
+        for (int64_t n0 = lo; n0 < hi; n0 += cb.rows) {
+          const int64_t n1 = std::min(hi, n0 + cb.rows);
+          for (int64_t pl = n1; pl < std::min(hi, n1 + cb.rows); ++pl)
+            prefetch_values(xa + pl * stride, W);
+          if constexpr (buffered<T, Pre>) {
+            for (int64_t pl = n0; pl < n1; ++pl)
+              load_input(xa + pl * stride, W, cbuf.data() + (pl - n0) * W, pre);
+            column_moments<A>(static_cast<const A*>(cbuf.data()), W, n1 - n0, nc, s.S,
+                              scratch.data(), &gmo[size_t(ca - c0)]);
+          } else {
+            column_moments<A>(xa + n0 * stride, stride, n1 - n0, nc, s.S, scratch.data(),
+                              &gmo[size_t(ca - c0)]);
+          }
+        }
+      }
+    };
     // Moments of planes lo..hi-1 of channel c.
     auto moments_of = [&](int64_t c, int64_t lo, int64_t hi) {
       const int64_t base = c * s.S;
@@ -669,7 +808,26 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
     };
     // Planes lo..hi-1 of channels c0..c1-1.
     auto normalize_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
-      if (wk.grouped) {
+      if (cols && Count == kCountNone) {
+        A* km = scratch.data();
+        A* ks = km + cw;
+        A* kh = ks + cw;
+        for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
+          const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
+          const ChannelCoef<A>* q = &coef[size_t(ca)];
+          repeat_columns(km, nc, s.S, [&](int64_t k) { return q[k].mean; });
+          repeat_columns(ks, nc, s.S, [&](int64_t k) { return q[k].scale; });
+          repeat_columns(kh, nc, s.S, [&](int64_t k) { return q[k].shift; });
+          for (int64_t n = lo; n < hi; ++n) {
+            const int64_t o = n * stride + ca * s.S;
+            run_normalize<Res, Count>(load_input(x + o, W, buf.data(), pre),
+                                      residual_acc<Res>(z, o, W, zbuf.data()),
+                                      out_slot<y_buffered<T>>(pending, y + o, W), W,
+                                      static_cast<const A*>(km), static_cast<const A*>(ks),
+                                      static_cast<const A*>(kh), act);
+          }
+        }
+      } else if (wk.grouped) {
         for (int64_t n = lo; n < hi; ++n)
           for (int64_t c = c0; c < c1; ++c) normalize_run(c, part, n * stride + c * s.S, s.S);
       } else {
@@ -682,7 +840,12 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
 #pragma omp for schedule(static)
       for (int64_t gi = 0; gi < wk.groups; ++gi) {
         const int64_t c0 = gi * G, c1 = std::min(c0 + G, s.C);
-        for (int64_t c = c0; c < c1; ++c) finish(c, moments_of(c, 0, s.N));
+        if (cols) {
+          group_moments(c0, c1, 0, s.N);
+          for (int64_t c = c0; c < c1; ++c) finish(c, gmo[size_t(c - c0)]);
+        } else {
+          for (int64_t c = c0; c < c1; ++c) finish(c, moments_of(c, 0, s.N));
+        }
         normalize_part(c0, c1, 0, 0, s.N);
       }
     } else {
@@ -691,8 +854,10 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
 #pragma omp for schedule(static)
       for (int64_t it = 0; it < wk.items(); ++it) {
         const int64_t gi = it / P, part = it % P, c0 = gi * G, c1 = std::min(c0 + G, s.C);
+        const int64_t lo = wk.lo(s, part), hi = wk.lo(s, part + 1);
+        if (cols) group_moments(c0, c1, lo, hi);
         for (int64_t c = c0; c < c1; ++c)
-          part_mo[size_t(c * P + part)] = moments_of(c, wk.lo(s, part), wk.lo(s, part + 1));
+          part_mo[size_t(c * P + part)] = cols ? gmo[size_t(c - c0)] : moments_of(c, lo, hi);
       }
 #pragma omp for schedule(static)
       for (int64_t c = 0; c < s.C; ++c) {
@@ -1083,6 +1248,24 @@ void finish_sums(const BackwardParams& p, const double* tsg, const double* tsgx,
   }
 }
 
+// dx (and dz) of rr channels-last rows of `width` columns from value e0 of
+// the block, as run_dx.
+template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
+          typename O, typename OZ, typename A, typename Act>
+FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t e0,
+                            int64_t rr, int64_t width, const A* mp, const A* sc, const A* sh,
+                            const A* ht, const A* kx, const A* kc, Act act) {
+  for (int64_t i = 0; i < rr; ++i)
+    for (int64_t c = 0; c < width; ++c) {
+      A xh;
+      const int64_t e = e0 + i * width + c;
+      const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
+                                         mp[c], sc[c], sh[c], ht[c], act, xh);
+      if constexpr ((Out & kDx) != 0) put(out, e, dx_value<Train>(g, xh, sc[c], kx[c], kc[c]));
+      if constexpr (Res && (Out & kDz) != 0) put(dzo, e, g);
+    }
+}
+
 template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
 void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
   using A = acc_t<T>;
@@ -1114,6 +1297,71 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     std::vector<A> xbuf(buffered<T, Pre> ? kBlock : 0), zbuf(nb), dybuf(nb),
         obuf(OutBuf ? kBlock : 0), dzbuf(DzBuf ? kBlock : 0);
     PendingNarrow<T> pdx{obuf.data(), kBlock}, pdz{dzbuf.data(), kBlock};
+    // Short planes as columns (column_moments): the sums of g and g * xh
+    // column by column over blocks of rows, and dx with the channel
+    // constants repeated per column. cr: mean, scale, shift, hat, k_xh,
+    // k_const, then the two column sums.
+    const ColumnBlocks cb(s.S);
+    const bool cols = wk.grouped && as_columns(s, 48);
+    const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
+    std::vector<A> cr(8 * cw);
+    A *km = cr.data(), *ks = km + cw, *kh = ks + cw, *kt = kh + cw, *kx = kt + cw, *kc = kx + cw,
+      *sg = kc + cw, *sgx = sg + cw;
+    // Channels ca..ca+nc-1's constants of the sums (and of dx) repeated.
+    auto repeat_coef = [&](int64_t ca, int64_t nc, bool for_dx) {
+      const ChannelCoef<A>* q = &coef[size_t(ca)];
+      repeat_columns(km, nc, s.S, [&](int64_t k) { return q[k].mean; });
+      repeat_columns(ks, nc, s.S, [&](int64_t k) { return q[k].scale; });
+      repeat_columns(kh, nc, s.S, [&](int64_t k) { return q[k].shift; });
+      repeat_columns(kt, nc, s.S, [&](int64_t k) { return q[k].hat; });
+      if (!for_dx) return;
+      repeat_columns(kx, nc, s.S, [&](int64_t k) { return k_xh[size_t(ca + k)]; });
+      repeat_columns(kc, nc, s.S, [&](int64_t k) { return k_const[size_t(ca + k)]; });
+    };
+    // Adds the sums of planes lo..hi-1 of channels c0..c1-1 to g1[c - c0],
+    // g2[c - c0].
+    auto column_sums = [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi, double* g1,
+                           double* g2) {
+      for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
+        const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
+        repeat_coef(ca, nc, false);
+        for (int64_t n0 = lo; n0 < hi; n0 += cb.rows) {
+          const int64_t n1 = std::min(hi, n0 + cb.rows);
+          std::fill(sg, sg + 2 * cw, A(0));
+          for (int64_t n = n0; n < n1; ++n) {
+            const int64_t o = n * stride + ca * s.S;
+            const auto* xa = load_input(x + o, W, xbuf.data(), pre);
+            const auto* za = residual_acc<Res>(z, o, W, zbuf.data());
+            const auto* dya = as_acc(dy + o, W, dybuf.data());
+#pragma GCC ivdep
+            for (int64_t j = 0; j < W; ++j) {
+              A xh;
+              const A g = grad_pre<Res, FromOut>(A(load(xa[j])), A(z_at<Res>(za, j)),
+                                                 A(load(dya[j])), km[j], ks[j], kh[j], kt[j], act,
+                                                 xh);
+              sg[j] += g;
+              sgx[j] += g * xh;
+            }
+          }
+          for (int64_t k = 0; k < nc; ++k) {
+            const int64_t c = ca + k;
+            const double b1 = wide_sum(sg + k * s.S, s.S), b2 = wide_sum(sgx + k * s.S, s.S);
+            if (!(std::is_same<A, float>::value && !(std::isfinite(b1) && std::isfinite(b2)))) {
+              g1[c - c0] += b1;
+              g2[c - c0] += b2;
+              continue;
+            }
+            for (int64_t n = n0; n < n1; ++n) {
+              const int64_t o = n * stride + c * s.S;
+              reduce_exact<Res, FromOut>(load_input(x + o, s.S, xbuf.data(), pre),
+                                         residual_acc<Res>(z, o, s.S, zbuf.data()),
+                                         as_acc(dy + o, s.S, dybuf.data()), s.S, 1, coef[c], act,
+                                         g1[c - c0], g2[c - c0]);
+            }
+          }
+        }
+      }
+    };
     // dx (and dz) of the len values at offset o, which belong to channel c.
     auto dx_run = [&](int64_t c, int64_t o, int64_t len) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
@@ -1154,7 +1402,14 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     // The sums of planes lo..hi-1 of channels c0..c1-1, into part_sg/part_sgx.
     auto sums_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
       auto at = [&](int64_t c) { return size_t(c * P + part); };
-      if (wk.grouped && s.S >= 64 && kPlaneOrderSums) {
+      if (cols) {
+        std::vector<double> t1(size_t(c1 - c0), 0.0), t2(size_t(c1 - c0), 0.0);
+        column_sums(c0, c1, lo, hi, t1.data(), t2.data());
+        for (int64_t c = c0; c < c1; ++c) {
+          part_sg[at(c)] = t1[size_t(c - c0)];
+          part_sgx[at(c)] = t2[size_t(c - c0)];
+        }
+      } else if (wk.grouped && s.S >= 64 && kPlaneOrderSums) {
         // Planes of at least 64 values: summed one by one in memory order (a
         // channel's planes lie C*S values apart, and walking them per channel
         // is latency-bound even with prefetching: 64x256x14x14 1.4x slower).
@@ -1201,7 +1456,27 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     // dx of planes lo..hi-1 of channels c0..c1-1.
     auto dx_part = [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi) {
       if (!dx && !dz) return;
-      if (wk.grouped) {
+      if (cols) {
+        for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
+          const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
+          repeat_coef(ca, nc, true);
+          for (int64_t n = lo; n < hi; ++n) {
+            const int64_t o = n * stride + ca * s.S;
+            const auto* xa = load_input(x + o, W, xbuf.data(), pre);
+            const auto* za = residual_acc<Res>(z, o, W, zbuf.data());
+            const auto* dya = as_acc(dy + o, W, dybuf.data());
+            auto* out = dx ? out_slot<OutBuf>(pdx, dx + o, W) : nullptr;
+            auto* dzo = dz ? out_slot<DzBuf>(pdz, dz + o, W) : nullptr;
+            with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
+              rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
+                  xa, za, dya, out, dzo, 0, 1, W, static_cast<const A*>(km),
+                  static_cast<const A*>(ks), static_cast<const A*>(kh), static_cast<const A*>(kt),
+                  static_cast<const A*>(kx), static_cast<const A*>(kc), act);
+            });
+            if (dx) chain_input_grad(out, x + o, W, pre);
+          }
+        }
+      } else if (wk.grouped) {
         for (int64_t n = lo; n < hi; ++n)
           for (int64_t c = c0; c < c1; ++c) dx_run(c, n * stride + c * s.S, s.S);
       } else {
@@ -1237,24 +1512,6 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     if constexpr (OutBuf) pdx.flush();
     if constexpr (DzBuf) pdz.flush();
   }
-}
-
-// dx (and dz) of rr channels-last rows of `width` columns from value e0 of
-// the block, as run_dx.
-template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
-          typename O, typename OZ, typename A, typename Act>
-FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t e0,
-                            int64_t rr, int64_t width, const A* mp, const A* sc, const A* sh,
-                            const A* ht, const A* kx, const A* kc, Act act) {
-  for (int64_t i = 0; i < rr; ++i)
-    for (int64_t c = 0; c < width; ++c) {
-      A xh;
-      const int64_t e = e0 + i * width + c;
-      const A g = grad_pre<Res, FromOut>(A(load(xb[e])), A(z_at<Res>(zb, e)), A(load(dyb[e])),
-                                         mp[c], sc[c], sh[c], ht[c], act, xh);
-      if constexpr ((Out & kDx) != 0) put(out, e, dx_value<Train>(g, xh, sc[c], kx[c], kc[c]));
-      if constexpr (Res && (Out & kDz) != 0) put(dzo, e, g);
-    }
 }
 
 template <typename T, bool Res, bool FromOut, typename Act, typename Pre>
