@@ -420,7 +420,7 @@ def test_bias_gradient_without_weight(device):
 # 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
 # 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
 # channels with a shorter last one.
-# Planes under 64 values (48 in the backward) are summed as the columns of
+# Planes under 128 values (64 in the backward) are summed as the columns of
 # the group's rows (cpu_kernels.h, column_moments), in chunks of channels of
 # at most 1024 columns and blocks of at most 64 rows: 2x208x6x7 (one thread)
 # is a group of 52 channels in chunks of 24, 24 and 4; 70x3x6x7 blocks of 64
@@ -502,13 +502,14 @@ def test_wide_rows_random(device, case):
 
 
 # Random contiguous shapes for the short planes taken as columns: planes of
-# 3..63 values, batches around a block's 64 rows, channel counts from one to
+# 3..121 values, batches around a block's 64 rows, channel counts from one to
 # several chunks of a group (up to two threads), every activation, 16- and
 # 32-bit, against float64.
 @pytest.mark.parametrize("case", range(12))
 def test_short_planes_random(device, case):
     r = random.Random(f"short-planes-{case}")
-    hw = r.choice([(1, 3), (2, 3), (4, 4), (5, 5), (6, 6), (3, 15), (7, 9), (6, 8), (2, 23)])
+    hw = r.choice([(1, 3), (2, 3), (4, 4), (5, 5), (6, 6), (3, 15), (7, 9), (6, 8), (2, 23),
+                   (8, 12), (11, 11)])
     N = r.choice([2, 5, 63, 64, 65, 129])
     C = r.choice([1, 3, 37, 130, 300, 1100])
     while N > 2 and N * C * hw[0] * hw[1] > 120000:

@@ -466,15 +466,14 @@ FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, in
 // every S-value plane (kernels alone, AVX2, float32 forward-train at
 // 8x2048x16: 22% of a copy's bandwidth, 8x1024x49: 38%).
 // Taken for planes shorter than S_max, where that pays: the column loops
-// keep their per-column constants and sums in memory (a load or a store
-// each per vector), and each block adds per-channel work (constants
-// repeated, column sums added), against the lanes' fixed cost per plane.
-// Kernels alone, AVX2, float32, 2 threads, columns against lanes:
-// forward-train 8x2048x16 2x, 8x1024x25 1.8x, 2x2048x4 5x faster,
-// 8x1024x49 about even, 8x512x64 and 8x256x100 1.1-1.4x slower, 8x512x196
-// 1.4x slower; backward 8x1024x9 1.5x, 32x256x36 1.6x, 2x2048x4 2.5x
-// faster, 8x1024x49 1.2x and 8x512x64 1.4x slower. So the forward takes
-// S < 64, the backward S < 48.
+// keep their per-column constants and sums in memory (for_rows), and each
+// block adds per-channel work (constants repeated, column sums added),
+// against the lanes' fixed cost per plane. Kernels alone, AVX2, 2 threads,
+// columns against lanes, float32: forward-train 8x2048x16 2.5-3x,
+// 8x1024x49 1.5x, 8x512x64 1.1-1.4x, 8x256x100 1.1-1.2x faster, 8x512x196
+// 1.1x slower; backward 8x1024x49 1.05x, 32x256x49 1.4x faster, 8x512x64
+// and 8x256x100 1.1x slower. So the forward takes S < 128, the backward
+// S < 64. bfloat16 gained as much or more in every case tried.
 constexpr int64_t kCols = 1024;
 inline bool as_columns(const Shape& s, int64_t S_max) { return s.S < S_max; }
 struct ColumnBlocks {
@@ -510,6 +509,20 @@ FUSEDBN_INLINE void repeat_columns(A* v, int64_t nc, int64_t S, F f) {
   }
 }
 
+// Calls f(i, Width<R>) for rows i..i+R-1 of 0..rows-1, four at a time
+// (then one): the column loops load and store each column's sums, and
+// read its constants, once per four rows (the stores and loads bound them
+// otherwise). A column's values are still added row by row, in order.
+template <int K>
+using Width = std::integral_constant<int, K>;
+constexpr int kRowsAtOnce = 4;
+template <typename F>
+FUSEDBN_INLINE void for_rows(int64_t rows, F f) {
+  int64_t i = 0;
+  for (; i + kRowsAtOnce <= rows; i += kRowsAtOnce) f(i, Width<kRowsAtOnce>{});
+  for (; i < rows; ++i) f(i, Width<1>{});
+}
+
 // Mean and M2 of channels 0..nc-1 of a block of `rows` rows of nc * S
 // columns, row i at r + i * rs, merged into mo[0..nc): the corrected
 // two-pass of block_moments, on column sums. scratch: 3 * nc * S values.
@@ -521,20 +534,34 @@ FUSEDBN_INLINE void column_moments(const X* r, int64_t rs, int64_t rows, int64_t
   A* s1 = m + W;
   A* sq = s1 + W;
   std::fill(s1, s1 + W, A(0));
-  for (int64_t i = 0; i < rows; ++i)
+  for_rows(rows, [&](int64_t i, auto nr) {
+    constexpr int R = decltype(nr)::value;
 #pragma GCC ivdep
-    for (int64_t j = 0; j < W; ++j) s1[j] += A(load(r[i * rs + j]));
+    for (int64_t j = 0; j < W; ++j) {
+      A a = s1[j];
+      for (int u = 0; u < R; ++u) a += A(load(r[(i + u) * rs + j]));
+      s1[j] = a;
+    }
+  });
   const double nb = double(rows * S);
   repeat_columns(m, nc, S, [&](int64_t k) { return A(wide_sum(s1 + k * S, S) / nb); });
   std::fill(s1, s1 + W, A(0));
   std::fill(sq, sq + W, A(0));
-  for (int64_t i = 0; i < rows; ++i)
+  for_rows(rows, [&](int64_t i, auto nr) {
+    constexpr int R = decltype(nr)::value;
 #pragma GCC ivdep
     for (int64_t j = 0; j < W; ++j) {
-      const A d = A(load(r[i * rs + j])) - m[j];
-      s1[j] += d;
-      sq[j] += d * d;
+      A a = s1[j], b = sq[j];
+      const A mj = m[j];
+      for (int u = 0; u < R; ++u) {
+        const A d = A(load(r[(i + u) * rs + j])) - mj;
+        a += d;
+        b += d * d;
+      }
+      s1[j] = a;
+      sq[j] = b;
     }
+  });
   for (int64_t k = 0; k < nc; ++k) {
     const double d1 = wide_sum(s1 + k * S, S), q = wide_sum(sq + k * S, S);
     double mean = double(m[k * S]) + d1 / nb, m2 = q - d1 * d1 / nb;
@@ -743,7 +770,7 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
     // Short planes: the group as columns (column_moments), and its
     // constants repeated per column for the normalization.
     const ColumnBlocks cb(s.S);
-    const bool cols = wk.grouped && as_columns(s, 64);
+    const bool cols = wk.grouped && as_columns(s, 128);
     const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
     std::vector<A> cbuf(cols && buffered<T, Pre> ? std::min(cb.rows, s.N) * cw : 0),
         scratch(3 * cw);
@@ -922,8 +949,6 @@ template <typename T>
 FUSEDBN_INLINE void prefetch_rows(const T* p, int64_t n) {
   if constexpr (sizeof(T) == 2) prefetch_values(p, n);
 }
-template <int K>
-using Width = std::integral_constant<int, K>;
 template <typename F>
 FUSEDBN_INLINE void for_each_chunk(int64_t C, F f) {
   int64_t c0 = 0;
@@ -1302,7 +1327,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     // constants repeated per column. cr: mean, scale, shift, hat, k_xh,
     // k_const, then the two column sums.
     const ColumnBlocks cb(s.S);
-    const bool cols = wk.grouped && as_columns(s, 48);
+    const bool cols = wk.grouped && as_columns(s, 64);
     const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
     std::vector<A> cr(8 * cw);
     A *km = cr.data(), *ks = km + cw, *kh = ks + cw, *kt = kh + cw, *kx = kt + cw, *kc = kx + cw,
@@ -1328,21 +1353,32 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
         for (int64_t n0 = lo; n0 < hi; n0 += cb.rows) {
           const int64_t n1 = std::min(hi, n0 + cb.rows);
           std::fill(sg, sg + 2 * cw, A(0));
-          for (int64_t n = n0; n < n1; ++n) {
-            const int64_t o = n * stride + ca * s.S;
-            const auto* xa = load_input(x + o, W, xbuf.data(), pre);
-            const auto* za = residual_acc<Res>(z, o, W, zbuf.data());
-            const auto* dya = as_acc(dy + o, W, dybuf.data());
+          for_rows(n1 - n0, [&](int64_t i, auto nr) {
+            constexpr int R = decltype(nr)::value;
+            decltype(load_input(x, 0, xbuf.data(), pre)) xa[R];
+            decltype(residual_acc<Res>(z, 0, 0, zbuf.data())) za[R];
+            decltype(as_acc(dy, 0, dybuf.data())) dya[R];
+            for (int u = 0; u < R; ++u) {  // W <= kCols: R rows fit the buffers
+              const int64_t o = (n0 + i + u) * stride + ca * s.S;
+              xa[u] = load_input(x + o, W, xbuf.data() + u * W, pre);
+              za[u] = residual_acc<Res>(z, o, W, zbuf.data() + u * W);
+              dya[u] = as_acc(dy + o, W, dybuf.data() + u * W);
+            }
 #pragma GCC ivdep
             for (int64_t j = 0; j < W; ++j) {
-              A xh;
-              const A g = grad_pre<Res, FromOut>(A(load(xa[j])), A(z_at<Res>(za, j)),
-                                                 A(load(dya[j])), km[j], ks[j], kh[j], kt[j], act,
-                                                 xh);
-              sg[j] += g;
-              sgx[j] += g * xh;
+              A a = sg[j], b = sgx[j];
+              for (int u = 0; u < R; ++u) {
+                A xh;
+                const A g = grad_pre<Res, FromOut>(A(load(xa[u][j])), A(z_at<Res>(za[u], j)),
+                                                   A(load(dya[u][j])), km[j], ks[j], kh[j], kt[j],
+                                                   act, xh);
+                a += g;
+                b += g * xh;
+              }
+              sg[j] = a;
+              sgx[j] = b;
             }
-          }
+          });
           for (int64_t k = 0; k < nc; ++k) {
             const int64_t c = ca + k;
             const double b1 = wide_sum(sg + k * s.S, s.S), b2 = wide_sum(sgx + k * s.S, s.S);
