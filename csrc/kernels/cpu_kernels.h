@@ -1280,7 +1280,12 @@ template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, t
 FUSEDBN_INLINE void rows_dx(const X* xb, const Z* zb, const D* dyb, O* out, OZ* dzo, int64_t e0,
                             int64_t rr, int64_t width, const A* mp, const A* sc, const A* sh,
                             const A* ht, const A* kx, const A* kc, Act act) {
+  // ivdep: no value is read after being written. Without it, with a
+  // residual (three inputs, the six constants' arrays, dx and dz), the
+  // backward ran 1.5-2x slower (kernels alone, AVX2, the columns' dx and
+  // channels-last's alike; GCC's run-time overlap checks, presumably).
   for (int64_t i = 0; i < rr; ++i)
+#pragma GCC ivdep
     for (int64_t c = 0; c < width; ++c) {
       A xh;
       const int64_t e = e0 + i * width + c;
