@@ -15,6 +15,11 @@
 // filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
 // "bfloat16 64x256x196 NSC" (handy under perf record).
 //
+// FUSEDBN_KB_RESIDUAL=1 in the environment: every case with a residual,
+// y = act(bn(x) + z), whose backward writes dz as well as dx. The
+// percentages keep the plain pass model, so they understate such cases
+// (one more read in each mode, one more write in the backward).
+//
 // Best of 5 rounds of ~0.15 s each, wall time; the machine must be quiet.
 // Each call takes the next input of a pool of twice the last-level cache (at
 // least 64 MB), as fusedbn.bench does, so no input is still cached.
@@ -90,7 +95,13 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   }
   size_t next = 0;
   auto rotate = [&] { next = (next + 1) % pool; return next; };
-  T *x = xs[0], *y = alloc(), *dx = alloc();
+  T *x = xs[0], *y = alloc(), *dx = alloc(), *z = nullptr, *dz = nullptr;
+  const char* res_env = std::getenv("FUSEDBN_KB_RESIDUAL");
+  if (res_env && std::strcmp(res_env, "1") == 0) {
+    z = alloc();
+    dz = alloc();
+    for (size_t i = 0; i < n; ++i) z[i] = store<T>(float(i % 7) / 8.f - 0.375f);
+  }
   std::vector<float> w(C, 1.5f), b(C, 0.1f), mean(C), invstd(C), rm(C, 0), rv(C, 1), gw(C), gb(C);
   const double copy = best_ms([&] {
     const T* src = xs[rotate()];
@@ -112,6 +123,7 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   p.running_mean = rm.data();
   p.running_var = rv.data();
   p.num_threads = nt;
+  p.residual = z;
   const double train = best_ms([&] { p.x = xs[rotate()]; isa::forward(p, true); });
   const double eval = best_ms([&] { p.x = xs[rotate()]; isa::forward(p, false); });
   BackwardParams q;
@@ -126,6 +138,8 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   q.grad_weight = gw.data();
   q.grad_bias = gb.data();
   q.num_threads = nt;
+  q.residual = z;
+  q.grad_residual = dz;
   const double bwd = best_ms([&] {
     const size_t k = rotate();
     q.x = xs[k];
@@ -143,6 +157,8 @@ void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* n
   }
   free(y);
   free(dx);
+  free(z);
+  free(dz);
 }
 
 int main(int argc, char** argv) {
