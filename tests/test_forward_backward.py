@@ -472,13 +472,18 @@ def test_kernel_layout(shape, fmt, expected):
 @pytest.mark.parametrize("shape", BLOCK_SHAPES, ids=["x".join(map(str, s)) for s in BLOCK_SHAPES])
 def test_block_regimes(device, shape, dtype, layout):
     seed("blocks", shape, dtype, layout)
-    activation, kwargs = ACTIVATIONS[2]
+    _train_then_eval_vs64(device, shape, dtype, layout, ACTIVATIONS[2])
+
+
+def _train_then_eval_vs64(device, shape, dtype, layout, act):
+    """A fused module on `shape` (channels at dim 1), a training step then an
+    eval step, each against eager and float64."""
+    activation, kwargs = act
     fused = make_fused(4, shape[1], activation, kwargs, dtype=dtype, device=device)
     ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
-    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device), True,
-                  vs64=True)
-    compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device), False,
-                  vs64=True)
+    for training in (True, False):
+        compare_steps(fused, ref, ref64, make_input(shape, dtype, layout, device=device),
+                      training, vs64=True)
 
 
 # Random channels-last shapes for the wide rows: C not a multiple of 16, row
@@ -492,13 +497,9 @@ def test_wide_rows_random(device, case):
     N = r.choice([1, 2, 3])
     shape = (N, C, 1, max(2, rows // N))
     dtype = r.choice([torch.float32, torch.bfloat16])
-    activation, kwargs = r.choice(ACTIVATIONS)
+    act = r.choice(ACTIVATIONS)
     seed("wide-rows", case)
-    fused = make_fused(4, C, activation, kwargs, dtype=dtype, device=device)
-    ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
-    for training in (True, False):
-        compare_steps(fused, ref, ref64, make_input(shape, dtype, "channels_last", device=device),
-                      training, vs64=True)
+    _train_then_eval_vs64(device, shape, dtype, "channels_last", act)
 
 
 # Random contiguous shapes for the short planes taken as columns: planes of
@@ -517,13 +518,9 @@ def test_short_planes_random(device, case):
     while C > 1 and N * C * hw[0] * hw[1] > 120000:
         C -= 1
     dtype = r.choice([torch.float32, torch.bfloat16])
-    activation, kwargs = r.choice(ACTIVATIONS)
+    act = r.choice(ACTIVATIONS)
     seed("short-planes", case)
-    fused = make_fused(4, C, activation, kwargs, dtype=dtype, device=device)
-    ref, ref64 = eager_like(fused), eager_like(fused, dtype=torch.float64)
-    for training in (True, False):
-        compare_steps(fused, ref, ref64, make_input((N, C) + hw, dtype, "contiguous",
-                                                    device=device), training, vs64=True)
+    _train_then_eval_vs64(device, (N, C) + hw, dtype, "contiguous", act)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
