@@ -245,6 +245,20 @@ def test_zero_size_batch(device, act, dtype, rank, layout, mode):
     assert fused.num_batches_tracked.item() == (1 if mode == "train" else 0)
 
 
+@pytest.mark.parametrize("rank,spatial", [(3, (0,)), (4, (0, 4)), (4, (4, 0))], ids=str)
+def test_eval_of_empty_planes(device, rank, spatial):
+    """Eval with a zero spatial size: an empty output and gradient, as eager.
+    The eval kernel's short planes as columns divided by the plane's size
+    (SIGFPE at S = 0; found by test_differential)."""
+    seed(6)
+    fused, ref, _ = _setup(rank, "relu", {}, torch.float32, device=device)
+    shape = (2, SHAPES[rank][1]) + spatial
+    x = make_input(shape, torch.float32, "contiguous", device=device)
+    g = torch.zeros(shape, device=device)
+    for a, e in zip(step(fused, x, g, False), step(ref, x, g, False)):
+        assert a.shape == e.shape and torch.equal(a, e)
+
+
 def test_functional_matches_module_and_eager(device):
     """batch_norm_act (functional) vs F.batch_norm + activation, running
     statistics updated in place identically, num_batches_tracked optional."""

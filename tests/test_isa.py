@@ -14,8 +14,13 @@ import fusedbn  # noqa: F401
 from helpers import ROOT, seed
 
 # Odd channel and spatial sizes exercise the vector loops' tails; the larger
-# one fills whole vectors. (name, shape)
-SHAPES = [("odd", (2, 5, 3, 7)), ("wide", (2, 19, 4, 8))]
+# one fills whole vectors. Both have N*S <= 64, which training and the
+# backward run on a channels-last copy (glue.cpp, rows_copy_pays); "columns"
+# (N*S = 243) runs the contiguous kernels on short planes as columns, in two
+# chunks of channels (12 and 9), where the copies' thresholds differ (the
+# backward takes columns below 128 values on AVX-512, 64 on AVX2).
+# (name, shape)
+SHAPES = [("odd", (2, 5, 3, 7)), ("wide", (2, 19, 4, 8)), ("columns", (3, 21, 9, 9))]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=8e-3, atol=1e-3),
        "float16": dict(rtol=1e-3, atol=1e-4)}

@@ -473,14 +473,25 @@ FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, in
 // 8x1024x49 1.5x, 8x512x64 1.1-1.4x, 8x256x100 1.1-1.2x faster, 8x512x196
 // 1.1x slower; backward 8x1024x49 1.05x, 32x256x49 1.4x faster, 8x512x64
 // and 8x256x100 1.1x slower. So the forward takes S < 128, the backward
-// S < 64. bfloat16 gained as much or more in every case tried.
+// S < 64. bfloat16 gained as much or more in every case tried. The AVX-512
+// copy (Sapphire Rapids, 2 threads) gained in the backward at 64-100 too:
+// 8x512x64, 32x128x81 and 8x256x100 1.1-2x faster, both dtypes; there it
+// takes S < 128. Eval (normalize) takes S < 128 as the forward: 8x2048x16
+// and 8x1024x49 1.15-1.5x faster, while at 144-529 the columns were 1.1-1.4x
+// slower (AVX-512).
 constexpr int64_t kCols = 1024;
+constexpr int64_t kColumnsForward = 128;
+#ifdef FUSEDBN_CPU_AVX512
+constexpr int64_t kColumnsBackward = 128;
+#else
+constexpr int64_t kColumnsBackward = 64;
+#endif
 inline bool as_columns(const Shape& s, int64_t S_max) { return s.S < S_max; }
 struct ColumnBlocks {
   int64_t S, per_chunk, rows;
   explicit ColumnBlocks(int64_t s)
       : S(s),
-        per_chunk(std::max<int64_t>(1, kCols / s)),
+        per_chunk(std::max<int64_t>(1, kCols / std::max<int64_t>(s, 1))),
         // Rows per block: at most 64 values in a column's float sums; the
         // block (read twice) at most 16K values, in L2 with its group.
         rows(std::clamp<int64_t>(16 * kBlock / std::max<int64_t>(per_chunk * s, 1), 1, 64)) {}
@@ -508,6 +519,23 @@ FUSEDBN_INLINE void repeat_columns(A* v, int64_t nc, int64_t S, F f) {
     for (int64_t u = 0; u < S; ++u) v[k * S + u] = a;
   }
 }
+
+// A chunk's normalization constants repeated per column: channel k's mean,
+// scale and shift at columns k * S .. k * S + S - 1.
+template <typename A>
+struct ColumnConstants {
+  std::vector<A> v;
+  int64_t cw;  // most columns of a chunk
+  explicit ColumnConstants(int64_t cols) : v(size_t(3 * cols)), cw(cols) {}
+  void set(const ChannelCoef<A>* q, int64_t nc, int64_t S) {
+    repeat_columns(v.data(), nc, S, [&](int64_t k) { return q[k].mean; });
+    repeat_columns(v.data() + cw, nc, S, [&](int64_t k) { return q[k].scale; });
+    repeat_columns(v.data() + 2 * cw, nc, S, [&](int64_t k) { return q[k].shift; });
+  }
+  const A* mean() const { return v.data(); }
+  const A* scale() const { return v.data() + cw; }
+  const A* shift() const { return v.data() + 2 * cw; }
+};
 
 // Calls f(i, Width<R>) for rows i..i+R-1 of 0..rows-1, four at a time
 // (then one): the column loops load and store each column's sums, and
@@ -720,15 +748,26 @@ FUSEDBN_INLINE void with_dx_switches(bool training, const void* dx, const void* 
 // dx (Out & kDx) and, with a residual, dz = g (Out & kDz).
 // Train: dx = g * scale + xh * k_xh + k_const (the batch statistics' terms);
 // eval: dx = g * scale, which must not see xh (inf * 0 = NaN at an inf input).
+// The constants are one channel's scalars (K = A), or arrays of per-value
+// constants (K = const A*, see at).
+template <typename K>
+struct DxConstants {
+  K mean, scale, shift, hat, k_xh, k_const;
+};
 template <bool Train, int Out, bool Res, bool FromOut, typename X, typename Z, typename D,
-          typename O, typename OZ, typename A, typename Act>
+          typename O, typename OZ, typename K, typename Act>
 FUSEDBN_INLINE void run_dx(const X* x, const Z* z, const D* dy, O* dx, OZ* dz, int64_t n,
-                           ChannelCoef<A> k, A k_xh, A k_const, Act act) {
+                           DxConstants<K> k, Act act) {
+  using A = decltype(at(k.mean, 0));
+  // ivdep: as rows_dx's.
+#pragma GCC ivdep
   for (int64_t i = 0; i < n; ++i) {
     A xh;
-    const A g = grad_pre<Res, FromOut>(A(load(x[i])), A(z_at<Res>(z, i)), A(load(dy[i])), k.mean,
-                                       k.scale, k.shift, k.hat, act, xh);
-    if constexpr ((Out & kDx) != 0) put(dx, i, dx_value<Train>(g, xh, k.scale, k_xh, k_const));
+    const A sc = at(k.scale, i);
+    const A g = grad_pre<Res, FromOut>(A(load(x[i])), A(z_at<Res>(z, i)), A(load(dy[i])),
+                                       at(k.mean, i), sc, at(k.shift, i), at(k.hat, i), act, xh);
+    if constexpr ((Out & kDx) != 0)
+      put(dx, i, dx_value<Train>(g, xh, sc, at(k.k_xh, i), at(k.k_const, i)));
     if constexpr (Res && (Out & kDz) != 0) put(dz, i, g);
   }
 }
@@ -770,10 +809,11 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
     // Short planes: the group as columns (column_moments), and its
     // constants repeated per column for the normalization.
     const ColumnBlocks cb(s.S);
-    const bool cols = wk.grouped && as_columns(s, 128);
+    const bool cols = wk.grouped && as_columns(s, kColumnsForward);
     const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
     std::vector<A> cbuf(cols && buffered<T, Pre> ? std::min(cb.rows, s.N) * cw : 0),
         scratch(3 * cw);
+    ColumnConstants<A> kcol(cw);
     std::vector<Moments<double>> gmo(cols ? size_t(G) : 0);
     // Moments of planes lo..hi-1 of channels c0..c1-1 (short planes), in gmo.
     auto group_moments = [&](int64_t c0, int64_t c1, int64_t lo, int64_t hi) {
@@ -836,22 +876,15 @@ void forward_train_ncs(const ForwardParams& p, Act act, Pre pre, acc_t<T>* var) 
     // Planes lo..hi-1 of channels c0..c1-1.
     auto normalize_part = [&](int64_t c0, int64_t c1, int64_t part, int64_t lo, int64_t hi) {
       if (cols && Count == kCountNone) {
-        A* km = scratch.data();
-        A* ks = km + cw;
-        A* kh = ks + cw;
         for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
           const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
-          const ChannelCoef<A>* q = &coef[size_t(ca)];
-          repeat_columns(km, nc, s.S, [&](int64_t k) { return q[k].mean; });
-          repeat_columns(ks, nc, s.S, [&](int64_t k) { return q[k].scale; });
-          repeat_columns(kh, nc, s.S, [&](int64_t k) { return q[k].shift; });
+          kcol.set(&coef[size_t(ca)], nc, s.S);
           for (int64_t n = lo; n < hi; ++n) {
             const int64_t o = n * stride + ca * s.S;
             run_normalize<Res, Count>(load_input(x + o, W, buf.data(), pre),
                                       residual_acc<Res>(z, o, W, zbuf.data()),
-                                      out_slot<y_buffered<T>>(pending, y + o, W), W,
-                                      static_cast<const A*>(km), static_cast<const A*>(ks),
-                                      static_cast<const A*>(kh), act);
+                                      out_slot<y_buffered<T>>(pending, y + o, W), W, kcol.mean(),
+                                      kcol.scale(), kcol.shift(), act);
           }
         }
       } else if (wk.grouped) {
@@ -1114,15 +1147,27 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
   const A* w = static_cast<const A*>(p.weight);
   const A* b = static_cast<const A*>(p.bias);
   const A* invstd = static_cast<const A*>(p.invstd);
+  std::vector<ChannelCoef<A>> coef(C);
   std::vector<A> mean(C), scale(C), shift(C);
   for (int64_t c = 0; c < C; ++c) {
-    const ChannelCoef<A> k = channel_coef(static_cast<const A*>(p.mean)[c], invstd[c],
-                                          w ? w[c] : A(1), b ? b[c] : A(0), false);
-    mean[c] = k.mean;
-    scale[c] = k.scale;
-    shift[c] = k.shift;
+    coef[c] = channel_coef(static_cast<const A*>(p.mean)[c], invstd[c], w ? w[c] : A(1),
+                           b ? b[c] : A(0), false);
+    mean[c] = coef[c].mean;
+    scale[c] = coef[c].scale;
+    shift[c] = coef[c].shift;
   }
   const bool ncs = s.layout == Layout::NCS;
+  // Short planes with nothing counted: row n's values of a chunk of channels
+  // as one run, the constants repeated per column (short planes as columns;
+  // plane by plane, each S-value plane paid a vector tail). Work items: the
+  // rows of a chunk, in `parts` ranges; a thread repeats a chunk's constants
+  // once for its consecutive items of that chunk.
+  const ColumnBlocks cb(s.S);
+  const bool cols =
+      ncs && Count == kCountNone && s.N * C * s.S > 0 && as_columns(s, kColumnsForward);
+  const int64_t chunks = cols ? (C + cb.per_chunk - 1) / cb.per_chunk : 1;
+  const int64_t parts =
+      cols ? std::min(s.N, (4 * int64_t(p.num_threads) + chunks - 1) / chunks) : 1;
   // Channels-last: the constants repeated over wide rows (WideRows).
   const WideRows wr(C);
   if (!ncs && wr.k > 1) {
@@ -1132,8 +1177,8 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
   }
   const A* m = mean.data();
   const int64_t M = s.count(), R = wr.k * rows_per_block<T>(wr.W);
-  // Work items: planes (NCS) or blocks of R rows (NSC).
-  const int64_t items = ncs ? s.N * C : (M + R - 1) / R;
+  // Work items: chunks' rows (columns), planes (NCS) or blocks of R rows (NSC).
+  const int64_t items = cols ? chunks * parts : ncs ? s.N * C : (M + R - 1) / R;
   const int nt = threads_for(s.N * C * s.S, p.num_threads, items);
   // Per-thread active counts, summed at the end.
   constexpr bool Track = Count != kCountNone;
@@ -1152,9 +1197,23 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
     std::vector<A> buf(buffered<T, Pre> ? len_max : 0), zbuf(in_registers<T> ? 0 : len_max),
         obuf(y_buffered<T> ? len_max : 0);
     PendingNarrow<T> pending{obuf.data(), len_max};
+    ColumnConstants<A> kcol(cols ? std::min(cb.cols(), C * s.S) : 0);
+    int64_t kcol_chunk = -1;
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < items; ++it) {
-      if (ncs) {
+      if (cols) {
+        const int64_t chunk = it / parts, part = it % parts, ca = chunk * cb.per_chunk;
+        const int64_t nc = std::min(cb.per_chunk, C - ca), W = nc * s.S;
+        if (chunk != kcol_chunk) kcol.set(&coef[size_t(ca)], nc, s.S);
+        kcol_chunk = chunk;
+        for (int64_t n = s.N * part / parts; n < s.N * (part + 1) / parts; ++n) {
+          const int64_t o = (n * C + ca) * s.S;
+          run_normalize<Res, Count>(load_input(x + o, W, buf.data(), pre),
+                                    residual_acc<Res>(z, o, W, zbuf.data()),
+                                    out_slot<y_buffered<T>>(pending, y + o, W), W, kcol.mean(),
+                                    kcol.scale(), kcol.shift(), act);
+        }
+      } else if (ncs) {
         const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kBlock) {
           const int64_t len = std::min(kBlock, s.S - off), o = it * s.S + off;
@@ -1332,7 +1391,7 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
     // constants repeated per column. cr: mean, scale, shift, hat, k_xh,
     // k_const, then the two column sums.
     const ColumnBlocks cb(s.S);
-    const bool cols = wk.grouped && as_columns(s, 64);
+    const bool cols = wk.grouped && as_columns(s, kColumnsBackward);
     const int64_t cw = cols ? std::min(cb.cols(), G * s.S) : 0;
     std::vector<A> cr(8 * cw);
     A *km = cr.data(), *ks = km + cw, *kh = ks + cw, *kt = kh + cw, *kx = kt + cw, *kc = kx + cw,
@@ -1403,18 +1462,23 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
         }
       }
     };
-    // dx (and dz) of the len values at offset o, which belong to channel c.
-    auto dx_run = [&](int64_t c, int64_t o, int64_t len) {
+    // dx (and dz) of the len values at offset o, with the constants k.
+    auto dx_run = [&](int64_t o, int64_t len, auto k) {
       const auto* xa = load_input(x + o, len, xbuf.data(), pre);
       const auto* za = residual_acc<Res>(z, o, len, zbuf.data());
       const auto* dya = as_acc(dy + o, len, dybuf.data());
       auto* out = dx ? out_slot<OutBuf>(pdx, dx + o, len) : nullptr;
       auto* dzo = dz ? out_slot<DzBuf>(pdz, dz + o, len) : nullptr;
       with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
-        run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
-            xa, za, dya, out, dzo, len, coef[c], k_xh[c], k_const[c], act);
+        run_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(xa, za, dya, out,
+                                                                              dzo, len, k, act);
       });
       if (dx) chain_input_grad(out, x + o, len, pre);
+    };
+    // Channel c's constants.
+    auto channel_dx = [&](int64_t c) {
+      const ChannelCoef<A>& q = coef[size_t(c)];
+      return DxConstants<A>{q.mean, q.scale, q.shift, q.hat, k_xh[size_t(c)], k_const[size_t(c)]};
     };
     // Adds the sums of len values at offset o of each of the planes n0..n1-1
     // of channel c to g1, g2: float lanes over the block, added in double.
@@ -1499,31 +1563,18 @@ void backward_ncs(const BackwardParams& p, Act act, Pre pre) {
       if (!dx && !dz) return;
       if (cols) {
         for (int64_t ca = c0; ca < c1; ca += cb.per_chunk) {
-          const int64_t nc = std::min(cb.per_chunk, c1 - ca), W = nc * s.S;
+          const int64_t nc = std::min(cb.per_chunk, c1 - ca);
           repeat_coef(ca, nc, true);
-          for (int64_t n = lo; n < hi; ++n) {
-            const int64_t o = n * stride + ca * s.S;
-            const auto* xa = load_input(x + o, W, xbuf.data(), pre);
-            const auto* za = residual_acc<Res>(z, o, W, zbuf.data());
-            const auto* dya = as_acc(dy + o, W, dybuf.data());
-            auto* out = dx ? out_slot<OutBuf>(pdx, dx + o, W) : nullptr;
-            auto* dzo = dz ? out_slot<DzBuf>(pdz, dz + o, W) : nullptr;
-            with_dx_switches<Res>(p.training, dx, dz, [&](auto train, auto wanted) {
-              rows_dx<decltype(train)::value, decltype(wanted)::value, Res, FromOut>(
-                  xa, za, dya, out, dzo, 0, 1, W, static_cast<const A*>(km),
-                  static_cast<const A*>(ks), static_cast<const A*>(kh), static_cast<const A*>(kt),
-                  static_cast<const A*>(kx), static_cast<const A*>(kc), act);
-            });
-            if (dx) chain_input_grad(out, x + o, W, pre);
-          }
+          for (int64_t n = lo; n < hi; ++n)
+            dx_run(n * stride + ca * s.S, nc * s.S, DxConstants<const A*>{km, ks, kh, kt, kx, kc});
         }
       } else if (wk.grouped) {
         for (int64_t n = lo; n < hi; ++n)
-          for (int64_t c = c0; c < c1; ++c) dx_run(c, n * stride + c * s.S, s.S);
+          for (int64_t c = c0; c < c1; ++c) dx_run(n * stride + c * s.S, s.S, channel_dx(c));
       } else {
         for (int64_t n = lo; n < hi; ++n)
           for (int64_t off = 0; off < s.S; off += kBlock)
-            dx_run(c0, n * stride + c0 * s.S + off, std::min(kBlock, s.S - off));
+            dx_run(n * stride + c0 * s.S + off, std::min(kBlock, s.S - off), channel_dx(c0));
       }
     };
     if (P == 1) {
