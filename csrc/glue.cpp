@@ -252,14 +252,18 @@ View view_of(at::IntArrayRef sizes, at::IntArrayRef strides) {
 View view_of(const Tensor& t) { return view_of(t.sizes(), t.strides()); }
 
 // In training and in the backward, a contiguous CPU input whose channels
-// hold few values (N*S <= 64: late ResNet layers at a small batch,
-// 2x2048x2x2 has 8) runs the channels-last kernels on a channels-last copy.
-// The contiguous kernels' statistics and sums pay a fixed cost per channel
-// and per plane, which outweighs the copies there (2x2048x2x2 forward-train
-// 5.5x, forward+backward 3.7x faster; at N*S = 98 the backward was slower).
+// hold very few values (N*S <= 8: 2x2048x2x2, the last ResNet layer at a
+// batch of 2 and 64x64 images) runs the channels-last kernels on a
+// channels-last copy. The contiguous kernels' statistics and sums pay a
+// fixed cost per channel, which outweighs the copies there: 2x2048x2x2
+// forward-train 1.1-1.25x, forward+backward 1.1x faster with the copy
+// (AVX-512, 2 threads). Up to N*S = 64 the copy paid before the contiguous
+// kernels took short planes as columns (2x2048x2x2 5.5x then; 2026-11-30
+// per-call report); now at N*S = 16-64 it was 1.2-2x slower (4x256x2x2,
+// 8x512x2x2, 4x1024x4x4, 1x2048x7x7), even at 18 (2x1024x3x3).
+// (benchmarks/results/2026-12-01-cpu-avx512-2core-columns.md)
 // Eval has no statistics: its contiguous kernel beats the copies.
-// (benchmarks/results/2026-11-30-cpu-avx2-epyc-per-call.md)
-constexpr int64_t kMaxValuesPerChannelForRows = 64;
+constexpr int64_t kMaxValuesPerChannelForRows = 8;
 
 bool rows_copy_pays(const View& v) {
   const Shape& s = v.shape;

@@ -81,7 +81,7 @@ FUSED_MODULES = {2: fusedbn.BatchNormAct1d, 3: fusedbn.BatchNormAct1d,
 EAGER_MODULES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
 # Small shapes per rank (N, C, spatial...). Contiguous ones hold more than
-# 64 values per channel, so that they run the contiguous kernels (with fewer
+# 8 values per channel, so that they run the contiguous kernels (with fewer
 # the glue runs the channels-last ones on a copy: glue.cpp, rows_copy_pays).
 SHAPES = {2: (4, 3), 3: (3, 4, 23), 4: (2, 3, 5, 7), 5: (2, 3, 3, 2, 6)}
 

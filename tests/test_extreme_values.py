@@ -150,7 +150,7 @@ def _near_max_input(shape, dtype, layout, big, device):
 @pytest.mark.parametrize("activation,kw", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(4, 3, 2, 3), (6, 3, 4, 5), (2, 3, 72, 72)],
+@pytest.mark.parametrize("shape", [(4, 3, 1, 2), (6, 3, 4, 5), (2, 3, 72, 72)],
                          ids=["small", "columns", "blocks"])
 def test_near_max(device, shape, dtype, layout, activation, kw, training):
     seed("near-max", shape, dtype, layout, activation, training)
@@ -192,7 +192,7 @@ def _nonfinite_input(shape, dtype, layout, where, device):
 @pytest.mark.parametrize("activation,kw", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (6, 5, 4, 5), (2, 5, 72, 72)],
+@pytest.mark.parametrize("shape", [(2, 5, 2, 2), (6, 5, 4, 5), (2, 5, 72, 72)],
                          ids=["small", "columns", "blocks"])
 def test_nonfinite_train(device, shape, dtype, layout, activation, kw):
     seed("nonfinite", shape, dtype, layout, activation)

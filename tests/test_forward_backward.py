@@ -457,9 +457,10 @@ LAYOUT_CASES = [((4, 1, 8, 8), None, "NCS"), ((4, 1, 8, 8), torch.channels_last,
                 ((2, 1, 3, 4, 5), torch.channels_last_3d, "NCS"), ((4, 1, 10), None, "NCS"),
                 ((4, 3, 8, 8), None, "NCS"), ((4, 3, 8, 8), torch.channels_last, "NSC"),
                 ((4, 3), None, "NSC"), ((4, 1), None, "NSC"), ((4, 3, 1, 1), None, "NSC"),
-                # Few values per channel (N*S <= 64): a channels-last copy.
-                ((2, 8, 2, 2), None, "NSC copy"), ((4, 3, 4, 4), None, "NSC copy"),
-                ((2, 5, 1, 2, 3), None, "NSC copy"), ((5, 3, 13), None, "NCS"),
+                # Very few values per channel (N*S <= 8): a channels-last copy.
+                ((2, 8, 2, 2), None, "NSC copy"), ((4, 3, 1, 2), None, "NSC copy"),
+                ((4, 3, 4, 4), None, "NCS"), ((2, 5, 1, 2, 3), None, "NCS"),
+                ((5, 3, 13), None, "NCS"),
                 ((2, 8, 2, 2), torch.channels_last, "NSC")]
 
 
@@ -472,7 +473,7 @@ def test_kernel_layout(shape, fmt, expected):
     its planes among the threads (the channels-last ones, rows of one value,
     ran it at a tenth of the bandwidth, and it got them). Matrices and 1x1
     planes are rows of C values: channels-last. A contiguous tensor with at
-    most 64 values per channel runs the channels-last kernels on a copy."""
+    most 8 values per channel runs the channels-last kernels on a copy."""
     x = torch.zeros(shape)
     if fmt is not None:
         x = x.contiguous(memory_format=fmt)

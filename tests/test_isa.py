@@ -14,11 +14,10 @@ import fusedbn  # noqa: F401
 from helpers import ROOT, seed
 
 # Odd channel and spatial sizes exercise the vector loops' tails; the larger
-# one fills whole vectors. Both have N*S <= 64, which training and the
-# backward run on a channels-last copy (glue.cpp, rows_copy_pays); "columns"
-# (N*S = 243) runs the contiguous kernels on short planes as columns, in two
-# chunks of channels (12 and 9), where the copies' thresholds differ (the
-# backward takes columns below 128 values on AVX-512, 64 on AVX2).
+# one fills whole vectors. "columns" has planes of 81 values in two chunks
+# of channels (12 and 9): the copies' thresholds for short planes as columns
+# differ there (the backward takes them below 128 values on AVX-512, 64 on
+# AVX2).
 # (name, shape)
 SHAPES = [("odd", (2, 5, 3, 7)), ("wide", (2, 19, 4, 8)), ("columns", (3, 21, 9, 9))]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
