@@ -477,8 +477,8 @@ FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, in
 // copy (Sapphire Rapids, 2 threads) gained in the backward at 64-100 too:
 // 8x512x64, 32x128x81 and 8x256x100 1.1-2x faster, both dtypes; there it
 // takes S < 128. Eval (normalize) takes S < 128 as the forward: 8x2048x16
-// and 8x1024x49 1.15-1.5x faster, while at 144-529 the columns were 1.1-1.4x
-// slower (AVX-512).
+// and 8x1024x49 1.15-2x faster (8x512x49 even), while at 144-529 the columns
+// were up to 1.4x slower (AVX-512).
 constexpr int64_t kCols = 1024;
 constexpr int64_t kColumnsForward = 128;
 #ifdef FUSEDBN_CPU_AVX512
