@@ -1,8 +1,9 @@
 """Issue 16's CPU targets, met or missed, read off a `python -m fusedbn.bench --csv` file.
 
-    python benchmarks/targets.py RESULTS.csv [--md] [--table]
+    python benchmarks/targets.py RESULTS.csv [RERUN.csv ...] [--md] [--table]
 
-Prints one line per target: the range of the ratios it covers, the cases
+A case in a later CSV replaces the same case of an earlier one (a re-run of
+cases the host disturbed). Prints one line per target: the range of the ratios it covers, the cases
 below it, and how many cases meet it. The targets (the issue's text):
 - bfloat16 at the large shapes (32x64x56x56, 64x256x14x14): forward+backward
   and forward-train >= 2x eager, eval >= 1.5x;
@@ -76,12 +77,17 @@ def speedup_table(rows):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("csv")
+    p.add_argument("csv", nargs="+")
     p.add_argument("--md", action="store_true", help="a markdown table")
     p.add_argument("--table", action="store_true", help="the README's speedup table instead")
     args = p.parse_args()
-    with open(args.csv, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["device"] == "cpu"]
+    cases = {}
+    for path in args.csv:
+        with open(path, newline="") as f:
+            for r in csv.DictReader(f):
+                if r["device"] == "cpu":
+                    cases[case(r)] = r
+    rows = list(cases.values())
     if args.table:
         return speedup_table(rows)
     if args.md:
