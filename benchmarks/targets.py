@@ -3,8 +3,9 @@
     python benchmarks/targets.py RESULTS.csv [RERUN.csv ...] [--md] [--table]
 
 A case in a later CSV replaces the same case of an earlier one (a re-run of
-cases the host disturbed). Prints one line per target: the range of the ratios it covers, the cases
-below it, and how many cases meet it. The targets (the issue's text):
+cases the host disturbed). Prints one line per target: the range of the
+ratios it covers, the cases below it, and how many cases meet it. The
+targets (the issue's text):
 - bfloat16 at the large shapes (32x64x56x56, 64x256x14x14): forward+backward
   and forward-train >= 2x eager, eval >= 1.5x;
 - float32 at the large shapes: forward-train and forward+backward >= 2x in
