@@ -9,10 +9,11 @@
 //       -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter] [NxCxS ...]
 //
-// NxCxS: time these shapes (float32 and bfloat16, both layouts) instead of
+// NxCxS: time these shapes (float32, bfloat16 and float16, both layouts) instead of
 // the default set, e.g. the layers of a model ("8x2048x16 8x512x196").
 //
-// filter: run only the cases whose "dtype NxCxS layout" contains it, e.g.
+// filter: run only the cases whose "dtype NxCxS layout" contains it from the
+// start of a word, e.g.
 // "bfloat16 64x256x196 NSC" (handy under perf record).
 //
 // FUSEDBN_KB_RESIDUAL=1 in the environment: every case with a residual,
@@ -73,12 +74,20 @@ double best_ms(F f) {
 
 static const char* g_filter = "";
 
+// Whether filter occurs in label at the start of a word ("float16" is not
+// found in "bfloat16").
+static bool matches(const char* label, const char* filter) {
+  for (const char* at = std::strstr(label, filter); at; at = std::strstr(at + 1, filter))
+    if (at == label || at[-1] == ' ') return true;
+  return false;
+}
+
 template <typename T>
 void run(int64_t N, int64_t C, int64_t S, Layout layout, DType dt, const char* name, int nt) {
   char label[96];
   std::snprintf(label, sizeof label, "%s %ldx%ldx%ld %s", name, long(N), long(C), long(S),
                 layout == Layout::NCS ? "NCS" : "NSC");
-  if (!std::strstr(label, g_filter)) return;
+  if (!matches(label, g_filter)) return;
   const size_t n = size_t(N * C * S), bytes = n * sizeof(T);
   auto alloc = [&] { return static_cast<T*>(aligned_alloc(64, (bytes + 63) / 64 * 64)); };
   const long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -177,6 +186,7 @@ int main(int argc, char** argv) {
         }
         run<float>(N, C, S, L, DType::Float32, "float32", nt);
         run<bf16_t>(N, C, S, L, DType::BFloat16, "bfloat16", nt);
+        run<fp16_t>(N, C, S, L, DType::Float16, "float16", nt);
       }
     return 0;
   }
@@ -187,5 +197,8 @@ int main(int argc, char** argv) {
     run<bf16_t>(32, 64, 3136, L, DType::BFloat16, "bfloat16", nt);
     run<bf16_t>(64, 256, 196, L, DType::BFloat16, "bfloat16", nt);
     run<bf16_t>(8, 512, 49, L, DType::BFloat16, "bfloat16", nt);
+    run<fp16_t>(32, 64, 3136, L, DType::Float16, "float16", nt);
+    run<fp16_t>(64, 256, 196, L, DType::Float16, "float16", nt);
+    run<fp16_t>(8, 512, 49, L, DType::Float16, "float16", nt);
   }
 }
