@@ -429,16 +429,17 @@ def test_bias_gradient_without_weight(device):
 # a multiple of the 32 vector lanes. Channels with short planes are taken by
 # groups of channels (cpu_kernels.h, group_channels): statistics or sums per
 # channel, then the elementwise pass in memory order over the group.
-# 3x83x9x9: groups of 20 channels and a last one of 3, planes of 64..2047
-# values (backward sums plane by plane in memory order); channels-last runs
-# 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
+# 3x83x9x9 (two threads): groups of 10 channels and a last one of 3, planes
+# of 64..2047 values (backward sums plane by plane in memory order);
+# channels-last runs 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
 # 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
 # channels with a shorter last one.
 # Planes under 128 values (64 in the backward) are summed as the columns of
 # the group's rows (cpu_kernels.h, column_moments), in chunks of channels of
-# at most 1024 columns and blocks of at most 64 rows: 2x208x6x7 (one thread)
-# is a group of 52 channels in chunks of 24, 24 and 4; 70x3x6x7 blocks of 64
-# rows and 6.
+# at most 1024 columns and blocks of at most 64 rows: 2x208x6x7 (two threads,
+# 17472 values) is groups of 26 channels in chunks of 24 and 2; 70x3x6x7
+# blocks of 64 rows and 6. (A thread takes 16384 values and more:
+# cpu_kernels.h, kMinPerThread.)
 # SPLIT_SHAPES: channels split among two threads.
 # WIDE_SHAPES: channels-last rows whose C is not a multiple of 16, taken k at
 # a time as wide rows (cpu_kernels.h, WideRows), with rows left over at the
