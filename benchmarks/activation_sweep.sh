@@ -2,7 +2,7 @@
 # The kernels alone for every activation: kernel_bench.cpp compiled once per
 # activation functor (-DFUSEDBN_ONLY_ACT; parameters value-initialized, e.g.
 # a slope of 0, which costs what any slope costs), then each build on the
-# same shapes, float32 and bfloat16, both layouts. Prints kernel_bench's
+# same shapes, float32, bfloat16 and float16, both layouts. Prints kernel_bench's
 # table per activation, each row prefixed with the activation.
 #
 #   bash benchmarks/activation_sweep.sh [threads] [NxCxS ...]
