@@ -70,9 +70,9 @@ constexpr int kLanes = 32;
 constexpr int64_t kBlock = 4096;          // values per cached two-pass block
 // Values per thread: below this a thread costs more than it saves. At 32768
 // a 2x512x7x7 layer (50176 values) ran on one thread, bound by the latency of
-// its reads: kernels alone, 2 threads against 1, contiguous 1.4-1.7x faster
-// in every mode (float32, bfloat16, float16), channels-last 1.2x; at 16 values
-// per plane (2x512x4x4), 8192 helped the contiguous kernels but cost
+// its reads: kernels alone, 2 threads against 1, contiguous 1.3-1.7x faster
+// in every mode (float32, bfloat16, float16), channels-last 1.0-1.3x. At 16
+// values per plane (2x512x4x4), 8192 helped the contiguous kernels but cost
 // channels-last forward-train 1.4x.
 constexpr int64_t kMinPerThread = 16384;
 
