@@ -9,12 +9,12 @@
 //       -o /tmp/kernel_bench
 //   /tmp/kernel_bench [threads] [filter] [NxCxS ...]
 //
-// NxCxS: time these shapes (float32, bfloat16 and float16, both layouts) instead of
-// the default set, e.g. the layers of a model ("8x2048x16 8x512x196").
+// NxCxS: time these shapes (float32, bfloat16 and float16, both layouts)
+// instead of the default set, e.g. the layers of a model ("8x2048x16
+// 8x512x196").
 //
 // filter: run only the cases whose "dtype NxCxS layout" contains it from the
-// start of a word, e.g.
-// "bfloat16 64x256x196 NSC" (handy under perf record).
+// start of a word, e.g. "bfloat16 64x256x196 NSC" (handy under perf record).
 //
 // FUSEDBN_KB_RESIDUAL=1 in the environment: every case with a residual,
 // y = act(bn(x) + z), whose backward writes dz as well as dx. The
