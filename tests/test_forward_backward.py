@@ -430,11 +430,13 @@ def test_bias_gradient_without_weight(device):
 # groups of channels (cpu_kernels.h, group_channels): statistics or sums per
 # channel, then the elementwise pass in memory order over the group.
 # 3x83x9x9 (two threads): groups of 10 channels and a last one of 3, planes
-# of 64..2047 values (backward sums plane by plane in memory order);
-# channels-last runs 83 channels as chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and
-# 40x45x6x7 (planes of 42): large enough for two threads, groups of 8 and 5
-# channels with a shorter last one.
-# Planes under 128 values (64 in the backward) are summed as the columns of
+# of 81 values (the backward sums them as columns in the AVX-512 copy,
+# channel by channel in the others); channels-last runs 83 channels as
+# chunks of 64, 16 and 1. 5x70x13x15 (planes of 195) and 40x45x6x7 (planes
+# of 42): large enough for two threads, groups of 8 and 5 channels with a
+# shorter last one.
+# Planes under 128 values (64 in the backward of the AVX2 and baseline
+# copies) are summed as the columns of
 # the group's rows (cpu_kernels.h, column_moments), in chunks of channels of
 # at most 1024 columns and blocks of at most 64 rows: 2x208x6x7 (two threads,
 # 17472 values) is groups of 26 channels in chunks of 24 and 2; 70x3x6x7
