@@ -218,15 +218,18 @@ FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
   for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(q + b);
 }
 
-// A stream whose loop spends tens of cycles per cache line (16-bit values
-// widened and narrowed, exp- or erf-based activations) outruns what the
-// hardware prefetcher asks for ahead of it, and waits for each line from
-// memory: such passes ask for the values kPrefetchBytes ahead, kPiece
-// values at a time. Kernels alone, AVX-512, 2 threads, eval: gelu 8x64x3136
-// 2.0 -> 0.65 ms, 64x256x196 2.8 -> 2.0; relu bfloat16 and float16
-// 64x256x196 and 8x64x3136 1.1-1.25x faster, float32 unchanged. 4 KB ahead
-// gained less, 16 KB ahead less again; whole planes ahead (3136 values)
-// cost float32 relu 10%.
+// A stream from memory whose loop spends tens of cycles per cache line
+// (16-bit values widened and narrowed, exp- or erf-based activations) is not
+// fetched far enough ahead by the hardware prefetcher, and waits for each
+// line: gelu eval took twice as long as gelu forward-train, whose normalize
+// reads what its statistics pass left in L2. Such passes ask for their input
+// kPrefetchBytes ahead (eval in pieces of kPiece values). Kernels alone,
+// AVX-512, 2 threads: gelu eval 8x64x3136 2.0 -> 0.65 ms, 64x256x196 2.8 ->
+// 2.0; bfloat16 and float16 1.1-1.3x faster in most modes (AVX2 copy: up to
+// 1.37x). 4 KB ahead gained less, 16 KB less again; whole planes ahead
+// (3136 values) cost float32 relu eval 10%. Not for float32 statistics and
+// relu's sums, fast enough for the hardware prefetcher, where the extra
+// instructions cost up to 7% (2026-12-02 prefetch report).
 constexpr int64_t kPrefetchBytes = 2048;
 constexpr int64_t kPiece = 256;
 
@@ -276,7 +279,7 @@ template <>
 FUSEDBN_INLINE void widen(const fp16_t* src, float* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
-    prefetch_ahead(src + i, 32);
+    prefetch_ahead(src + i, 32);  // float16's statistics and sums read memory here
     for (int k = 0; k < 32; k += 8)
       _mm256_storeu_ps(dst + i + k, _mm256_cvtph_ps(_mm_loadu_si128(
                                         reinterpret_cast<const __m128i*>(src + i + k))));
