@@ -211,35 +211,60 @@ FUSEDBN_INLINE void for_each_block(const Shape& s, int64_t lo, int64_t hi, F f) 
   }
 }
 
-// Asks for the n values at p (none when n <= 0) to be brought into cache.
+// Asks for the n values that start `ahead` bytes after p (none when n <= 0)
+// to be brought into cache; past the end of the tensor too: a prefetch never
+// faults (and the address is computed as an integer, not a pointer).
 template <typename T>
-FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n) {
-  const char* q = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64) __builtin_prefetch(q + b);
+FUSEDBN_INLINE void prefetch_values(const T* p, int64_t n, int64_t ahead = 0) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + uintptr_t(ahead);
+  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const void*>(a + uintptr_t(b)));
 }
+
+// Activations built on exp, erf or tanh: the backward's column loop takes
+// their rows one at a time. Four inlined copies of such a derivative left
+// GCC 12's loop scalar (kernels alone, AVX-512, float32 8x512x49 backward:
+// silu 0.89 ms against 0.25 ms one row at a time).
+template <typename Act>
+struct Transcendental : std::false_type {};
+template <typename A>
+struct Transcendental<ELUAct<A>> : std::true_type {};
+template <typename A>
+struct Transcendental<SiLUAct<A>> : std::true_type {};
+template <typename A>
+struct Transcendental<GELUAct<A>> : std::true_type {};
+template <typename A>
+struct Transcendental<GELUTanhAct<A>> : std::true_type {};
+template <typename A>
+struct Transcendental<MishAct<A>> : std::true_type {};
 
 // A stream from memory whose loop spends tens of cycles per cache line
 // (16-bit values widened and narrowed, exp- or erf-based activations) is not
 // fetched far enough ahead by the hardware prefetcher, and waits for each
 // line: gelu eval took twice as long as gelu forward-train, whose normalize
-// reads what its statistics pass left in L2. Such passes ask for their input
-// kPrefetchBytes ahead (eval in pieces of kPiece values). Kernels alone,
-// AVX-512, 2 threads: gelu eval 8x64x3136 2.0 -> 0.65 ms, 64x256x196 2.8 ->
-// 2.0; bfloat16 and float16 1.1-1.3x faster in most modes (AVX2 copy: up to
-// 1.37x). 4 KB ahead gained less, 16 KB less again; whole planes ahead
-// (3136 values) cost float32 relu eval 10%. Not for float32 statistics and
-// relu's sums, fast enough for the hardware prefetcher, where the extra
-// instructions cost up to 7% (2026-12-02 prefetch report).
+// reads what its statistics pass left in L2. Such passes (reads_ahead) ask
+// for their input kPrefetchBytes ahead (eval in pieces of kPiece values).
+// Kernels alone, AVX-512, 2 threads: gelu eval 8x64x3136 2.0 -> 0.65 ms,
+// 64x256x196 2.8 -> 2.0; bfloat16 and float16 1.1-1.3x faster in most modes
+// (AVX2 copy: up to 1.37x). 4 KB ahead gained less, 16 KB less again; whole
+// planes ahead (3136 values) cost float32 relu eval 10%. Not for float32 with
+// the cheap activations, fast enough for the hardware prefetcher, where the
+// extra instructions gained nothing in eval and cost up to 7% in the
+// statistics (2026-12-02 prefetch report).
 constexpr int64_t kPrefetchBytes = 2048;
 constexpr int64_t kPiece = 256;
 
-// Asks for the n values that start kPrefetchBytes after p (past the end of
-// the tensor too: a prefetch never faults).
-template <typename T>
+// The one rule for which passes ask (kPrefetchBytes): those reading T values
+// in registers through a slow loop, bfloat16 or an exp/erf/tanh activation.
+// float16 asks where it is widened (widen), which every pass reading it goes
+// through, so its loops (over L1 buffers) do not ask again.
+template <typename T, typename Act>
+constexpr bool reads_ahead =
+    (sizeof(T) == 2 || Transcendental<Act>::value) && !std::is_same<T, fp16_t>::value;
+
+template <bool Ahead, typename T>
 FUSEDBN_INLINE void prefetch_ahead(const T* p, int64_t n) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + uintptr_t(kPrefetchBytes);
-  for (int64_t b = 0; b < n * int64_t(sizeof(T)); b += 64)
-    __builtin_prefetch(reinterpret_cast<const void*>(a + uintptr_t(b)));
+  if constexpr (Ahead) prefetch_values(p, n, kPrefetchBytes);
 }
 
 // Short planes (the blocks above that span several) are short streams which
@@ -277,16 +302,15 @@ FUSEDBN_INLINE void narrow(const float* src, T* dst, int64_t n) {
 #if FUSEDBN_CPU_F16C
 template <>
 FUSEDBN_INLINE void widen(const fp16_t* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    prefetch_ahead(src + i, 32);  // float16's statistics and sums read memory here
-    for (int k = 0; k < 32; k += 8)
-      _mm256_storeu_ps(dst + i + k, _mm256_cvtph_ps(_mm_loadu_si128(
-                                        reinterpret_cast<const __m128i*>(src + i + k))));
+  const int64_t body = n - n % 8;
+  for (int64_t l = 0; l < body; l += 32) {
+    // A cache line (32 values) at a time: float16's passes read memory here.
+    // (A test per 8 values instead cost the backward 5-8%.)
+    prefetch_values(src + l, 32, kPrefetchBytes);
+    for (int64_t i = l; i < std::min(l + 32, body); i += 8)
+      _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   }
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = load(src[i]);
+  for (int64_t i = body; i < n; ++i) dst[i] = load(src[i]);
 }
 template <>
 FUSEDBN_INLINE void narrow(const float* src, fp16_t* dst, int64_t n) {
@@ -460,7 +484,7 @@ FUSEDBN_INLINE void block_moments(const X* x, int64_t stride, int64_t planes, in
   for (int64_t k = 0; k < planes; ++k) {
     const X* r = x + k * stride;
     for (int64_t i = 0; i < body; i += kLanes) {
-      if constexpr (sizeof(X) == 2) prefetch_ahead(r + i, kLanes);  // see kPrefetchBytes
+      prefetch_ahead<reads_ahead<X, IdentityAct<A>>>(r + i, kLanes);
       for (int j = 0; j < kLanes; ++j) acc.v[j] += A(load(r[i + j]));
     }
     for (int64_t i = body; i < len; ++i) acc.t[i - body] += A(load(r[i]));
@@ -589,22 +613,6 @@ FUSEDBN_INLINE void for_rows(int64_t rows, F f) {
   for (; i < rows; ++i) f(i, Width<1>{});
 }
 
-// Activations built on exp, erf or tanh: the backward's column loop takes
-// their rows one at a time. Four inlined copies of such a derivative left
-// GCC 12's loop scalar (kernels alone, AVX-512, float32 8x512x49 backward:
-// silu 0.89 ms against 0.25 ms one row at a time).
-template <typename Act>
-struct Transcendental : std::false_type {};
-template <typename A>
-struct Transcendental<ELUAct<A>> : std::true_type {};
-template <typename A>
-struct Transcendental<SiLUAct<A>> : std::true_type {};
-template <typename A>
-struct Transcendental<GELUAct<A>> : std::true_type {};
-template <typename A>
-struct Transcendental<GELUTanhAct<A>> : std::true_type {};
-template <typename A>
-struct Transcendental<MishAct<A>> : std::true_type {};
 template <typename Act>
 constexpr int rows_at_once = Transcendental<Act>::value ? 1 : kRowsAtOnce;
 
@@ -712,11 +720,10 @@ FUSEDBN_INLINE void run_reduce(const X* x, const Z* z, const D* dy, int64_t n, C
                                Act act, Lanes<A>& sg, Lanes<A>& sgx) {
   const int64_t body = n - n % kLanes;
   for (int64_t i = 0; i < body; i += kLanes) {
-    if constexpr (sizeof(X) == 2 || Transcendental<Act>::value) {  // see kPrefetchBytes
-      prefetch_ahead(x + i, kLanes);
-      prefetch_ahead(dy + i, kLanes);
-      if constexpr (Res) prefetch_ahead(z + i, kLanes);
-    }
+    constexpr bool ahead = reads_ahead<X, Act>;
+    prefetch_ahead<ahead>(x + i, kLanes);
+    prefetch_ahead<ahead>(dy + i, kLanes);
+    if constexpr (Res) prefetch_ahead<ahead>(z + i, kLanes);
     for (int j = 0; j < kLanes; ++j) {
       A xh;
       const A g = grad_pre<Res, FromOut>(A(load(x[i + j])), A(z_at<Res>(z, i + j)),
@@ -1280,8 +1287,8 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
         const int64_t c = it % C;
         for (int64_t off = 0; off < s.S; off += kPiece) {
           const int64_t len = std::min(kPiece, s.S - off), o = it * s.S + off;
-          prefetch_ahead(x + o, len);
-          if constexpr (Res) prefetch_ahead(z + o, len);
+          prefetch_ahead<reads_ahead<T, Act>>(x + o, len);
+          if constexpr (Res) prefetch_ahead<reads_ahead<T, Act>>(z + o, len);
           const int64_t a = run_normalize<Res, Count>(
               load_input(x + o, len, buf.data(), pre), residual_acc<Res>(z, o, len, zbuf.data()),
               out_slot<y_buffered<T>>(pending, y + o, len), len, mp[c], sc[c], sh[c], act);
@@ -1305,8 +1312,8 @@ void normalize(const ForwardParams& p, Act act, Pre pre) {
           const Act ac = act;
           const Pre pr = pre;
           for (int64_t i = 0; i < rows; ++i) {
-            prefetch_ahead(x + r * C + e0 + i * width, width);
-            if constexpr (Res) prefetch_ahead(z + r * C + e0 + i * width, width);
+            prefetch_ahead<reads_ahead<T, Act>>(x + r * C + e0 + i * width, width);
+            if constexpr (Res) prefetch_ahead<reads_ahead<T, Act>>(z + r * C + e0 + i * width, width);
 #pragma GCC ivdep
             for (int64_t c = 0; c < width; ++c) {
               const int64_t e = e0 + i * width + c;
