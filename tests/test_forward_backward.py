@@ -493,6 +493,17 @@ def test_block_regimes(device, shape, dtype, layout):
     _train_then_eval_vs64(device, shape, dtype, layout, ACTIVATIONS[2])
 
 
+# Contiguous planes of 128..159 values: the runs' tails (S % 32 values) of
+# every length, which the AVX-512 copy computes as one padded vector in the
+# backward and eval (pad_tail), the others in scalar code.
+@pytest.mark.parametrize("act", ACTIVATIONS[1:3], ids=ACT_IDS[1:3])
+@pytest.mark.parametrize("dtype", [torch.float32] + LOW_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("tail", range(32))
+def test_run_tails(device, tail, dtype, act):
+    seed("run-tails", tail, dtype, act[0])
+    _train_then_eval_vs64(device, (2, 3, 1, 128 + tail), dtype, "contiguous", act)
+
+
 def _train_then_eval_vs64(device, shape, dtype, layout, act):
     """A fused module on `shape` (channels at dim 1), a training step then an
     eval step, each against eager and float64."""
