@@ -755,6 +755,23 @@ template <typename T>
 void unpad_tail(const T (&)[kLanes], int64_t, T*);
 #endif
 
+// A backward run's tail, the r values from `at`, padded (pad_tail) with
+// dy = 0 and a value of the run: the padding adds g = 0 and g * xh = 0 to
+// the sums, or where xh is not finite a NaN, which sends the block to
+// reduce_exact (that reads only the run). Copied before any output is
+// written: dx may be dy.
+template <bool Res, typename X, typename Z, typename D>
+struct PaddedTail {
+  X x[kLanes];
+  Z z[kLanes];
+  D dy[kLanes];
+  PaddedTail(const X* xs, const Z* zs, const D* ds, int64_t at, int64_t r) {
+    pad_tail(xs + at, r, xs[at], x);
+    pad_tail(ds + at, r, D{}, dy);
+    if constexpr (Res) pad_tail(zs + at, r, zs[at], z);
+  }
+};
+
 // Count == kCountPre: returns how many pre-activations `act` counts as
 // active; 0 otherwise.
 template <bool Res, int Count, typename X, typename Z, typename Y, typename K, typename Act>
@@ -817,19 +834,10 @@ FUSEDBN_INLINE void run_reduce(const X* x, const Z* z, const D* dy, int64_t n, C
       sgx.t[i - body] += g * xh;
     }
   } else if (body < n) {
-    // The padding (dy = 0, x a value of the run) adds g = 0 and g * xh = 0,
-    // or where xh is not finite a NaN, which sends the block to
-    // reduce_exact: that reads only the run.
-    const int64_t r = n - body;
-    X xt[kLanes];
-    Z zt[kLanes];
-    D dt[kLanes];
-    pad_tail(x + body, r, x[body], xt);
-    pad_tail(dy + body, r, D{}, dt);
-    if constexpr (Res) pad_tail(z + body, r, z[body], zt);
+    const PaddedTail<Res, X, Z, D> t(x, z, dy, body, n - body);
     for (int j = 0; j < kLanes; ++j) {
       A xh;
-      const A g = grad_pre<Res, FromOut>(A(load(xt[j])), A(z_at<Res>(zt, j)), A(load(dt[j])),
+      const A g = grad_pre<Res, FromOut>(A(load(t.x[j])), A(z_at<Res>(t.z, j)), A(load(t.dy[j])),
                                          k.mean, k.scale, k.shift, k.hat, act, xh);
       sg.t[j] += g;
       sgx.t[j] += g * xh;
@@ -938,21 +946,16 @@ FUSEDBN_INLINE void run_dx(const X* x, const Z* z, const D* dy, O* dx, OZ* dz, i
   }
   if constexpr (padded_tail<K>) {
     if (body == n) return;
-    // The inputs are copied before any output is written: dx may be dy.
     const int64_t r = n - body;
-    X xt[kLanes];
-    Z zt[kLanes];
-    D dt[kLanes];
+    const PaddedTail<Res, X, Z, D> t(x, z, dy, body, r);
     O ot[kLanes];
     OZ ozt[kLanes];
-    pad_tail(x + body, r, x[body], xt);
-    pad_tail(dy + body, r, D{}, dt);
-    if constexpr (Res) pad_tail(z + body, r, z[body], zt);
     for (int j = 0; j < kLanes; ++j) {
       A xh;
-      const A g = grad_pre<Res, FromOut>(A(load(xt[j])), A(z_at<Res>(zt, j)), A(load(dt[j])),
+      const A g = grad_pre<Res, FromOut>(A(load(t.x[j])), A(z_at<Res>(t.z, j)), A(load(t.dy[j])),
                                          k.mean, k.scale, k.shift, k.hat, act, xh);
-      if constexpr ((Out & kDx) != 0) put(ot, j, dx_value<Train>(g, xh, k.scale, k.k_xh, k.k_const));
+      if constexpr ((Out & kDx) != 0)
+        put(ot, j, dx_value<Train>(g, xh, k.scale, k.k_xh, k.k_const));
       if constexpr (Res && (Out & kDz) != 0) put(ozt, j, g);
     }
     if constexpr ((Out & kDx) != 0) unpad_tail(ot, r, dx + body);
