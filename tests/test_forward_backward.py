@@ -495,7 +495,8 @@ def test_block_regimes(device, shape, dtype, layout):
 
 # Contiguous planes of 128..159 values: the runs' tails (S % 32 values) of
 # every length, which the AVX-512 copy computes as one padded vector in the
-# backward and eval (pad_tail), the others in scalar code.
+# normalize (training and eval), the backward sums and dx (pad_tail), the
+# other copies in scalar code.
 @pytest.mark.parametrize("act", ACTIVATIONS[1:3], ids=ACT_IDS[1:3])
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW_DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("tail", range(32))
